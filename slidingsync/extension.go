@@ -1,0 +1,66 @@
+package slidingsync
+
+import (
+	"context"
+	"encoding/json"
+)
+
+// RequestInfo tells an extension about the request being built.
+type RequestInfo struct {
+	// Protocol is the dialect the request is sent in.
+	Protocol Protocol
+	// Pos is the position the request carries; empty means the connection starts afresh, so the
+	// server knows nothing of what was sent before (for e2ee: device-list changes may be lost).
+	Pos string
+}
+
+// Extension contributes one entry to the request's "extensions" object and consumes the
+// matching entry of the response. The core knows no extension by name.
+//
+// Request is called for every request, as the client keeps stickiness: the body must be the
+// complete configuration. A nil body leaves the extension out of that request.
+//
+// Process is called once per processed response, before rooms are merged and before the
+// response handler, with the extension's part of the response; raw is nil when the server left
+// it out. An error aborts the cycle: nothing is committed, checkpointing extensions are restored
+// to the last commit, and the same pos is requested again after a backoff.
+type Extension interface {
+	Name() string
+	Request(ctx context.Context, info RequestInfo) (any, error)
+	Process(ctx context.Context, info RequestInfo, raw json.RawMessage) error
+}
+
+// WireKeyer is implemented by extensions whose key under "extensions" depends on the dialect
+// (the v4 dialect prefixes some keys). Without it the key is Name().
+type WireKeyer interface {
+	WireKey(p Protocol) string
+}
+
+// Checkpointer is implemented by extensions with state that must be committed in the same
+// transaction as pos, such as a to-device cursor. Checkpoint is called after a successful
+// Process; Restore is called when a connection starts (with nil if nothing was stored) and
+// after a failed cycle, with the last committed checkpoint.
+type Checkpointer interface {
+	Checkpoint(ctx context.Context) (json.RawMessage, error)
+	Restore(ctx context.Context, checkpoint json.RawMessage) error
+}
+
+// Resetter is implemented by extensions that must react when the server forgets the
+// connection (M_UNKNOWN_POS) and the next request goes out without pos.
+type Resetter interface {
+	Reset(ctx context.Context) error
+}
+
+// MorePender is implemented by extensions that know the server holds more data for them (a
+// full to-device batch). When any reports true after a processed response, the next request
+// does not long-poll.
+type MorePender interface {
+	MorePending() bool
+}
+
+func wireKey(ext Extension, p Protocol) string {
+	if wk, ok := ext.(WireKeyer); ok {
+		return wk.WireKey(p)
+	}
+	return ext.Name()
+}

@@ -1,0 +1,253 @@
+package slidingsync
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+)
+
+// DefaultTimelineCap is how many of the latest timeline events a RoomState keeps when
+// Config.TimelineCap is zero.
+const DefaultTimelineCap = 20
+
+// MaxWindowIndex bounds the list window: an op touching a higher index is rejected, so a
+// hostile count or index cannot make the client allocate without limit.
+const MaxWindowIndex = 1 << 20
+
+// StateKey identifies a piece of room state.
+type StateKey struct {
+	Type     string `json:"type"`
+	StateKey string `json:"state_key"`
+}
+
+// RoomState is what the client knows about one room after merging every processed response.
+// A RoomState is never modified after it is built: MergeRoom returns a new one, so a pointer
+// handed out stays a consistent snapshot.
+type RoomState struct {
+	ID         id.RoomID           `json:"room_id"`
+	Name       string              `json:"name,omitempty"`
+	Avatar     id.ContentURIString `json:"avatar,omitempty"`
+	Heroes     []Hero              `json:"heroes,omitempty"`
+	IsDM       bool                `json:"is_dm,omitempty"`
+	Membership event.Membership    `json:"membership,omitempty"`
+	// State is the current required state, by type and state key.
+	State map[StateKey]*event.Event `json:"-"`
+	// Timeline holds the latest timeline events, oldest first, at most the configured cap.
+	Timeline  []*event.Event `json:"timeline,omitempty"`
+	PrevBatch string         `json:"prev_batch,omitempty"`
+	// Limited is the limited flag of the last response that carried this room's timeline.
+	Limited bool `json:"limited,omitempty"`
+	// MembersStale is set when a response was limited: lazily loaded membership may be
+	// missing changes and must be refreshed before encrypting to the room. Only
+	// WithMembersFresh clears it.
+	MembersStale      bool           `json:"members_stale,omitempty"`
+	NumLive           int            `json:"num_live,omitempty"`
+	JoinedCount       int            `json:"joined_count,omitempty"`
+	InvitedCount      int            `json:"invited_count,omitempty"`
+	NotificationCount int            `json:"notification_count,omitempty"`
+	HighlightCount    int            `json:"highlight_count,omitempty"`
+	BumpStamp         int64          `json:"bump_stamp,omitempty"`
+	InviteState       []*event.Event `json:"invite_state,omitempty"`
+}
+
+// StateEvent returns the current state event of the given type and key, or nil.
+func (rs *RoomState) StateEvent(evtType event.Type, stateKey string) *event.Event {
+	if rs == nil {
+		return nil
+	}
+	return rs.State[StateKey{Type: evtType.Type, StateKey: stateKey}]
+}
+
+// WithMembersFresh returns a copy with MembersStale cleared, for the crypto layer to record
+// that membership was refreshed.
+func (rs *RoomState) WithMembersFresh() *RoomState {
+	cp := *rs
+	cp.MembersStale = false
+	return &cp
+}
+
+func applyOpt[T any](dst *T, o Opt[T], initial bool) {
+	switch {
+	case o.Set && !o.Null:
+		*dst = o.Val
+	case o.Set && o.Null, initial:
+		var zero T
+		*dst = zero
+	}
+}
+
+// MergeRoom applies one room entry to what was known (old may be nil) and returns the new state.
+// It is pure: old is not modified. The rules: with r.Initial the entry replaces old and absent
+// fields are unset; otherwise absent fields are unchanged and explicit nulls clear; a required
+// state stub deletes that state; a limited timeline replaces the kept timeline and marks
+// membership stale; otherwise new events are appended. At most timelineCap events are kept
+// (DefaultTimelineCap when timelineCap <= 0).
+func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap int) *RoomState {
+	if timelineCap <= 0 {
+		timelineCap = DefaultTimelineCap
+	}
+	next := &RoomState{ID: roomID}
+	if old != nil && !r.Initial {
+		*next = *old
+		next.ID = roomID
+	}
+	if old != nil {
+		// A gap is only closed by an explicit refresh, even across an initial entry.
+		next.MembersStale = old.MembersStale
+	}
+	initial := r.Initial || old == nil
+	applyOpt(&next.Name, r.Name, initial)
+	applyOpt(&next.Avatar, r.Avatar, initial)
+	applyOpt(&next.Heroes, r.Heroes, initial)
+	applyOpt(&next.IsDM, r.IsDM, initial)
+	applyOpt(&next.Membership, r.Membership, initial)
+	applyOpt(&next.PrevBatch, r.PrevBatch, initial)
+	applyOpt(&next.NumLive, r.NumLive, initial)
+	applyOpt(&next.JoinedCount, r.JoinedCount, initial)
+	applyOpt(&next.InvitedCount, r.InvitedCount, initial)
+	applyOpt(&next.NotificationCount, r.NotificationCount, initial)
+	applyOpt(&next.HighlightCount, r.HighlightCount, initial)
+	applyOpt(&next.BumpStamp, r.BumpStamp, initial)
+	applyOpt(&next.InviteState, r.InviteState, initial)
+
+	if r.Initial || next.State == nil || len(r.RequiredState) > 0 {
+		if r.Initial || next.State == nil {
+			next.State = make(map[StateKey]*event.Event, len(r.RequiredState))
+		} else {
+			next.State = maps.Clone(next.State)
+		}
+		for _, evt := range r.RequiredState {
+			key := StateKey{Type: evt.Type.Type, StateKey: *evt.StateKey}
+			if IsStateStub(evt) {
+				delete(next.State, key)
+			} else {
+				next.State[key] = evt
+			}
+		}
+	}
+
+	switch {
+	case r.Initial || r.Limited || old == nil:
+		next.Timeline = lastN(r.Timeline, timelineCap)
+	case len(r.Timeline) > 0:
+		combined := make([]*event.Event, 0, min(len(next.Timeline)+len(r.Timeline), timelineCap))
+		if keep := timelineCap - len(r.Timeline); keep > 0 {
+			combined = append(combined, lastN(next.Timeline, keep)...)
+		}
+		next.Timeline = append(combined, lastN(r.Timeline, timelineCap)...)
+	}
+	if len(r.Timeline) > 0 || r.Initial {
+		next.Limited = r.Limited
+	}
+	if r.Limited {
+		next.MembersStale = true
+	}
+	return next
+}
+
+func lastN(evts []*event.Event, n int) []*event.Event {
+	if len(evts) > n {
+		evts = evts[len(evts)-n:]
+	}
+	return slices.Clone(evts)
+}
+
+// ListState is what the client knows about one list.
+type ListState struct {
+	// Count is the number of rooms matching the list.
+	Count int `json:"count"`
+	// Rooms is the ordered window (MSC3575 ops); an empty ID marks an unknown position.
+	// It never extends past Count.
+	Rooms []id.RoomID `json:"rooms,omitempty"`
+}
+
+func (op ListOp) validate() error {
+	switch op.Op {
+	case ListOpSync, ListOpInvalidate:
+		if op.Range == nil {
+			return fmt.Errorf("%s without range", op.Op)
+		}
+		if !op.Range.Valid() || op.Range.End >= MaxWindowIndex {
+			return fmt.Errorf("%s with invalid range [%d, %d]", op.Op, op.Range.Start, op.Range.End)
+		}
+		if op.Op == ListOpSync && len(op.RoomIDs) > op.Range.End-op.Range.Start+1 {
+			return fmt.Errorf("SYNC of %d rooms into range [%d, %d]", len(op.RoomIDs), op.Range.Start, op.Range.End)
+		}
+	case ListOpInsert, ListOpDelete:
+		if op.Index == nil {
+			return fmt.Errorf("%s without index", op.Op)
+		}
+		if *op.Index < 0 || *op.Index >= MaxWindowIndex {
+			return fmt.Errorf("%s with invalid index %d", op.Op, *op.Index)
+		}
+		if op.Op == ListOpInsert && op.RoomID == "" {
+			return fmt.Errorf("INSERT without room_id")
+		}
+	default:
+		// Unknown ops are ignored by MergeList, as unknown fields are.
+	}
+	return nil
+}
+
+// MergeList applies a list's response part to what was known and returns the new state. It is
+// pure. SYNC sets a range, INVALIDATE clears one, DELETE removes an index shifting later
+// entries left, INSERT inserts at an index shifting later entries right (so a DELETE+INSERT
+// pair moves the entries between them one step toward the deleted index, as MSC3575 says).
+// Unknown ops are skipped. The window is cut to Count afterwards.
+func MergeList(old ListState, lr ListResponse) (ListState, error) {
+	next := ListState{Count: old.Count}
+	if lr.Count.HasValue() {
+		if lr.Count.Val < 0 {
+			return old, fmt.Errorf("negative count %d", lr.Count.Val)
+		}
+		next.Count = lr.Count.Val
+	}
+	rooms := slices.Clone(old.Rooms)
+	grow := func(n int) {
+		if n > len(rooms) {
+			rooms = append(rooms, make([]id.RoomID, n-len(rooms))...)
+		}
+	}
+	for i, op := range lr.Ops {
+		if err := op.validate(); err != nil {
+			return old, fmt.Errorf("op %d: %w", i, err)
+		}
+		switch op.Op {
+		case ListOpSync:
+			grow(op.Range.End + 1)
+			for j := op.Range.Start; j <= op.Range.End; j++ {
+				var roomID id.RoomID
+				if k := j - op.Range.Start; k < len(op.RoomIDs) {
+					roomID = op.RoomIDs[k]
+				}
+				rooms[j] = roomID
+			}
+		case ListOpInvalidate:
+			for j := op.Range.Start; j <= op.Range.End && j < len(rooms); j++ {
+				rooms[j] = ""
+			}
+		case ListOpDelete:
+			if *op.Index < len(rooms) {
+				rooms = slices.Delete(rooms, *op.Index, *op.Index+1)
+			}
+		case ListOpInsert:
+			grow(*op.Index)
+			rooms = slices.Insert(rooms, *op.Index, op.RoomID)
+		}
+	}
+	if len(rooms) > next.Count {
+		rooms = rooms[:next.Count]
+	}
+	// Trailing unknown positions carry no information.
+	for len(rooms) > 0 && rooms[len(rooms)-1] == "" {
+		rooms = rooms[:len(rooms)-1]
+	}
+	next.Rooms = slices.Clip(rooms)
+	if len(next.Rooms) == 0 {
+		next.Rooms = nil
+	}
+	return next, nil
+}
