@@ -176,3 +176,11 @@ func wellKnownProxy(ctx context.Context, cli *mautrix.Client) (*url.URL, error) 
 	}
 	return proxy, nil
 }
+
+func parseBaseURL(raw string) (*url.URL, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return nil, fmt.Errorf("slidingsync: invalid base URL %q", raw)
+	}
+	return u, nil
+}

@@ -1,0 +1,745 @@
+package slidingsync
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/id"
+)
+
+// Defaults for the zero values of Config.
+const (
+	DefaultPollTimeout     = 30 * time.Second
+	DefaultTimeoutMargin   = 15 * time.Second
+	DefaultMinBackoff      = time.Second
+	DefaultMaxBackoff      = 30 * time.Second
+	DefaultMaxResponseSize = 256 << 20
+)
+
+// Config holds the settings of a Conn. The zero value of every field is usable.
+type Config struct {
+	// Protocol forces a dialect. ProtocolAuto (the zero value) discovers it when Run starts.
+	Protocol Protocol
+	// BaseURL is where sliding sync is served when it is not the homeserver (an MSC3575 proxy).
+	// Nil means the homeserver, or what discovery finds.
+	BaseURL string
+	// ConnID separates concurrent connections of one device. Empty is the default connection.
+	ConnID string
+	// Lists and RoomSubscriptions are the initial configuration; change them later with
+	// SetList, RemoveList, Subscribe and Unsubscribe.
+	Lists             map[string]ListConfig
+	RoomSubscriptions map[id.RoomID]RoomSubscription
+	// Extensions are sent with every request, keyed by their wire key.
+	Extensions []Extension
+	// Store persists state. Nil means a new MemoryStore.
+	Store Store
+	// OnResponse is called once per processed response, after extensions and the merge and
+	// before the commit. An error aborts the cycle (nothing is committed, the same pos is
+	// retried after a backoff), so delivery is at least once.
+	OnResponse func(ctx context.Context, res *Result) error
+	// PollTimeout is the long-poll time asked of the server. Zero means DefaultPollTimeout.
+	PollTimeout time.Duration
+	// TimeoutMargin is added to the poll timeout for the HTTP request's own timeout, so that a
+	// response sent at the end of the poll is not lost. Zero means DefaultTimeoutMargin.
+	TimeoutMargin time.Duration
+	// MinBackoff and MaxBackoff bound the exponential backoff after retryable errors (5xx,
+	// network, undecodable responses). Zero means DefaultMinBackoff and DefaultMaxBackoff.
+	MinBackoff, MaxBackoff time.Duration
+	// TimelineCap is how many timeline events are kept per room. Zero means DefaultTimelineCap.
+	TimelineCap int
+	// MaxResponseSize bounds a response body. Zero means DefaultMaxResponseSize.
+	MaxResponseSize int64
+}
+
+// Result is what OnResponse receives for one processed response.
+type Result struct {
+	// Response is the decoded response.
+	Response *Response
+	// Rooms holds the merged state of every room in the response.
+	Rooms map[id.RoomID]*RoomState
+	// Lists holds the merged state of every list in the response.
+	Lists map[string]ListState
+	// Initial is true when the request carried no pos.
+	Initial bool
+}
+
+// Conn is one sliding sync connection of one device. Its methods are safe for concurrent use;
+// Run may run only once at a time.
+type Conn struct {
+	cli   *mautrix.Client
+	cfg   Config
+	store Store
+	key   ConnKey
+	exts  []Extension
+
+	running atomic.Bool
+
+	mu       sync.Mutex
+	lists    map[string]ListConfig
+	subs     map[id.RoomID]RoomSubscription
+	unsubs   []id.RoomID
+	gen      uint64
+	cancelRq context.CancelFunc
+	endpoint Endpoint
+
+	stateMu    sync.RWMutex
+	pos        string
+	rooms      map[id.RoomID]*RoomState
+	listStates map[string]ListState
+	loaded     bool
+	checkpts   map[string]json.RawMessage
+	txnCounter uint64
+}
+
+// New returns a connection for the client's logged-in device. It makes no network call.
+func New(cli *mautrix.Client, cfg Config) (*Conn, error) {
+	if cli == nil {
+		return nil, mautrix.ErrClientIsNil
+	}
+	if cli.UserID == "" || cli.DeviceID == "" {
+		return nil, errors.New("slidingsync: client has no user ID or device ID")
+	}
+	if cfg.Protocol != ProtocolAuto && !cfg.Protocol.valid() {
+		return nil, fmt.Errorf("slidingsync: unknown protocol %q", cfg.Protocol)
+	}
+	if len(cfg.ConnID) > 16 {
+		return nil, fmt.Errorf("slidingsync: conn_id %q is longer than 16 characters", cfg.ConnID)
+	}
+	seen := make(map[string]bool, len(cfg.Extensions))
+	for _, ext := range cfg.Extensions {
+		if ext == nil {
+			return nil, errors.New("slidingsync: nil extension")
+		}
+		if seen[ext.Name()] {
+			return nil, fmt.Errorf("slidingsync: extension %q configured twice", ext.Name())
+		}
+		seen[ext.Name()] = true
+	}
+	c := &Conn{
+		cli:   cli,
+		cfg:   cfg,
+		store: cfg.Store,
+		key:   ConnKey{UserID: cli.UserID, DeviceID: cli.DeviceID, ConnID: cfg.ConnID},
+		exts:  slices.Clone(cfg.Extensions),
+		lists: maps.Clone(cfg.Lists),
+		subs:  maps.Clone(cfg.RoomSubscriptions),
+	}
+	if c.store == nil {
+		c.store = NewMemoryStore()
+	}
+	if c.lists == nil {
+		c.lists = make(map[string]ListConfig)
+	}
+	if c.subs == nil {
+		c.subs = make(map[id.RoomID]RoomSubscription)
+	}
+	if cfg.BaseURL != "" {
+		if cfg.Protocol == ProtocolAuto {
+			return nil, errors.New("slidingsync: BaseURL needs an explicit Protocol")
+		}
+	}
+	// Encode once to reject configurations the dialect cannot express before Run.
+	if cfg.Protocol != ProtocolAuto {
+		if _, _, err := EncodeRequest(cfg.Protocol, c.snapshotRequest("")); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// Key returns the connection's store key.
+func (c *Conn) Key() ConnKey { return c.key }
+
+// SetList adds or replaces a list. An in-flight request is cancelled and its response is
+// never processed.
+func (c *Conn) SetList(name string, lc ListConfig) {
+	c.changeConfig(func() { c.lists[name] = lc })
+}
+
+// RemoveList removes a list.
+func (c *Conn) RemoveList(name string) {
+	c.changeConfig(func() { delete(c.lists, name) })
+}
+
+// Subscribe adds or replaces a room subscription.
+func (c *Conn) Subscribe(roomID id.RoomID, sub RoomSubscription) {
+	c.changeConfig(func() {
+		c.subs[roomID] = sub
+		c.unsubs = slices.DeleteFunc(c.unsubs, func(r id.RoomID) bool { return r == roomID })
+	})
+}
+
+// Unsubscribe removes a room subscription.
+func (c *Conn) Unsubscribe(roomID id.RoomID) {
+	c.changeConfig(func() {
+		if _, ok := c.subs[roomID]; ok {
+			delete(c.subs, roomID)
+			c.unsubs = append(c.unsubs, roomID)
+		}
+	})
+}
+
+func (c *Conn) changeConfig(fn func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fn()
+	c.gen++
+	if c.cancelRq != nil {
+		c.cancelRq()
+	}
+}
+
+// Pos returns the pos of the last processed response.
+func (c *Conn) Pos() string {
+	c.stateMu.RLock()
+	defer c.stateMu.RUnlock()
+	return c.pos
+}
+
+// Room returns the merged state of a room. The returned value must not be modified.
+func (c *Conn) Room(roomID id.RoomID) (*RoomState, bool) {
+	c.stateMu.RLock()
+	defer c.stateMu.RUnlock()
+	rs, ok := c.rooms[roomID]
+	return rs, ok
+}
+
+// Rooms returns a copy of the map of every known room. The RoomState values must not be
+// modified.
+func (c *Conn) Rooms() map[id.RoomID]*RoomState {
+	c.stateMu.RLock()
+	defer c.stateMu.RUnlock()
+	return maps.Clone(c.rooms)
+}
+
+// List returns the merged state of a list.
+func (c *Conn) List(name string) (ListState, bool) {
+	c.stateMu.RLock()
+	defer c.stateMu.RUnlock()
+	ls, ok := c.listStates[name]
+	return ls, ok
+}
+
+// Endpoint returns the endpoint in use, once Run has discovered it.
+func (c *Conn) Endpoint() Endpoint {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.endpoint
+}
+
+func (c *Conn) log(ctx context.Context) *zerolog.Logger {
+	log := zerolog.Ctx(ctx)
+	if log.GetLevel() == zerolog.Disabled || log == zerolog.DefaultContextLogger {
+		return &c.cli.Log
+	}
+	return log
+}
+
+// snapshotRequest copies the configuration into a request. Caller holds c.mu or owns c.
+func (c *Conn) snapshotRequest(pos string) *Request {
+	req := &Request{ConnID: c.cfg.ConnID, Pos: pos}
+	if len(c.lists) > 0 {
+		req.Lists = maps.Clone(c.lists)
+	}
+	if len(c.subs) > 0 {
+		req.RoomSubscriptions = maps.Clone(c.subs)
+	}
+	req.UnsubscribeRooms = slices.Clone(c.unsubs)
+	return req
+}
+
+// Run syncs until ctx ends or a fatal error occurs, and returns only after everything it
+// started has stopped. It returns ctx.Err() on cancellation, an error wrapping
+// mautrix.MUnknownToken when the access token is rejected, and a wrapped error for other
+// non-retryable failures (4xx responses, a store that cannot load, a configuration the
+// dialect cannot express). Retryable failures are retried with backoff forever.
+func (c *Conn) Run(ctx context.Context) error {
+	if !c.running.CompareAndSwap(false, true) {
+		return ErrAlreadyRunning
+	}
+	defer c.running.Store(false)
+	log := c.log(ctx).With().Str("component", "slidingsync").Str("conn_id", c.cfg.ConnID).Logger()
+	ctx = log.WithContext(ctx)
+
+	if err := c.load(ctx); err != nil {
+		return err
+	}
+	endpoint, err := c.discover(ctx)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.endpoint = endpoint
+	c.mu.Unlock()
+
+	var (
+		failures    int
+		noPoll      = true // the first request of a Run does not wait
+		stalledPos  string
+		stalledSeen int
+	)
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		pos := c.Pos()
+		info := RequestInfo{Protocol: endpoint.Protocol, Pos: pos}
+		timeout := c.pollTimeout()
+		if noPoll || pos == "" {
+			timeout = 0
+		}
+		resp, gen, err := c.roundTrip(ctx, endpoint, info, timeout)
+		switch {
+		case err == nil:
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, errConfigChanged):
+			noPoll = true
+			continue
+		case errors.Is(err, MUnknownPos):
+			log.Warn().Err(err).Msg("Server forgot the connection, starting afresh")
+			if err := c.reset(ctx); err != nil {
+				return err
+			}
+			noPoll = true
+			continue
+		case errors.Is(err, mautrix.MUnknownToken):
+			return fmt.Errorf("slidingsync: access token rejected: %w", err)
+		default:
+			wait, retry := c.classify(err, failures)
+			if !retry {
+				return fmt.Errorf("slidingsync: request failed: %w", err)
+			}
+			failures++
+			log.Warn().Err(err).Dur("retry_in", wait).Int("failures", failures).Msg("Sync request failed")
+			if err := sleep(ctx, wait); err != nil {
+				return err
+			}
+			continue
+		}
+		if resp.Pos == pos && pos != "" {
+			// Already applied: a retransmission. A server stuck on one pos must not make us spin.
+			if stalledPos != pos {
+				stalledPos, stalledSeen = pos, 0
+				log.Warn().Str("pos", pos).Msg("Server returned an already processed pos, ignoring the response")
+			}
+			stalledSeen++
+			if err := sleep(ctx, c.backoff(stalledSeen-1)); err != nil {
+				return err
+			}
+			continue
+		}
+		more, err := c.process(ctx, info, resp, gen)
+		switch {
+		case err == nil:
+			failures = 0
+			noPoll = more
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, errConfigChanged):
+			noPoll = true
+			continue
+		default:
+			failures++
+			wait := c.backoff(failures - 1)
+			log.Err(err).Dur("retry_in", wait).Msg("Processing a sync response failed, nothing was committed")
+			if err := sleep(ctx, wait); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+var errConfigChanged = errors.New("slidingsync: configuration changed during the request")
+
+func (c *Conn) pollTimeout() time.Duration {
+	if c.cfg.PollTimeout > 0 {
+		return c.cfg.PollTimeout
+	}
+	return DefaultPollTimeout
+}
+
+func (c *Conn) load(ctx context.Context) error {
+	c.stateMu.Lock()
+	defer c.stateMu.Unlock()
+	if c.loaded {
+		return nil
+	}
+	cp, err := c.store.Load(ctx, c.key)
+	if err != nil {
+		return fmt.Errorf("slidingsync: load state: %w", err)
+	}
+	for _, ext := range c.exts {
+		if ck, ok := ext.(Checkpointer); ok {
+			if err := ck.Restore(ctx, cp.Extensions[ext.Name()]); err != nil {
+				return fmt.Errorf("slidingsync: restore extension %s: %w", ext.Name(), err)
+			}
+		}
+	}
+	c.pos = cp.Pos
+	c.rooms = cp.Rooms
+	c.listStates = cp.Lists
+	c.checkpts = cp.Extensions
+	if c.rooms == nil {
+		c.rooms = make(map[id.RoomID]*RoomState)
+	}
+	if c.listStates == nil {
+		c.listStates = make(map[string]ListState)
+	}
+	if c.checkpts == nil {
+		c.checkpts = make(map[string]json.RawMessage)
+	}
+	c.loaded = true
+	return nil
+}
+
+func (c *Conn) discover(ctx context.Context) (Endpoint, error) {
+	if c.cfg.Protocol != ProtocolAuto {
+		ep := Endpoint{Protocol: c.cfg.Protocol}
+		if c.cfg.BaseURL != "" {
+			u, err := parseBaseURL(c.cfg.BaseURL)
+			if err != nil {
+				return Endpoint{}, err
+			}
+			ep.BaseURL = u
+		}
+		return ep, nil
+	}
+	for failures := 0; ; failures++ {
+		ep, err := Discover(ctx, c.cli, ProtocolAuto)
+		if err == nil {
+			if _, _, err := EncodeRequest(ep.Protocol, c.snapshotRequest("")); err != nil {
+				return Endpoint{}, err
+			}
+			c.log(ctx).Info().Str("protocol", ep.Protocol.String()).Msg("Discovered sliding sync")
+			return ep, nil
+		}
+		if ctx.Err() != nil {
+			return Endpoint{}, ctx.Err()
+		}
+		if errors.Is(err, mautrix.MUnknownToken) {
+			return Endpoint{}, fmt.Errorf("slidingsync: access token rejected: %w", err)
+		}
+		if !hasTransientCause(err) {
+			// The server answered: it has no sliding sync. Retrying will not change that.
+			return Endpoint{}, err
+		}
+		wait := c.backoff(failures)
+		c.log(ctx).Warn().Err(err).Dur("retry_in", wait).Msg("Sliding sync discovery failed")
+		if err := sleep(ctx, wait); err != nil {
+			return Endpoint{}, err
+		}
+	}
+}
+
+// hasTransientCause reports whether a discovery error includes a failure that may pass
+// (network errors, 5xx, 429) rather than only definite answers.
+func hasTransientCause(err error) bool {
+	var joined interface{ Unwrap() []error }
+	if !errors.As(err, &joined) {
+		return false
+	}
+	for _, e := range joined.Unwrap() {
+		if errors.Is(e, ErrNoSlidingSync) {
+			continue
+		}
+		var httpErr mautrix.HTTPError
+		if !errors.As(e, &httpErr) || httpErr.Response == nil {
+			return true
+		}
+		if st := httpErr.Response.StatusCode; st >= 500 || st == http.StatusTooManyRequests {
+			return true
+		}
+	}
+	return false
+}
+
+// reset forgets pos after M_UNKNOWN_POS and tells the extensions. Room and list state are
+// kept: the fresh response replaces rooms with initial entries and lists with SYNC ops.
+func (c *Conn) reset(ctx context.Context) error {
+	c.stateMu.Lock()
+	c.pos = ""
+	c.stateMu.Unlock()
+	c.mu.Lock()
+	c.unsubs = nil // a new connection has no subscriptions to undo
+	c.mu.Unlock()
+	for _, ext := range c.exts {
+		if r, ok := ext.(Resetter); ok {
+			if err := r.Reset(ctx); err != nil {
+				return fmt.Errorf("slidingsync: reset extension %s: %w", ext.Name(), err)
+			}
+		}
+	}
+	return nil
+}
+
+// roundTrip builds the complete request, sends it and decodes the response. It returns the
+// configuration generation the request was built from.
+func (c *Conn) roundTrip(ctx context.Context, ep Endpoint, info RequestInfo, timeout time.Duration) (*Response, uint64, error) {
+	req, gen, reqCtx, cancel := c.buildRequest(ctx, info)
+	defer cancel()
+	timeoutMS := timeout.Milliseconds()
+	req.Timeout = &timeoutMS
+	extBodies := make(map[string]json.RawMessage, len(c.exts))
+	for _, ext := range c.exts {
+		body, err := ext.Request(ctx, info)
+		if err != nil {
+			return nil, gen, fmt.Errorf("slidingsync: extension %s request: %w", ext.Name(), err)
+		}
+		if body == nil {
+			continue
+		}
+		raw, err := json.Marshal(body)
+		if err != nil {
+			return nil, gen, fmt.Errorf("slidingsync: extension %s request: %w", ext.Name(), err)
+		}
+		extBodies[wireKey(ext, ep.Protocol)] = raw
+	}
+	if len(extBodies) > 0 {
+		req.Extensions = extBodies
+	}
+	if ep.Protocol == ProtocolMSC3575 {
+		c.txnCounter++
+		req.TxnID = strconv.FormatUint(c.txnCounter, 10)
+	}
+	query, body, err := EncodeRequest(ep.Protocol, req)
+	if err != nil {
+		return nil, gen, fmt.Errorf("%w: %w", errFatal, err)
+	}
+	url, err := ep.URL(c.cli.HomeserverURL, query)
+	if err != nil {
+		return nil, gen, fmt.Errorf("%w: %w", errFatal, err)
+	}
+	margin := c.cfg.TimeoutMargin
+	if margin <= 0 {
+		margin = DefaultTimeoutMargin
+	}
+	httpCtx, httpCancel := context.WithTimeout(reqCtx, timeout+margin)
+	defer httpCancel()
+	limit := c.cfg.MaxResponseSize
+	if limit <= 0 {
+		limit = DefaultMaxResponseSize
+	}
+	data, err := c.cli.MakeFullRequest(httpCtx, mautrix.FullRequest{
+		Method:            http.MethodPost,
+		URL:               url,
+		RequestBytes:      body,
+		MaxAttempts:       1,
+		ResponseSizeLimit: limit,
+	})
+	if reqCtx.Err() != nil && ctx.Err() == nil {
+		return nil, gen, errConfigChanged
+	}
+	if err != nil {
+		return nil, gen, err
+	}
+	resp, err := DecodeResponse(data)
+	if err != nil {
+		return nil, gen, err
+	}
+	return resp, gen, nil
+}
+
+func (c *Conn) buildRequest(ctx context.Context, info RequestInfo) (*Request, uint64, context.Context, context.CancelFunc) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	req := c.snapshotRequest(info.Pos)
+	reqCtx, cancel := context.WithCancel(ctx)
+	c.cancelRq = cancel
+	return req, c.gen, reqCtx, func() {
+		cancel()
+		c.mu.Lock()
+		c.cancelRq = nil
+		c.mu.Unlock()
+	}
+}
+
+func (c *Conn) configGen() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gen
+}
+
+var errFatal = errors.New("slidingsync: fatal")
+
+// classify decides whether an error is retried and after how long.
+func (c *Conn) classify(err error, failures int) (time.Duration, bool) {
+	if errors.Is(err, errFatal) {
+		return 0, false
+	}
+	if errors.Is(err, ErrInvalidResponse) {
+		return c.backoff(failures), true
+	}
+	var httpErr mautrix.HTTPError
+	if errors.As(err, &httpErr) && httpErr.Response != nil {
+		status := httpErr.Response.StatusCode
+		switch {
+		case status == http.StatusTooManyRequests:
+			if wait, ok := retryAfter(httpErr); ok {
+				return min(wait, 10*time.Minute), true
+			}
+			return c.backoff(failures), true
+		case status >= 500:
+			return c.backoff(failures), true
+		case status >= 400:
+			return 0, false
+		}
+		// A 2xx whose body could not be read, or an odd status: treat as transient.
+		return c.backoff(failures), true
+	}
+	// Network errors, timeouts and body read errors.
+	return c.backoff(failures), true
+}
+
+func retryAfter(httpErr mautrix.HTTPError) (time.Duration, bool) {
+	if httpErr.RespError != nil {
+		if ms, ok := httpErr.RespError.ExtraData["retry_after_ms"].(float64); ok && ms >= 0 {
+			return time.Duration(ms) * time.Millisecond, true
+		}
+	}
+	if h := httpErr.Response.Header.Get("Retry-After"); h != "" {
+		if secs, err := strconv.Atoi(h); err == nil && secs >= 0 {
+			return time.Duration(secs) * time.Second, true
+		}
+	}
+	return 0, false
+}
+
+// backoff returns the wait after the given number of consecutive failures: exponential from
+// MinBackoff, capped at MaxBackoff, with jitter in [d/2, d].
+func (c *Conn) backoff(failures int) time.Duration {
+	lo, hi := c.cfg.MinBackoff, c.cfg.MaxBackoff
+	if lo <= 0 {
+		lo = DefaultMinBackoff
+	}
+	if hi <= 0 {
+		hi = DefaultMaxBackoff
+	}
+	d := lo
+	for i := 0; i < failures && d < hi; i++ {
+		d *= 2
+	}
+	d = min(d, hi)
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// process runs one response through the extensions, the merge and the handler, commits it,
+// and only then makes its pos and state current. It reports whether an extension has more
+// data pending.
+func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, gen uint64) (more bool, err error) {
+	if c.configGen() != gen {
+		return false, errConfigChanged
+	}
+	defer func() {
+		if err != nil {
+			if rerr := c.restoreExtensions(ctx); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}
+	}()
+	for _, ext := range c.exts {
+		key := wireKey(ext, info.Protocol)
+		var raw json.RawMessage
+		if r, ok := resp.Extensions[key]; ok && string(r) != "null" {
+			raw = r
+		}
+		if err := ext.Process(ctx, info, raw); err != nil {
+			return false, fmt.Errorf("extension %s: %w", ext.Name(), err)
+		}
+	}
+	res := &Result{
+		Response: resp,
+		Rooms:    make(map[id.RoomID]*RoomState, len(resp.Rooms)),
+		Lists:    make(map[string]ListState, len(resp.Lists)),
+		Initial:  info.Pos == "",
+	}
+	c.stateMu.RLock()
+	for name, lr := range resp.Lists {
+		ls, err := MergeList(c.listStates[name], lr)
+		if err != nil {
+			c.stateMu.RUnlock()
+			return false, fmt.Errorf("%w: list %q: %w", ErrInvalidResponse, name, err)
+		}
+		res.Lists[name] = ls
+	}
+	for roomID, rr := range resp.Rooms {
+		res.Rooms[roomID] = MergeRoom(c.rooms[roomID], roomID, rr, c.cfg.TimelineCap)
+	}
+	c.stateMu.RUnlock()
+
+	if c.cfg.OnResponse != nil {
+		if err := c.cfg.OnResponse(ctx, res); err != nil {
+			return false, fmt.Errorf("response handler: %w", err)
+		}
+	}
+	upd := &Update{Pos: resp.Pos, Lists: res.Lists, Rooms: res.Rooms}
+	for _, ext := range c.exts {
+		if ck, ok := ext.(Checkpointer); ok {
+			raw, err := ck.Checkpoint(ctx)
+			if err != nil {
+				return false, fmt.Errorf("extension %s checkpoint: %w", ext.Name(), err)
+			}
+			if upd.Extensions == nil {
+				upd.Extensions = make(map[string]json.RawMessage)
+			}
+			upd.Extensions[ext.Name()] = raw
+		}
+		if mp, ok := ext.(MorePender); ok && mp.MorePending() {
+			more = true
+		}
+	}
+	if err := c.store.Commit(ctx, c.key, upd); err != nil {
+		return false, fmt.Errorf("commit: %w", err)
+	}
+	c.stateMu.Lock()
+	c.pos = resp.Pos
+	maps.Copy(c.listStates, res.Lists)
+	maps.Copy(c.rooms, res.Rooms)
+	maps.Copy(c.checkpts, upd.Extensions)
+	c.stateMu.Unlock()
+	c.mu.Lock()
+	if c.gen == gen {
+		// The request carried every pending unsubscription and the server has applied it.
+		c.unsubs = nil
+	}
+	c.mu.Unlock()
+	return more, nil
+}
+
+func (c *Conn) restoreExtensions(ctx context.Context) error {
+	c.stateMu.RLock()
+	checkpts := c.checkpts
+	c.stateMu.RUnlock()
+	var errs []error
+	for _, ext := range c.exts {
+		if ck, ok := ext.(Checkpointer); ok {
+			if err := ck.Restore(ctx, checkpts[ext.Name()]); err != nil {
+				errs = append(errs, fmt.Errorf("restore extension %s: %w", ext.Name(), err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
