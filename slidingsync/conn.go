@@ -707,6 +707,9 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			}
 			upd.Extensions[ext.Name()] = raw
 		}
+		if tc, ok := ext.(TxnCommitter); ok {
+			upd.TxnHooks = append(upd.TxnHooks, tc.CommitTxn)
+		}
 		if mp, ok := ext.(MorePender); ok && mp.MorePending() {
 			more = true
 		}

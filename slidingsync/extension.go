@@ -64,3 +64,10 @@ func wireKey(ext Extension, p Protocol) string {
 	}
 	return ext.Name()
 }
+
+// TxnCommitter is implemented by extensions that write to other tables of the store's
+// database: CommitTxn runs inside the transaction that commits the response, so those writes
+// land together with pos or not at all.
+type TxnCommitter interface {
+	CommitTxn(ctx context.Context) error
+}

@@ -37,6 +37,11 @@ type Update struct {
 	Rooms map[id.RoomID]*RoomState
 	// Extensions holds the checkpoint of every checkpointing extension.
 	Extensions map[string]json.RawMessage
+	// TxnHooks run inside the commit's transaction, before it commits; a SQL store passes
+	// them the transaction's context so that writes to other tables of the same database
+	// (mautrix's crypto store, say) commit or roll back with the update. An error from a hook
+	// aborts the commit.
+	TxnHooks []func(ctx context.Context) error
 }
 
 // Store persists connection state. Implementations must make Commit atomic and must not keep
@@ -80,9 +85,14 @@ func (s *MemoryStore) Load(_ context.Context, key ConnKey) (*Checkpoint, error) 
 }
 
 // Commit implements Store.
-func (s *MemoryStore) Commit(_ context.Context, key ConnKey, upd *Update) error {
+func (s *MemoryStore) Commit(ctx context.Context, key ConnKey, upd *Update) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for _, hook := range upd.TxnHooks {
+		if err := hook(ctx); err != nil {
+			return err
+		}
+	}
 	cp := s.conns[key]
 	if cp == nil {
 		cp = &Checkpoint{
