@@ -1,9 +1,11 @@
 package slidingsync
 
 import (
+	"encoding/json"
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -250,4 +252,44 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 		next.Rooms = nil
 	}
 	return next, nil
+}
+
+type roomStateAlias RoomState
+
+type roomStateJSON struct {
+	*roomStateAlias
+	RequiredState []*event.Event `json:"required_state,omitempty"`
+}
+
+// MarshalJSON writes the room with its state as a list of events, sorted by type and state
+// key so that equal states encode to equal bytes.
+func (rs *RoomState) MarshalJSON() ([]byte, error) {
+	keys := slices.SortedFunc(maps.Keys(rs.State), func(a, b StateKey) int {
+		if a.Type != b.Type {
+			return strings.Compare(a.Type, b.Type)
+		}
+		return strings.Compare(a.StateKey, b.StateKey)
+	})
+	w := roomStateJSON{roomStateAlias: (*roomStateAlias)(rs), RequiredState: make([]*event.Event, 0, len(keys))}
+	for _, k := range keys {
+		w.RequiredState = append(w.RequiredState, rs.State[k])
+	}
+	return json.Marshal(w)
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (rs *RoomState) UnmarshalJSON(data []byte) error {
+	*rs = RoomState{}
+	w := roomStateJSON{roomStateAlias: (*roomStateAlias)(rs)}
+	if err := json.Unmarshal(data, &w); err != nil {
+		return err
+	}
+	rs.State = make(map[StateKey]*event.Event, len(w.RequiredState))
+	for i, evt := range w.RequiredState {
+		if evt == nil || evt.StateKey == nil {
+			return fmt.Errorf("room state: required_state[%d] has no state_key", i)
+		}
+		rs.State[StateKey{Type: evt.Type.Type, StateKey: *evt.StateKey}] = evt
+	}
+	return nil
 }
