@@ -1,0 +1,601 @@
+package slidingsync_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
+)
+
+// recordingExt is a test extension that records what the loop asks of it.
+type recordingExt struct {
+	mu        sync.Mutex
+	requests  []slidingsync.RequestInfo
+	processed []json.RawMessage
+	resets    int
+	restores  []json.RawMessage
+	failNext  int
+	cursor    string
+	more      bool
+}
+
+func (e *recordingExt) Name() string { return "test_ext" }
+
+func (e *recordingExt) Request(_ context.Context, info slidingsync.RequestInfo) (any, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.requests = append(e.requests, info)
+	return map[string]any{"enabled": true, "since": e.cursor}, nil
+}
+
+func (e *recordingExt) Process(_ context.Context, _ slidingsync.RequestInfo, raw json.RawMessage) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.processed = append(e.processed, raw)
+	if e.failNext > 0 {
+		e.failNext--
+		e.cursor = "poisoned"
+		return errors.New("extension failure")
+	}
+	if raw != nil {
+		var body struct {
+			NextBatch string `json:"next_batch"`
+			More      bool   `json:"more"`
+		}
+		if err := json.Unmarshal(raw, &body); err != nil {
+			return err
+		}
+		e.cursor = body.NextBatch
+		e.more = body.More
+	} else {
+		e.more = false
+	}
+	return nil
+}
+
+func (e *recordingExt) Checkpoint(context.Context) (json.RawMessage, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return json.Marshal(e.cursor)
+}
+
+func (e *recordingExt) Restore(_ context.Context, raw json.RawMessage) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.restores = append(e.restores, raw)
+	e.cursor = ""
+	if raw != nil {
+		return json.Unmarshal(raw, &e.cursor)
+	}
+	return nil
+}
+
+func (e *recordingExt) Reset(context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.resets++
+	return nil
+}
+
+func (e *recordingExt) MorePending() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.more
+}
+
+func (e *recordingExt) snapshot() (reqs []slidingsync.RequestInfo, resets int, cursor string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]slidingsync.RequestInfo(nil), e.requests...), e.resets, e.cursor
+}
+
+var allList = slidingsync.ListConfig{
+	Ranges:        []slidingsync.Range{{Start: 0, End: 9}},
+	TimelineLimit: 1,
+	RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{{Type: "m.room.encryption", StateKey: ""}}},
+}
+
+type harness struct {
+	srv    *slidingsynctest.Server
+	conn   *slidingsync.Conn
+	cancel context.CancelFunc
+	done   chan error
+	// run starts Run in a goroutine; tests queue the first answers before calling it, so
+	// that the first request (which does not wait) finds them.
+	run func()
+}
+
+// start prepares a Conn against a fresh fake server in the current synctest bubble.
+func start(t *testing.T, proto slidingsync.Protocol, cfg slidingsync.Config) *harness {
+	t.Helper()
+	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: proto})
+	return startWith(t, srv, srv.NewClient(), proto, cfg)
+}
+
+func startWith(t *testing.T, srv *slidingsynctest.Server, cli *mautrix.Client, proto slidingsync.Protocol, cfg slidingsync.Config) *harness {
+	t.Helper()
+	cfg.Protocol = proto
+	if cfg.Lists == nil {
+		cfg.Lists = map[string]slidingsync.ListConfig{"all": allList}
+	}
+	conn, err := slidingsync.New(cli, cfg)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	h := &harness{srv: srv, conn: conn, cancel: cancel, done: make(chan error, 1)}
+	h.run = func() { go func() { h.done <- conn.Run(ctx) }() }
+	return h
+}
+
+// stop cancels Run and returns its error. synctest.Test itself fails if any goroutine the
+// loop started is still alive when the bubble ends.
+func (h *harness) stop(t *testing.T) error {
+	t.Helper()
+	h.cancel()
+	return <-h.done
+}
+
+func roomResp(pos string, rooms ...id.RoomID) *slidingsync.Response {
+	resp := &slidingsync.Response{Pos: pos, Rooms: map[id.RoomID]*slidingsync.RoomResponse{}}
+	for _, r := range rooms {
+		resp.Rooms[r] = &slidingsync.RoomResponse{Initial: true, Name: slidingsync.Some("room " + string(r))}
+	}
+	return resp
+}
+
+func TestRunSendsCompleteRequestsAndTimeouts(t *testing.T) {
+	for _, proto := range slidingsync.Protocols {
+		t.Run(proto.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				ext := &recordingExt{}
+				h := start(t, proto, slidingsync.Config{Extensions: []slidingsync.Extension{ext}, PollTimeout: 20 * time.Second})
+				h.srv.Push(roomResp("p1", "!a:x"))
+				h.srv.Push(roomResp("p2", "!b:x"))
+				h.srv.Push(roomResp("p3"))
+				h.run()
+				reqs, err := h.srv.WaitRequests(context.Background(), 4)
+				require.NoError(t, err)
+				synctest.Wait()
+				require.ErrorIs(t, h.stop(t), context.Canceled)
+
+				wantPos := []string{"", "p1", "p2", "p3"}
+				wantTimeout := []int64{0, 20000, 20000, 20000}
+				for i, rr := range reqs[:4] {
+					require.NoError(t, rr.ParseErr, "request %d", i)
+					assert.Equal(t, proto.Path(), rr.Path)
+					assert.Equal(t, wantPos[i], rr.Parsed.Pos, "request %d pos", i)
+					require.NotNil(t, rr.Parsed.Timeout, "request %d timeout", i)
+					assert.Equal(t, wantTimeout[i], *rr.Parsed.Timeout, "request %d timeout", i)
+					// The client keeps stickiness: every request carries the whole configuration.
+					require.Contains(t, rr.Parsed.Lists, "all", "request %d", i)
+					assert.Equal(t, allList.TimelineLimit, rr.Parsed.Lists["all"].TimelineLimit)
+					assert.Equal(t, allList.RequiredState.Include, rr.Parsed.Lists["all"].RequiredState.Include)
+					assert.Contains(t, rr.Parsed.Extensions, "test_ext", "request %d", i)
+					if proto.PosInQuery() {
+						assert.Equal(t, wantPos[i], rr.Query.Get("pos"))
+					} else {
+						assert.Empty(t, rr.Query.Get("pos"))
+					}
+				}
+				assert.Equal(t, "p3", h.conn.Pos())
+				room, ok := h.conn.Room("!b:x")
+				require.True(t, ok)
+				assert.Equal(t, "room !b:x", room.Name)
+				assert.Equal(t, 1, h.srv.MaxInFlight(), "exactly one request in flight")
+			})
+		})
+	}
+}
+
+func TestRunOnlyOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		h.run()
+		_, err := h.srv.WaitRequests(context.Background(), 1)
+		require.NoError(t, err)
+		assert.ErrorIs(t, h.conn.Run(context.Background()), slidingsync.ErrAlreadyRunning)
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+	})
+}
+
+// blockingTransport holds responses until released, so a test can change the configuration
+// between the server answering and the client reading the answer.
+type blockingTransport struct {
+	inner   http.RoundTripper
+	arrived chan struct{}
+	release chan struct{}
+}
+
+func (b *blockingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := b.inner.RoundTrip(req)
+	if req.URL.Path == slidingsync.ProtocolMSC4186.Path() {
+		b.arrived <- struct{}{}
+		<-b.release
+	}
+	return resp, err
+}
+
+func TestConfigChangeDiscardsInFlightResponse(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		cli := srv.NewClient()
+		bt := &blockingTransport{inner: cli.Client.Transport, arrived: make(chan struct{}), release: make(chan struct{})}
+		cli.Client = &http.Client{Transport: bt}
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+
+		srv.Push(roomResp("p1", "!first:x"))
+		h.run()
+		<-bt.arrived
+		bt.release <- struct{}{}
+		synctest.Wait()
+		require.Equal(t, "p1", h.conn.Pos())
+
+		// The server answers the long-poll, but the list changes before the answer is read.
+		srv.Push(roomResp("p2", "!stale:x"))
+		<-bt.arrived
+		h.conn.SetList("dms", slidingsync.ListConfig{Ranges: []slidingsync.Range{{Start: 0, End: 4}}})
+		srv.Push(roomResp("p3", "!fresh:x"))
+		bt.release <- struct{}{}
+		// The next request carries the new list, the old pos, and does not long-poll.
+		<-bt.arrived
+		assert.Equal(t, "p1", h.conn.Pos(), "the response of a cancelled request is never processed")
+		_, ok := h.conn.Room("!stale:x")
+		assert.False(t, ok)
+		bt.release <- struct{}{}
+		synctest.Wait()
+		reqs := srv.Requests()
+		require.Len(t, reqs, 4)
+		third := reqs[2].Parsed
+		assert.Equal(t, "p1", third.Pos)
+		assert.Contains(t, third.Lists, "dms")
+		assert.Equal(t, int64(0), *third.Timeout)
+		assert.Equal(t, "p3", h.conn.Pos())
+		_, ok = h.conn.Room("!stale:x")
+		assert.False(t, ok)
+
+		go func() {
+			for range bt.arrived {
+				bt.release <- struct{}{}
+			}
+		}()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		close(bt.arrived)
+	})
+}
+
+func TestConfigChangeCancelsLongPoll(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{PollTimeout: time.Minute})
+		h.srv.Push(roomResp("p1"))
+		h.run()
+		_, err := h.srv.WaitRequests(context.Background(), 2)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.Equal(t, 1, h.srv.InFlight(), "second request is long-polling")
+		began := time.Now()
+		h.conn.Subscribe("!sub:x", slidingsync.RoomSubscription{TimelineLimit: 5})
+		reqs, err := h.srv.WaitRequests(context.Background(), 3)
+		require.NoError(t, err)
+		assert.Equal(t, began, time.Now(), "the change cancels the poll at once")
+		assert.False(t, reqs[1].Answered, "the cancelled request got no answer")
+		assert.Contains(t, reqs[2].Parsed.RoomSubscriptions, id.RoomID("!sub:x"))
+		synctest.Wait()
+		assert.Equal(t, 1, h.srv.MaxInFlight())
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+	})
+}
+
+func TestUnknownPosResetsConnection(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ext := &recordingExt{}
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Extensions: []slidingsync.Extension{ext}})
+		h.srv.Push(roomResp("p1", "!a:x"))
+		h.srv.PushUnknownPos()
+		h.srv.Push(roomResp("fresh1"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 4)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+
+		assert.Equal(t, "p1", reqs[1].Parsed.Pos)
+		assert.Empty(t, reqs[2].Parsed.Pos, "after M_UNKNOWN_POS the request goes out without pos")
+		assert.Equal(t, int64(0), *reqs[2].Parsed.Timeout, "and does not long-poll")
+		assert.Equal(t, "fresh1", reqs[3].Parsed.Pos)
+		extReqs, resets, _ := ext.snapshot()
+		assert.Equal(t, 1, resets)
+		assert.Empty(t, extReqs[2].Pos, "extensions are told the request has no pos")
+		_, ok := h.conn.Room("!a:x")
+		assert.True(t, ok, "room state survives a reset")
+	})
+}
+
+func TestBadRequestWithoutUnknownPosIsFatal(t *testing.T) {
+	// A 400 is M_UNKNOWN_POS only when the errcode says so.
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, slidingsync.ProtocolMSC3575, slidingsync.Config{})
+		h.srv.PushJSON(http.StatusBadRequest, `{"error":"HTTP 400 : invalid pos: abc"}`)
+		h.run()
+		err := <-h.done
+		require.Error(t, err)
+		assert.NotErrorIs(t, err, slidingsync.MUnknownPos)
+		assert.Len(t, h.srv.Requests(), 1, "no retry")
+		h.cancel()
+	})
+}
+
+func TestUnknownTokenIsFatal(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		h.srv.PushError(http.StatusUnauthorized, "M_UNKNOWN_TOKEN", "Invalid access token", nil)
+		h.run()
+		err := <-h.done
+		require.ErrorIs(t, err, mautrix.MUnknownToken)
+		assert.Len(t, h.srv.Requests(), 1)
+		h.cancel()
+	})
+}
+
+func TestRateLimitWaitsRetryAfter(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		h.srv.PushError(http.StatusTooManyRequests, "M_LIMIT_EXCEEDED", "slow down", map[string]any{"retry_after_ms": 1500})
+		h.srv.Push(roomResp("p1"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 2)
+		require.NoError(t, err)
+		assert.Equal(t, 1500*time.Millisecond, reqs[1].Received.Sub(reqs[0].Received))
+		synctest.Wait()
+		assert.Equal(t, "p1", h.conn.Pos())
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+	})
+}
+
+func TestBackoffScheduleOnServerErrors(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const failures = 9
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		for range failures {
+			h.srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "bad gateway", nil)
+		}
+		h.srv.Push(roomResp("p1"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), failures+1)
+		require.NoError(t, err)
+		synctest.Wait()
+		assert.Equal(t, "p1", h.conn.Pos(), "converges when the server recovers")
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+
+		ceiling := slidingsync.DefaultMinBackoff
+		var total time.Duration
+		for i := 1; i <= failures; i++ {
+			gap := reqs[i].Received.Sub(reqs[i-1].Received)
+			assert.GreaterOrEqual(t, gap, ceiling/2, "gap %d", i)
+			assert.LessOrEqual(t, gap, ceiling, "gap %d", i)
+			total += gap
+			ceiling = min(ceiling*2, slidingsync.DefaultMaxBackoff)
+		}
+		assert.Equal(t, slidingsync.DefaultMaxBackoff, ceiling, "the schedule reached its cap")
+		// At the cap an outage costs at most a few requests a minute.
+		assert.GreaterOrEqual(t, reqs[failures].Received.Sub(reqs[failures-1].Received), slidingsync.DefaultMaxBackoff/2)
+	})
+}
+
+func TestUndecodableResponseIsRetriedWithoutStateChange(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ext := &recordingExt{}
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Extensions: []slidingsync.Extension{ext}})
+		h.srv.Push(roomResp("p1", "!a:x"))
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p2","rooms":{"!a:x":{"name":42}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p2","lists":{"all":{"ops":[{"op":"INSERT"}]}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p2","rooms":`)
+		h.srv.Push(roomResp("p2"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 6)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		for i := 1; i <= 4; i++ {
+			assert.Equal(t, "p1", reqs[i].Parsed.Pos, "request %d retries the last processed pos", i)
+		}
+		room, _ := h.conn.Room("!a:x")
+		assert.Equal(t, "room !a:x", room.Name)
+		assert.Greater(t, reqs[3].Received.Sub(reqs[2].Received), time.Duration(0), "backs off")
+	})
+}
+
+func TestAlreadyAppliedPosIsIgnored(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var handled []string
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{OnResponse: func(_ context.Context, res *slidingsync.Result) error {
+			handled = append(handled, res.Response.Pos)
+			return nil
+		}})
+		h.srv.Push(roomResp("p1", "!a:x"))
+		h.srv.Push(roomResp("p1", "!dup:x"))
+		h.srv.Push(roomResp("p1", "!dup:x"))
+		h.srv.Push(roomResp("p2"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 5)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		assert.Equal(t, []string{"p1", "p2"}, handled)
+		_, ok := h.conn.Room("!dup:x")
+		assert.False(t, ok)
+		assert.Greater(t, reqs[3].Received.Sub(reqs[2].Received), time.Duration(0), "a stuck pos does not spin")
+	})
+}
+
+func TestFailedCycleCommitsNothing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		store := slidingsync.NewMemoryStore()
+		ext := &recordingExt{failNext: 1}
+		handlerFails := 1
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{
+			Store:      store,
+			Extensions: []slidingsync.Extension{ext},
+			OnResponse: func(_ context.Context, res *slidingsync.Result) error {
+				if res.Response.Pos == "p2" && handlerFails > 0 {
+					handlerFails--
+					return errors.New("handler failure")
+				}
+				return nil
+			},
+		})
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p1","extensions":{"test_ext":{"next_batch":"c1"}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p1","extensions":{"test_ext":{"next_batch":"c1"}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p2","extensions":{"test_ext":{"next_batch":"c2"}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p2","extensions":{"test_ext":{"next_batch":"c2"}}}`)
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 5)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+
+		// Extension failure on the first p1: nothing committed, cursor restored to the last commit.
+		assert.Empty(t, reqs[1].Parsed.Pos)
+		assert.JSONEq(t, `{"enabled":true,"since":""}`, string(reqs[1].Parsed.Extensions["test_ext"]))
+		// Handler failure on the first p2: the extension's cursor rolls back to c1.
+		assert.Equal(t, "p1", reqs[3].Parsed.Pos)
+		assert.JSONEq(t, `{"enabled":true,"since":"c1"}`, string(reqs[3].Parsed.Extensions["test_ext"]))
+		assert.JSONEq(t, `{"enabled":true,"since":"c2"}`, string(reqs[4].Parsed.Extensions["test_ext"]))
+
+		cp, err := store.Load(context.Background(), h.conn.Key())
+		require.NoError(t, err)
+		assert.Equal(t, "p2", cp.Pos)
+		assert.JSONEq(t, `"c2"`, string(cp.Extensions["test_ext"]))
+	})
+}
+
+func TestRestartResumesFromStore(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		store := slidingsync.NewMemoryStore()
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		ext1 := &recordingExt{}
+		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store, Extensions: []slidingsync.Extension{ext1}})
+		srv.PushJSON(http.StatusOK, `{"pos":"p1","rooms":{"!a:x":{"initial":true,"name":"A"}},"lists":{"all":{"count":1,"ops":[{"op":"SYNC","range":[0,0],"room_ids":["!a:x"]}]}},"extensions":{"test_ext":{"next_batch":"c1"}}}`)
+		h.run()
+		_, err := srv.WaitRequests(context.Background(), 2)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+
+		ext2 := &recordingExt{}
+		h2 := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store, Extensions: []slidingsync.Extension{ext2}})
+		h2.run()
+		reqs, err := srv.WaitRequests(context.Background(), 3)
+		require.NoError(t, err)
+		synctest.Wait()
+		assert.Equal(t, "p1", reqs[2].Parsed.Pos, "a restart resumes from the stored pos")
+		assert.Equal(t, int64(0), *reqs[2].Parsed.Timeout, "the first request of a run does not wait")
+		assert.JSONEq(t, `{"enabled":true,"since":"c1"}`, string(reqs[2].Parsed.Extensions["test_ext"]))
+		room, ok := h2.conn.Room("!a:x")
+		require.True(t, ok)
+		assert.Equal(t, "A", room.Name)
+		ls, ok := h2.conn.List("all")
+		require.True(t, ok)
+		assert.Equal(t, []id.RoomID{"!a:x"}, ls.Rooms)
+		require.ErrorIs(t, h2.stop(t), context.Canceled)
+	})
+}
+
+func TestMorePendingSkipsLongPoll(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ext := &recordingExt{}
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Extensions: []slidingsync.Extension{ext}, PollTimeout: 10 * time.Second})
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p1","extensions":{"test_ext":{"next_batch":"c1","more":true}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p2","extensions":{"test_ext":{"next_batch":"c2"}}}`)
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 3)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		assert.Equal(t, int64(0), *reqs[1].Parsed.Timeout, "more data pending: no long-poll")
+		assert.Equal(t, int64(10000), *reqs[2].Parsed.Timeout)
+	})
+}
+
+func TestHTTPTimeoutExceedsPollTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// A server that never answers is abandoned only after the poll timeout plus the margin,
+		// then the loop backs off and retries.
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		cli := srv.NewClient()
+		silent := &silentTransport{inner: cli.Client.Transport, passFirst: 1}
+		cli.Client = &http.Client{Transport: silent}
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{PollTimeout: 10 * time.Second, TimeoutMargin: 5 * time.Second})
+		srv.Push(roomResp("p1"))
+		h.run()
+		for silent.callCount() < 3 {
+			time.Sleep(time.Second)
+		}
+		calls := silent.callTimes()
+		gap := calls[2].Sub(calls[1])
+		assert.GreaterOrEqual(t, gap, 15*time.Second+slidingsync.DefaultMinBackoff/2, "poll timeout + margin, then backoff")
+		assert.LessOrEqual(t, gap, 15*time.Second+slidingsync.DefaultMinBackoff)
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+	})
+}
+
+// silentTransport passes the first requests through and then never answers, as a server that
+// hangs would.
+type silentTransport struct {
+	inner     http.RoundTripper
+	passFirst int
+	mu        sync.Mutex
+	calls     []time.Time
+}
+
+func (s *silentTransport) callCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.calls)
+}
+
+func (s *silentTransport) callTimes() []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]time.Time(nil), s.calls...)
+}
+
+func (s *silentTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	s.mu.Lock()
+	s.calls = append(s.calls, time.Now())
+	n := len(s.calls)
+	s.mu.Unlock()
+	if n <= s.passFirst {
+		return s.inner.RoundTrip(req)
+	}
+	<-req.Context().Done()
+	return nil, req.Context().Err()
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+	cli := srv.NewClient()
+	_, err := slidingsync.New(cli, slidingsync.Config{ConnID: "this-conn-id-is-too-long"})
+	assert.Error(t, err)
+	ext := &recordingExt{}
+	_, err = slidingsync.New(cli, slidingsync.Config{Extensions: []slidingsync.Extension{ext, ext}})
+	assert.Error(t, err)
+	_, err = slidingsync.New(cli, slidingsync.Config{Protocol: slidingsync.ProtocolMSC4186, Lists: map[string]slidingsync.ListConfig{
+		"x": {RequiredState: slidingsync.RequiredState{Exclude: []slidingsync.StateFilter{{Type: "m.room.member"}}}},
+	}})
+	assert.Error(t, err, "exclusions need the v4 dialect")
+	_, err = slidingsync.New(cli, slidingsync.Config{Protocol: "v5"})
+	assert.Error(t, err)
+	_, err = slidingsync.New(nil, slidingsync.Config{})
+	assert.Error(t, err)
+}

@@ -1,0 +1,55 @@
+// Package slidingsync is a sliding sync client: wire types for the three dialects servers
+// speak, discovery, a connection loop, and a persistent, merged model of rooms and lists.
+//
+// # Dialects
+//
+//   - [ProtocolMSC3575]: the original proposal as the sliding sync proxy serves it
+//     (/_matrix/client/unstable/org.matrix.msc3575/sync): ranges, sort, tuple required_state,
+//     txn_id and list ops.
+//   - [ProtocolMSC4186]: simplified sliding sync as Synapse serves it
+//     (/_matrix/client/unstable/org.matrix.simplified_msc3575/sync): pos and timeout in the query.
+//   - [ProtocolV4]: the merged MSC4186 text (/_matrix/client/v4/sync): pos, timeout and conn_id in
+//     the body, one range, required_state objects, MSC4543-prefixed extension keys.
+//
+// [Discover] picks one: /versions advertising org.matrix.simplified_msc3575 means MSC4186; a
+// .well-known proxy URL means MSC3575 at that URL; an explicit protocol always wins.
+//
+// # The loop
+//
+// [Conn.Run] keeps exactly one request in flight. Each request is complete (lists,
+// subscriptions, every extension's body): the client keeps stickiness, so servers that keep
+// none work the same as those that keep some. Changing the configuration cancels the in-flight
+// request and its response is never processed. The first request of a Run, and the first after
+// the server forgets the connection, does not long-poll; later ones ask for
+// Config.PollTimeout and allow Config.TimeoutMargin more at the HTTP level.
+//
+// Errors: M_UNKNOWN_POS (matched by errcode) drops pos, calls every [Resetter] extension and
+// starts afresh; M_UNKNOWN_TOKEN makes Run return; 429 waits retry_after_ms; 5xx, network
+// errors and undecodable responses back off exponentially with jitter up to Config.MaxBackoff
+// (30 s), so an outage costs a few requests a minute; other 4xx make Run return.
+//
+// # Processing and delivery
+//
+// A response is processed in this order: every extension's Process (so room keys from
+// to-device are stored before anything reads the timeline), the merge of lists and rooms
+// (pure functions: [MergeList], [MergeRoom]), Config.OnResponse, then one [Store.Commit] of pos,
+// changed lists and rooms, extension checkpoints and extension transaction hooks. Only after
+// the commit does the new pos become current. A failure anywhere before the commit commits
+// nothing and the same pos is requested again, so delivery is at least once: a crash or error
+// replays the response, and handlers must be idempotent. A response whose pos was already
+// processed is ignored.
+//
+// # Merge rules
+//
+// A room entry with initial replaces what was known and an absent field means unset; otherwise
+// an absent field is unchanged and an explicit null clears it. required_state is current
+// state; a stub without content deletes. limited replaces the kept timeline and marks the
+// room's membership stale ([RoomState.MembersStale]). The window of a list follows the MSC3575
+// ops and never extends past its count.
+//
+// # Concurrency
+//
+// Conn's methods are safe for concurrent use. Run owns every goroutine it starts and returns
+// only after they have stopped. A [RoomState] is immutable once built: the pointers Room and
+// Rooms return stay consistent snapshots.
+package slidingsync
