@@ -105,6 +105,7 @@ type Server struct {
 	watchers    []chan struct{} // WaitRequests calls to wake on the next arrival
 	inFlight    int
 	maxInFlight int
+	responder   Responder
 }
 
 // item is one scripted answer.
@@ -170,6 +171,10 @@ func (s *Server) Options() Options { return s.opts }
 // afterwards has no effect; Push panics if it cannot be encoded. The response is not
 // validated, so a test can serve one that a client must reject.
 func (s *Server) Push(resp *slidingsync.Response) {
+	s.enqueue(itemFor(resp))
+}
+
+func itemFor(resp *slidingsync.Response) *item {
 	if resp == nil {
 		resp = &slidingsync.Response{}
 	}
@@ -184,7 +189,20 @@ func (s *Server) Push(resp *slidingsync.Response) {
 		}
 		delete(it.fields, "pos")
 	}
-	s.enqueue(it)
+	return it
+}
+
+// Responder computes an answer from a request when nothing is queued, which turns the
+// scripted server into a small dynamic one (the demo homeserver honours ranges this way). It
+// returns nil to fall back to the long-poll. It is called with the server's lock held, so it
+// must not call the Server's methods; Push from another goroutine to wake a long-poll.
+type Responder func(req *slidingsync.Request) *slidingsync.Response
+
+// SetResponder installs a Responder (nil removes it). Queued answers still go first.
+func (s *Server) SetResponder(fn Responder) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.responder = fn
 }
 
 // PushJSON queues a raw body served verbatim with the given status, for malformed bodies,
@@ -433,6 +451,14 @@ func (s *Server) answer(ctx context.Context, idx int, timeout time.Duration) (st
 		s.finish(idx, status)
 		s.mu.Unlock()
 		return status, out, true
+	}
+	if s.responder != nil && s.reqs[idx].Parsed != nil {
+		if resp := s.responder(s.reqs[idx].Parsed); resp != nil {
+			status, out = s.render(itemFor(resp))
+			s.finish(idx, status)
+			s.mu.Unlock()
+			return status, out, true
+		}
 	}
 	if timeout <= 0 {
 		status, out = http.StatusOK, s.emptyResponse()

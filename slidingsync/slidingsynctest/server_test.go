@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -791,5 +792,42 @@ func TestConnFollowsDiscoveredProxy(t *testing.T) {
 		assert.Empty(t, reqs[0].Parsed.Pos)
 		assert.NotEmpty(t, reqs[0].Parsed.TxnID)
 		assert.Equal(t, "1", reqs[1].Parsed.Pos)
+	})
+}
+
+func TestResponderAnswersWhenQueueIsEmpty(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
+			if req.Pos != "" {
+				return nil // long-poll
+			}
+			return &slidingsync.Response{Lists: map[string]slidingsync.ListResponse{"all": {Count: slidingsync.Some(len(req.Lists))}}}
+		})
+		cli := srv.NewClient()
+		post := func(pos string, timeout int) (int, string) {
+			url := cli.HomeserverURL.String() + slidingsync.ProtocolMSC4186.Path() + "?timeout=" + strconv.Itoa(timeout)
+			if pos != "" {
+				url += "&pos=" + pos
+			}
+			req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(`{"lists":{"a":{"ranges":[[0,1]]},"b":{"ranges":[[0,1]]}}}`))
+			require.NoError(t, err)
+			req.Header.Set("Authorization", "Bearer "+slidingsynctest.DefaultAccessToken)
+			resp, err := cli.Client.Do(req)
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			require.NoError(t, err)
+			return resp.StatusCode, string(body)
+		}
+		srv.Push(&slidingsync.Response{Pos: "7"})
+		_, body := post("", 0)
+		assert.JSONEq(t, `{"pos":"7"}`, body, "queued answers go first")
+		_, body = post("", 0)
+		assert.JSONEq(t, `{"pos":"8","lists":{"all":{"count":2}}}`, body)
+		began := time.Now()
+		_, body = post("8", 5000)
+		assert.JSONEq(t, `{"pos":"9"}`, body, "nil falls back to the long-poll")
+		assert.Equal(t, 5*time.Second, time.Since(began))
 	})
 }
