@@ -1,0 +1,91 @@
+// Package dbopen opens a [dbutil.Database] for the SDK's stores from a file path or a
+// PostgreSQL URI, and registers the SQL drivers that takes. The library packages register no
+// driver; import this package (from a main package or an example) to get the defaults:
+//
+//   - "sqlite": modernc.org/sqlite, pure Go, the default for paths. A binary that uses it and
+//     goolm builds with CGO_ENABLED=0 and cross-compiles to a static binary.
+//   - "sqlite3-fk-wal" (and "litestream"): mattn/go-sqlite3 through
+//     go.mau.fi/util/dbutil/litestream, registered only when built with cgo.
+//   - "postgres": github.com/lib/pq, for postgres:// and postgresql:// URIs.
+package dbopen
+
+import (
+	"fmt"
+	"net/url"
+	"strings"
+
+	"go.mau.fi/util/dbutil"
+
+	// Drivers: see the package documentation.
+	_ "github.com/lib/pq"
+	_ "go.mau.fi/util/dbutil/litestream"
+	_ "modernc.org/sqlite"
+)
+
+const (
+	// DriverModernc is the pure-Go SQLite driver, the default.
+	DriverModernc = "sqlite"
+	// DriverCgo is mattn's cgo SQLite driver with foreign keys, WAL and a busy timeout set on
+	// every connection. It exists only in binaries built with cgo.
+	DriverCgo = "sqlite3-fk-wal"
+	// DriverPostgres is lib/pq.
+	DriverPostgres = "postgres"
+)
+
+// Config says how to open a database. Its zero value opens SQLite files with the pure-Go
+// driver and no connection limits.
+type Config struct {
+	// SQLiteDriver is the driver for file paths: DriverModernc (the default when empty) or
+	// DriverCgo.
+	SQLiteDriver string
+	// MaxOpenConns limits open connections; zero means no limit.
+	MaxOpenConns int
+	// Owner is recorded by dbutil to stop two programs from sharing one database by mistake;
+	// empty records none.
+	Owner string
+	// Log receives dbutil's query and upgrade logs; nil means none.
+	Log dbutil.DatabaseLogger
+}
+
+// Open opens target: a postgres:// or postgresql:// URI opens PostgreSQL, anything else is a
+// SQLite file path (created if missing). SQLite connections get foreign keys on, the WAL
+// journal, synchronous=NORMAL, a 5 s busy timeout and BEGIN IMMEDIATE transactions, so that a
+// transaction that reads before it writes never fails to upgrade its lock.
+func Open(target string, cfg Config) (*dbutil.Database, error) {
+	var dc dbutil.Config
+	switch {
+	case strings.HasPrefix(target, "postgres://"), strings.HasPrefix(target, "postgresql://"):
+		dc.Type = DriverPostgres
+		dc.URI = target
+	default:
+		driver := cfg.SQLiteDriver
+		if driver == "" {
+			driver = DriverModernc
+		}
+		dc.Type = driver
+		dc.URI = SQLiteDSN(driver, target)
+	}
+	dc.MaxOpenConns = cfg.MaxOpenConns
+	db, err := dbutil.NewFromConfig(cfg.Owner, dc, cfg.Log)
+	if err != nil {
+		return nil, fmt.Errorf("dbopen: open %s database: %w", dc.Type, err)
+	}
+	return db, nil
+}
+
+// SQLiteDSN returns the data source name that opens the SQLite file at path with driver
+// (DriverModernc or DriverCgo) and the settings Open documents.
+func SQLiteDSN(driver, path string) string {
+	u := url.URL{Scheme: "file", Opaque: url.PathEscape(path)}
+	q := url.Values{}
+	q.Set("_txlock", "immediate")
+	if driver == DriverModernc {
+		// The cgo driver sets these in its connect hook.
+		q.Add("_pragma", "foreign_keys(1)")
+		q.Add("_pragma", "journal_mode(WAL)")
+		q.Add("_pragma", "synchronous(NORMAL)")
+		q.Add("_pragma", "busy_timeout(5000)")
+	}
+	u.RawQuery = q.Encode()
+	return u.String()
+}

@@ -1,0 +1,262 @@
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+
+	"github.com/sliding-e2ee/sdk/slidingsync"
+	"maunium.net/go/mautrix/id"
+)
+
+// DefaultRoomBatchSize is how many rooms one INSERT statement writes when Store.RoomBatchSize is
+// zero. SQLite allows 32766 parameters per statement and PostgreSQL 65535; a room takes two.
+const DefaultRoomBatchSize = 1000
+
+const maxRoomBatchSize = 16000
+
+// Store is a [slidingsync.Store] in a SQL database (SQLite or PostgreSQL) through dbutil. It is
+// safe for concurrent use; see the package documentation for its guarantees.
+type Store struct {
+	// DB is the store's child database: it shares the connection pool and the transaction of
+	// the database passed to New, and has its own version table.
+	DB *dbutil.Database
+	// RoomBatchSize is how many rooms one multi-row INSERT writes. Zero means
+	// DefaultRoomBatchSize; values above 16000 are cut to 16000.
+	RoomBatchSize int
+}
+
+var _ slidingsync.Store = (*Store)(nil)
+
+// New returns a store on db, in a child database with its own version table
+// ([VersionTableName]). log may be nil to use db's logger. Call Upgrade before using the store.
+// New registers no SQL driver: the application opens db with the driver it wants.
+func New(db *dbutil.Database, log dbutil.DatabaseLogger) *Store {
+	return &Store{DB: db.Child(VersionTableName, UpgradeTable, log)}
+}
+
+// Upgrade creates or upgrades the store's tables.
+func (s *Store) Upgrade(ctx context.Context) error {
+	return s.DB.Upgrade(ctx)
+}
+
+const (
+	upsertConnQuery = `
+		INSERT INTO slidingsync_conn (user_id, device_id, conn_id, pos) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (user_id, device_id, conn_id) DO UPDATE SET pos=excluded.pos
+	`
+	upsertListQuery = `
+		INSERT INTO slidingsync_list (user_id, device_id, conn_id, name, state) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT (user_id, device_id, conn_id, name) DO UPDATE SET state=excluded.state
+	`
+	upsertRoomQuery = `
+		INSERT INTO slidingsync_room (user_id, device_id, conn_id, room_id, state) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT (user_id, device_id, conn_id, room_id) DO UPDATE SET state=excluded.state
+	`
+	upsertExtensionQuery = `
+		INSERT INTO slidingsync_extension (user_id, device_id, conn_id, name, checkpoint) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT (user_id, device_id, conn_id, name) DO UPDATE SET checkpoint=excluded.checkpoint
+	`
+	getPosQuery        = `SELECT pos FROM slidingsync_conn WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
+	getListsQuery      = `SELECT name, state FROM slidingsync_list WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
+	getRoomsQuery      = `SELECT room_id, state FROM slidingsync_room WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
+	getExtensionsQuery = `SELECT name, checkpoint FROM slidingsync_extension WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
+)
+
+type namedBlob struct {
+	name string
+	data []byte
+}
+
+func (nb *namedBlob) GetMassInsertValues() [2]any {
+	return [2]any{nb.name, nb.data}
+}
+
+var (
+	massUpsertRooms = dbutil.NewMassInsertBuilder[*namedBlob, [3]any](upsertRoomQuery, "($1, $2, $3, $%d, $%d)")
+	massUpsertLists = dbutil.NewMassInsertBuilder[*namedBlob, [3]any](upsertListQuery, "($1, $2, $3, $%d, $%d)")
+)
+
+func keyParams(key slidingsync.ConnKey) [3]any {
+	return [3]any{key.UserID, key.DeviceID, key.ConnID}
+}
+
+// Commit implements [slidingsync.Store]: in one transaction it runs every TxnHook with the
+// transaction's context, stores pos, and upserts every list, room and extension checkpoint of
+// the update. Rooms and lists not in the update are kept. If ctx already carries a
+// transaction of the same parent database, Commit joins it.
+func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidingsync.Update) error {
+	if upd == nil {
+		return errors.New("sqlstore: nil update")
+	}
+	// Encode outside the transaction: it holds SQLite's write lock.
+	rooms := make([]*namedBlob, 0, len(upd.Rooms))
+	for roomID, rs := range upd.Rooms {
+		if rs == nil {
+			return fmt.Errorf("sqlstore: room %s has nil state", roomID)
+		}
+		data, err := json.Marshal(rs)
+		if err != nil {
+			return fmt.Errorf("sqlstore: encode room %s: %w", roomID, err)
+		}
+		rooms = append(rooms, &namedBlob{name: string(roomID), data: data})
+	}
+	lists := make([]*namedBlob, 0, len(upd.Lists))
+	for name, ls := range upd.Lists {
+		data, err := json.Marshal(ls)
+		if err != nil {
+			return fmt.Errorf("sqlstore: encode list %q: %w", name, err)
+		}
+		lists = append(lists, &namedBlob{name: name, data: data})
+	}
+	batch := s.RoomBatchSize
+	if batch <= 0 {
+		batch = DefaultRoomBatchSize
+	}
+	batch = min(batch, maxRoomBatchSize)
+	static := keyParams(key)
+	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for i, hook := range upd.TxnHooks {
+			if err := hook(ctx); err != nil {
+				return fmt.Errorf("sqlstore: transaction hook %d: %w", i, err)
+			}
+		}
+		if _, err := s.DB.Exec(ctx, upsertConnQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos); err != nil {
+			return fmt.Errorf("sqlstore: store pos: %w", err)
+		}
+		if len(lists) > 0 {
+			query, params := massUpsertLists.Build(static, lists)
+			if _, err := s.DB.Exec(ctx, query, params...); err != nil {
+				return fmt.Errorf("sqlstore: store lists: %w", err)
+			}
+		}
+		for start := 0; start < len(rooms); start += batch {
+			query, params := massUpsertRooms.Build(static, rooms[start:min(start+batch, len(rooms))])
+			if _, err := s.DB.Exec(ctx, query, params...); err != nil {
+				return fmt.Errorf("sqlstore: store rooms: %w", err)
+			}
+		}
+		for name, raw := range upd.Extensions {
+			var data []byte
+			if len(raw) > 0 {
+				data = raw
+			}
+			if _, err := s.DB.Exec(ctx, upsertExtensionQuery, key.UserID, key.DeviceID, key.ConnID, name, data); err != nil {
+				return fmt.Errorf("sqlstore: store checkpoint of extension %q: %w", name, err)
+			}
+		}
+		zerolog.Ctx(ctx).Trace().
+			Str("pos", upd.Pos).
+			Int("rooms", len(rooms)).
+			Int("lists", len(lists)).
+			Int("extensions", len(upd.Extensions)).
+			Msg("Committed sliding sync update")
+		return nil
+	})
+}
+
+// Load implements [slidingsync.Store]. It reads in one transaction (REPEATABLE READ on
+// PostgreSQL) so that it sees one commit, never parts of two.
+func (s *Store) Load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
+	var opts *dbutil.TxnOptions
+	if s.DB.Dialect == dbutil.Postgres {
+		opts = &dbutil.TxnOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true}
+	}
+	var cp *slidingsync.Checkpoint
+	err := s.DB.DoTxn(ctx, opts, func(ctx context.Context) error {
+		var err error
+		cp, err = s.load(ctx, key)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return cp, nil
+}
+
+func (s *Store) load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
+	cp := &slidingsync.Checkpoint{}
+	err := s.DB.QueryRow(ctx, getPosQuery, key.UserID, key.DeviceID, key.ConnID).Scan(&cp.Pos)
+	if errors.Is(err, sql.ErrNoRows) {
+		return cp, nil
+	} else if err != nil {
+		return nil, fmt.Errorf("sqlstore: load pos: %w", err)
+	}
+	cp.Lists = make(map[string]slidingsync.ListState)
+	err = s.scanBlobs(ctx, getListsQuery, key, func(name string, data []byte) error {
+		var ls slidingsync.ListState
+		if err := json.Unmarshal(data, &ls); err != nil {
+			return fmt.Errorf("sqlstore: decode list %q: %w", name, err)
+		}
+		cp.Lists[name] = ls
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	cp.Rooms = make(map[id.RoomID]*slidingsync.RoomState)
+	err = s.scanBlobs(ctx, getRoomsQuery, key, func(name string, data []byte) error {
+		rs := &slidingsync.RoomState{}
+		if err := json.Unmarshal(data, rs); err != nil {
+			return fmt.Errorf("sqlstore: decode room %s: %w", name, err)
+		}
+		cp.Rooms[id.RoomID(name)] = rs
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	cp.Extensions = make(map[string]json.RawMessage)
+	err = s.scanBlobs(ctx, getExtensionsQuery, key, func(name string, data []byte) error {
+		if len(data) == 0 {
+			data = nil
+		}
+		cp.Extensions[name] = data
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return cp, nil
+}
+
+func (s *Store) scanBlobs(ctx context.Context, query string, key slidingsync.ConnKey, fn func(name string, data []byte) error) error {
+	rows, err := s.DB.Query(ctx, query, key.UserID, key.DeviceID, key.ConnID)
+	if err != nil {
+		return fmt.Errorf("sqlstore: load: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var name string
+		var data []byte
+		if err := rows.Scan(&name, &data); err != nil {
+			return fmt.Errorf("sqlstore: load: %w", err)
+		}
+		if err := fn(name, data); err != nil {
+			return err
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("sqlstore: load: %w", err)
+	}
+	return nil
+}
+
+// Delete forgets everything stored for key, in one transaction: pos, lists, rooms and
+// extension checkpoints. It does not rely on foreign keys being enforced.
+func (s *Store) Delete(ctx context.Context, key slidingsync.ConnKey) error {
+	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for _, table := range []string{"slidingsync_list", "slidingsync_room", "slidingsync_extension", "slidingsync_conn"} {
+			query := "DELETE FROM " + table + " WHERE user_id=$1 AND device_id=$2 AND conn_id=$3"
+			if _, err := s.DB.Exec(ctx, query, key.UserID, key.DeviceID, key.ConnID); err != nil {
+				return fmt.Errorf("sqlstore: delete from %s: %w", table, err)
+			}
+		}
+		return nil
+	})
+}

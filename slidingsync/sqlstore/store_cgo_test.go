@@ -1,0 +1,13 @@
+//go:build cgo
+
+package sqlstore_test
+
+import (
+	"testing"
+
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
+)
+
+func TestConformanceSQLiteCgo(t *testing.T) {
+	conformance(t, sqliteBackend(dbopen.DriverCgo))
+}
