@@ -1,11 +1,19 @@
 package sqlstore_test
 
-import "os"
+import (
+	"os"
+
+	"go.mau.fi/util/dbutil"
+
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
+)
 
 // envHelper selects what a re-executed test binary does instead of running tests.
 const envHelper = "SLIDINGSYNC_SQLSTORE_HELPER"
 
-var helpers = map[string]func() int{}
+var helpers = map[string]func() int{
+	"crash": crashChild,
+}
 
 // runHelperProcess runs the helper named by envHelper and exits, or returns false when the
 // binary runs as a test.
@@ -21,4 +29,8 @@ func runHelperProcess() bool {
 	}
 	os.Exit(fn())
 	return true
+}
+
+func newStoreFor(db *dbutil.Database) *sqlstore.Store {
+	return sqlstore.New(db, nil)
 }
