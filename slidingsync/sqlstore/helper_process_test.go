@@ -13,6 +13,7 @@ const envHelper = "SLIDINGSYNC_SQLSTORE_HELPER"
 
 var helpers = map[string]func() int{
 	"crash": crashChild,
+	"lease": leaseChild,
 }
 
 // runHelperProcess runs the helper named by envHelper and exits, or returns false when the
