@@ -11,3 +11,11 @@ import (
 func TestConformanceSQLiteCgo(t *testing.T) {
 	conformance(t, sqliteBackend(dbopen.DriverCgo))
 }
+
+func TestSharedDatabaseSQLiteCgo(t *testing.T) {
+	sharedDatabase(t, sqliteBackend(dbopen.DriverCgo))
+}
+
+func TestLeaseSQLiteCgo(t *testing.T) {
+	leaseInProcess(t, sqliteBackend(dbopen.DriverCgo))
+}
