@@ -91,6 +91,7 @@ type Conn struct {
 	subs     map[id.RoomID]RoomSubscription
 	unsubs   []id.RoomID
 	gen      uint64
+	growEnd  map[string]int // window end of each growing list
 	cancelRq context.CancelFunc
 	endpoint Endpoint
 
@@ -252,6 +253,16 @@ func (c *Conn) snapshotRequest(pos string) *Request {
 	req := &Request{ConnID: c.cfg.ConnID, Pos: pos}
 	if len(c.lists) > 0 {
 		req.Lists = maps.Clone(c.lists)
+		for name, lc := range req.Lists {
+			if lc.GrowBatch > 0 {
+				end, ok := c.growEnd[name]
+				if !ok {
+					end = lc.GrowBatch - 1
+				}
+				lc.Ranges = []Range{{Start: 0, End: end}}
+				req.Lists[name] = lc
+			}
+		}
 	}
 	if len(c.subs) > 0 {
 		req.RoomSubscriptions = maps.Clone(c.subs)
@@ -728,8 +739,35 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		// The request carried every pending unsubscription and the server has applied it.
 		c.unsubs = nil
 	}
+	if c.growWindows(res.Lists) {
+		more = true
+	}
 	c.mu.Unlock()
 	return more, nil
+}
+
+// growWindows extends growing lists that do not yet cover their count and reports whether
+// any did. Caller holds c.mu.
+func (c *Conn) growWindows(lists map[string]ListState) bool {
+	grew := false
+	for name, ls := range lists {
+		lc, ok := c.lists[name]
+		if !ok || lc.GrowBatch <= 0 {
+			continue
+		}
+		end, ok := c.growEnd[name]
+		if !ok {
+			end = lc.GrowBatch - 1
+		}
+		if ls.Count-1 > end {
+			if c.growEnd == nil {
+				c.growEnd = make(map[string]int)
+			}
+			c.growEnd[name] = min(end+lc.GrowBatch, ls.Count-1)
+			grew = true
+		}
+	}
+	return grew
 }
 
 func (c *Conn) restoreExtensions(ctx context.Context) error {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strconv"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -598,4 +599,51 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	assert.Error(t, err)
 	_, err = slidingsync.New(nil, slidingsync.Config{})
 	assert.Error(t, err)
+}
+
+func TestGrowingWindowCoversEveryRoom(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const total = 23
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		served := -1
+		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
+			lc := req.Lists["all"]
+			if len(lc.Ranges) != 1 || lc.Ranges[0].End <= served {
+				return nil // nothing new: long-poll
+			}
+			served = lc.Ranges[0].End
+			end := min(lc.Ranges[0].End, total-1)
+			ids := make([]id.RoomID, 0, end+1)
+			for i := 0; i <= end; i++ {
+				ids = append(ids, id.RoomID("!r"+strconv.Itoa(i)+":x"))
+			}
+			resp := roomResp("", ids...)
+			resp.Lists = map[string]slidingsync.ListResponse{"all": {
+				Count: slidingsync.Some(total),
+				Ops:   []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: 0, End: lc.Ranges[0].End}, RoomIDs: ids}},
+			}}
+			return resp
+		})
+		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
+			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 10, TimelineLimit: 1}},
+		})
+		h.run()
+		for i := 0; ; i++ {
+			if ls, ok := h.conn.List("all"); ok && len(ls.Rooms) == total {
+				break
+			}
+			require.Less(t, i, 100, "the window never covered every room")
+			time.Sleep(time.Second)
+		}
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		reqs := srv.Requests()
+		require.GreaterOrEqual(t, len(reqs), 3)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 9}}, reqs[0].Parsed.Lists["all"].Ranges)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 19}}, reqs[1].Parsed.Lists["all"].Ranges)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 22}}, reqs[2].Parsed.Lists["all"].Ranges)
+		for i := range 3 {
+			assert.Equal(t, int64(0), *reqs[i].Parsed.Timeout, "no long-poll while growing (request %d)", i)
+		}
+		assert.Len(t, h.conn.Rooms(), total)
+	})
 }

@@ -87,6 +87,11 @@ type ListConfig struct {
 	BumpEventTypes []string
 	// SlowGetAllRooms is sent on MSC3575 and MSC4186 only.
 	SlowGetAllRooms bool
+	// GrowBatch, when positive, makes the Conn manage the window: it starts as
+	// [0, GrowBatch-1] and grows by GrowBatch after every processed response, without
+	// long-polling in between, until it covers every room of the list; then it follows the
+	// count. Ranges is ignored. It is a client setting and is never sent.
+	GrowBatch int
 }
 
 // RoomSubscription asks for one room regardless of lists.
