@@ -34,11 +34,53 @@ func (r *Range) UnmarshalJSON(data []byte) error {
 // Valid reports whether the range is non-empty and non-negative.
 func (r Range) Valid() bool { return r.Start >= 0 && r.End >= r.Start }
 
-// StateFilter selects state events by type and state key. "*" matches anything; the state key
-// "$ME" means the user's own ID.
+// StateFilter selects state events by type and state key. "*" matches anything and "" is the
+// empty state key, as in the tuple dialects; the state key "$ME" means the user's own ID.
 type StateFilter struct {
-	Type     string `json:"type,omitempty"`
-	StateKey string `json:"state_key,omitempty"`
+	Type     string
+	StateKey string
+}
+
+// v4StateFilter is the merged MSC's element, where an omitted field is the wildcard.
+type v4StateFilter struct {
+	Type     *string `json:"type,omitempty"`
+	StateKey *string `json:"state_key,omitempty"`
+}
+
+func wildcardToOmitted(v string) *string {
+	if v == "*" {
+		return nil
+	}
+	return &v
+}
+
+func omittedToWildcard(v *string) string {
+	if v == nil {
+		return "*"
+	}
+	return *v
+}
+
+func toV4Filters(fs []StateFilter) []v4StateFilter {
+	if fs == nil {
+		return nil
+	}
+	out := make([]v4StateFilter, len(fs))
+	for i, f := range fs {
+		out[i] = v4StateFilter{Type: wildcardToOmitted(f.Type), StateKey: wildcardToOmitted(f.StateKey)}
+	}
+	return out
+}
+
+func fromV4Filters(fs []v4StateFilter) []StateFilter {
+	if fs == nil {
+		return nil
+	}
+	out := make([]StateFilter, len(fs))
+	for i, f := range fs {
+		out[i] = StateFilter{Type: omittedToWildcard(f.Type), StateKey: omittedToWildcard(f.StateKey)}
+	}
+	return out
 }
 
 // RequiredState says which current state a room entry carries.
@@ -59,8 +101,9 @@ type ListFilters struct {
 	Spaces       []string `json:"spaces,omitempty"`
 	IsEncrypted  *bool    `json:"is_encrypted,omitempty"`
 	IsInvite     *bool    `json:"is_invite,omitempty"` // is_invited on v4
-	RoomTypes    []string `json:"room_types,omitempty"`
-	NotRoomTypes []string `json:"not_room_types,omitempty"`
+	// RoomTypes and NotRoomTypes match room types; a nil entry means rooms without a type.
+	RoomTypes    []*string `json:"room_types,omitempty"`
+	NotRoomTypes []*string `json:"not_room_types,omitempty"`
 	Tags         []string `json:"tags,omitempty"`
 	NotTags      []string `json:"not_tags,omitempty"`
 	// RoomNameLike is not part of the v4 dialect and is dropped there.
@@ -124,7 +167,7 @@ type wireRequest struct {
 	TxnID             string                     `json:"txn_id,omitempty"`
 	Pos               string                     `json:"pos,omitempty"`
 	Timeout           *int64                     `json:"timeout,omitempty"`
-	Lists             map[string]wireList        `json:"lists,omitempty"`
+	Lists             map[string]wireList        `json:"lists,omitzero"`
 	RoomSubscriptions map[id.RoomID]wireRoomSub  `json:"room_subscriptions,omitempty"`
 	UnsubscribeRooms  []id.RoomID                `json:"unsubscribe_rooms,omitempty"`
 	Extensions        map[string]json.RawMessage `json:"extensions,omitempty"`
@@ -149,16 +192,16 @@ type wireRoomSub struct {
 }
 
 type wireRequiredStateObject struct {
-	Include     []StateFilter `json:"include,omitempty"`
-	Exclude     []StateFilter `json:"exclude,omitempty"`
-	LazyMembers bool          `json:"lazy_members,omitempty"`
+	Include     []v4StateFilter `json:"include,omitempty"`
+	Exclude     []v4StateFilter `json:"exclude,omitempty"`
+	LazyMembers bool            `json:"lazy_members,omitempty"`
 }
 
 const lazyStateKey = "$LAZY"
 
 func encodeRequiredState(p Protocol, rs RequiredState) (json.RawMessage, error) {
 	if p == ProtocolV4 {
-		return json.Marshal(wireRequiredStateObject{Include: rs.Include, Exclude: rs.Exclude, LazyMembers: rs.LazyMembers})
+		return json.Marshal(wireRequiredStateObject{Include: toV4Filters(rs.Include), Exclude: toV4Filters(rs.Exclude), LazyMembers: rs.LazyMembers})
 	}
 	if len(rs.Exclude) > 0 {
 		return nil, fmt.Errorf("required_state exclusions need the v4 dialect, not %s", p)
@@ -199,7 +242,7 @@ func decodeRequiredState(raw json.RawMessage) (RequiredState, error) {
 		if err := json.Unmarshal(raw, &obj); err != nil {
 			return rs, fmt.Errorf("required_state: %w", err)
 		}
-		rs = RequiredState(obj)
+		rs = RequiredState{Include: fromV4Filters(obj.Include), Exclude: fromV4Filters(obj.Exclude), LazyMembers: obj.LazyMembers}
 	default:
 		return rs, errors.New("required_state must be an array or an object")
 	}

@@ -156,8 +156,16 @@ func (r *Response) Validate() error {
 				return fmt.Errorf("%w: room %s: timeline[%d] is null", ErrInvalidResponse, roomID, i)
 			}
 		}
+		for i, evt := range room.InviteState.Val {
+			if evt == nil {
+				return fmt.Errorf("%w: room %s: invite state[%d] is null", ErrInvalidResponse, roomID, i)
+			}
+		}
 	}
 	for name, l := range r.Lists {
+		if len(l.Ops) > MaxListOps {
+			return fmt.Errorf("%w: list %q has %d ops, more than %d", ErrInvalidResponse, name, len(l.Ops), MaxListOps)
+		}
 		for i, op := range l.Ops {
 			if err := op.validate(); err != nil {
 				return fmt.Errorf("%w: list %q op %d: %w", ErrInvalidResponse, name, i, err)

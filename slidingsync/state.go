@@ -16,8 +16,12 @@ import (
 const DefaultTimelineCap = 20
 
 // MaxWindowIndex bounds the list window: an op touching a higher index is rejected, so a
-// hostile count or index cannot make the client allocate without limit.
-const MaxWindowIndex = 1 << 20
+// hostile count or index cannot make the client allocate or shift without limit.
+const MaxWindowIndex = 1 << 18
+
+// MaxListOps bounds the ops of one list in one response (servers send one per range, or a
+// few DELETE/INSERT pairs), which bounds the cost of applying them.
+const MaxListOps = 1000
 
 // StateKey identifies a piece of room state.
 type StateKey struct {
@@ -207,36 +211,60 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 		}
 		next.Count = lr.Count.Val
 	}
-	rooms := slices.Clone(old.Rooms)
-	grow := func(n int) {
-		if n > len(rooms) {
-			rooms = append(rooms, make([]id.RoomID, n-len(rooms))...)
-		}
+	if len(lr.Ops) > MaxListOps {
+		return old, fmt.Errorf("%d ops, more than %d", len(lr.Ops), MaxListOps)
 	}
 	for i, op := range lr.Ops {
 		if err := op.validate(); err != nil {
 			return old, fmt.Errorf("op %d: %w", i, err)
 		}
+	}
+	// Copy the window only when an op changes it: most responses carry a count or a SYNC of
+	// what is already known, and a large window is costly to copy on every response.
+	rooms, owned := old.Rooms, false
+	own := func() {
+		if !owned {
+			rooms, owned = slices.Clone(rooms), true
+		}
+	}
+	set := func(j int, roomID id.RoomID) {
+		if j < len(rooms) && rooms[j] == roomID {
+			return
+		}
+		own()
+		if j >= len(rooms) {
+			rooms = append(rooms, make([]id.RoomID, j+1-len(rooms))...)
+		}
+		rooms[j] = roomID
+	}
+	for _, op := range lr.Ops {
 		switch op.Op {
 		case ListOpSync:
-			grow(op.Range.End + 1)
+			// Positions past the given IDs are unknown: clear what is there, but do not
+			// materialise them.
 			for j := op.Range.Start; j <= op.Range.End; j++ {
-				var roomID id.RoomID
 				if k := j - op.Range.Start; k < len(op.RoomIDs) {
-					roomID = op.RoomIDs[k]
+					set(j, op.RoomIDs[k])
+				} else if j < len(rooms) {
+					set(j, "")
+				} else {
+					break
 				}
-				rooms[j] = roomID
 			}
 		case ListOpInvalidate:
 			for j := op.Range.Start; j <= op.Range.End && j < len(rooms); j++ {
-				rooms[j] = ""
+				set(j, "")
 			}
 		case ListOpDelete:
 			if *op.Index < len(rooms) {
+				own()
 				rooms = slices.Delete(rooms, *op.Index, *op.Index+1)
 			}
 		case ListOpInsert:
-			grow(*op.Index)
+			own()
+			if *op.Index > len(rooms) {
+				rooms = append(rooms, make([]id.RoomID, *op.Index-len(rooms))...)
+			}
 			rooms = slices.Insert(rooms, *op.Index, op.RoomID)
 		}
 	}
@@ -247,10 +275,11 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 	for len(rooms) > 0 && rooms[len(rooms)-1] == "" {
 		rooms = rooms[:len(rooms)-1]
 	}
-	next.Rooms = slices.Clip(rooms)
-	if len(next.Rooms) == 0 {
-		next.Rooms = nil
+	if len(rooms) == 0 {
+		rooms = nil
 	}
+	// Sharing old's array is safe: windows are never written in place once built.
+	next.Rooms = slices.Clip(rooms)
 	return next, nil
 }
 
@@ -263,14 +292,14 @@ type roomStateJSON struct {
 
 // MarshalJSON writes the room with its state as a list of events, sorted by type and state
 // key so that equal states encode to equal bytes.
-func (rs *RoomState) MarshalJSON() ([]byte, error) {
+func (rs RoomState) MarshalJSON() ([]byte, error) {
 	keys := slices.SortedFunc(maps.Keys(rs.State), func(a, b StateKey) int {
 		if a.Type != b.Type {
 			return strings.Compare(a.Type, b.Type)
 		}
 		return strings.Compare(a.StateKey, b.StateKey)
 	})
-	w := roomStateJSON{roomStateAlias: (*roomStateAlias)(rs), RequiredState: make([]*event.Event, 0, len(keys))}
+	w := roomStateJSON{roomStateAlias: (*roomStateAlias)(&rs), RequiredState: make([]*event.Event, 0, len(keys))}
 	for _, k := range keys {
 		w.RequiredState = append(w.RequiredState, rs.State[k])
 	}

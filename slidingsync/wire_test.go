@@ -685,7 +685,8 @@ func TestDecodeRequestFixtures(t *testing.T) {
 		require.NotNil(t, dms.Filters)
 		require.NotNil(t, dms.Filters.IsInvite)
 		assert.False(t, *dms.Filters.IsInvite)
-		assert.Equal(t, []string{"m.space"}, dms.Filters.NotRoomTypes)
+		require.Len(t, dms.Filters.NotRoomTypes, 1)
+		assert.Equal(t, "m.space", *dms.Filters.NotRoomTypes[0])
 		assert.Equal(t, RoomSubscription{TimelineLimit: 20, RequiredState: RequiredState{Include: []StateFilter{{Type: "*", StateKey: "*"}}}},
 			req.RoomSubscriptions[synEnc])
 		require.NotNil(t, req.Timeout)
@@ -710,8 +711,8 @@ func TestDecodeRequestFixtures(t *testing.T) {
 		all := req.Lists["all"]
 		assert.Equal(t, []Range{{0, 19}}, all.Ranges)
 		assert.Equal(t, RequiredState{
-			Include:     []StateFilter{{}},
-			Exclude:     []StateFilter{{Type: "m.room.create"}, {Type: "m.room.member"}},
+			Include:     []StateFilter{{Type: "*", StateKey: "*"}},
+			Exclude:     []StateFilter{{Type: "m.room.create", StateKey: "*"}, {Type: "m.room.member", StateKey: "*"}},
 			LazyMembers: true,
 		}, all.RequiredState)
 		require.NotNil(t, all.Filters.IsInvite, "is_invited is read into IsInvite")
@@ -834,8 +835,8 @@ func TestEncodeRequestDialects(t *testing.T) {
 		{
 			proto:     ProtocolV4,
 			wantQuery: url.Values{},
-			// The neutral "*" state keys are left out of this golden body on purpose: how v4
-			// spells wildcards is pinned by TestEncodeRequestV4StateFilters.
+			// The test turns the neutral "" state keys into "*" for v4, which leaves them out;
+			// how v4 spells wildcards is pinned by TestEncodeRequestV4StateFilters.
 			wantBody: `{
 				"conn_id": "main",
 				"pos": "5/s1_2",
@@ -858,10 +859,10 @@ func TestEncodeRequestDialects(t *testing.T) {
 			if tt.proto == ProtocolV4 {
 				// See the comment on wantBody.
 				l := req.Lists["all"]
-				l.RequiredState.Include[1].StateKey = ""
+				l.RequiredState.Include[1].StateKey = "*"
 				req.Lists["all"] = l
 				s := req.RoomSubscriptions["!a:example.org"]
-				s.RequiredState.Include[0].StateKey = ""
+				s.RequiredState.Include[0].StateKey = "*"
 				req.RoomSubscriptions["!a:example.org"] = s
 			}
 			query, body, err := EncodeRequest(tt.proto, req)
