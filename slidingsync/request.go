@@ -97,15 +97,15 @@ type RequiredState struct {
 
 // ListFilters narrows which rooms a list contains. Nil pointers and nil slices are not sent.
 type ListFilters struct {
-	IsDM         *bool    `json:"is_dm,omitempty"`
-	Spaces       []string `json:"spaces,omitempty"`
-	IsEncrypted  *bool    `json:"is_encrypted,omitempty"`
-	IsInvite     *bool    `json:"is_invite,omitempty"` // is_invited on v4
+	IsDM        *bool    `json:"is_dm,omitempty"`
+	Spaces      []string `json:"spaces,omitempty"`
+	IsEncrypted *bool    `json:"is_encrypted,omitempty"`
+	IsInvite    *bool    `json:"is_invite,omitempty"` // is_invited on v4
 	// RoomTypes and NotRoomTypes match room types; a nil entry means rooms without a type.
 	RoomTypes    []*string `json:"room_types,omitempty"`
 	NotRoomTypes []*string `json:"not_room_types,omitempty"`
-	Tags         []string `json:"tags,omitempty"`
-	NotTags      []string `json:"not_tags,omitempty"`
+	Tags         []string  `json:"tags,omitempty"`
+	NotTags      []string  `json:"not_tags,omitempty"`
 	// RoomNameLike is not part of the v4 dialect and is dropped there.
 	RoomNameLike string `json:"room_name_like,omitempty"`
 }
