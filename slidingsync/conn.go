@@ -743,6 +743,11 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		more = true
 	}
 	c.mu.Unlock()
+	for _, ext := range c.exts {
+		if ac, ok := ext.(AfterCommitter); ok {
+			ac.AfterCommit(ctx)
+		}
+	}
 	return more, nil
 }
 

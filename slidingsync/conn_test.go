@@ -30,6 +30,8 @@ type recordingExt struct {
 	failNext  int
 	cursor    string
 	more      bool
+	// afterCommits records the cursor at each AfterCommit: only committed cursors appear.
+	afterCommits []string
 }
 
 func (e *recordingExt) Name() string { return "test_ext" }
@@ -88,6 +90,12 @@ func (e *recordingExt) Reset(context.Context) error {
 	defer e.mu.Unlock()
 	e.resets++
 	return nil
+}
+
+func (e *recordingExt) AfterCommit(context.Context) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.afterCommits = append(e.afterCommits, e.cursor)
 }
 
 func (e *recordingExt) MorePending() bool {
@@ -477,6 +485,9 @@ func TestFailedCycleCommitsNothing(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, "p2", cp.Pos)
 		assert.JSONEq(t, `"c2"`, string(cp.Extensions["test_ext"]))
+		ext.mu.Lock()
+		assert.Equal(t, []string{"c1", "c2"}, ext.afterCommits, "AfterCommit runs only after successful commits")
+		ext.mu.Unlock()
 	})
 }
 

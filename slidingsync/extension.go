@@ -71,3 +71,11 @@ func wireKey(ext Extension, p Protocol) string {
 type TxnCommitter interface {
 	CommitTxn(ctx context.Context) error
 }
+
+// AfterCommitter is implemented by extensions with work that must wait until the response is
+// durably committed, such as network calls whose intent was recorded in the commit (a key
+// query for users marked outdated). AfterCommit runs on Run's goroutine right after the
+// commit; it should hand long work to a goroutine the extension owns and return.
+type AfterCommitter interface {
+	AfterCommit(ctx context.Context)
+}
