@@ -6,6 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
 
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
@@ -68,13 +71,15 @@ const (
 	getExtensionsQuery = `SELECT name, checkpoint FROM slidingsync_extension WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
 )
 
+// namedBlob is a row of JSON under a name. The JSON is passed as a string: the columns are
+// TEXT, which PostgreSQL takes without the hex encoding lib/pq gives []byte.
 type namedBlob struct {
 	name string
 	data []byte
 }
 
 func (nb *namedBlob) GetMassInsertValues() [2]any {
-	return [2]any{nb.name, nb.data}
+	return [2]any{nb.name, string(nb.data)}
 }
 
 var (
@@ -94,18 +99,6 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 	if upd == nil {
 		return errors.New("sqlstore: nil update")
 	}
-	// Encode outside the transaction: it holds SQLite's write lock.
-	rooms := make([]*namedBlob, 0, len(upd.Rooms))
-	for roomID, rs := range upd.Rooms {
-		if rs == nil {
-			return fmt.Errorf("sqlstore: room %s has nil state", roomID)
-		}
-		data, err := json.Marshal(rs)
-		if err != nil {
-			return fmt.Errorf("sqlstore: encode room %s: %w", roomID, err)
-		}
-		rooms = append(rooms, &namedBlob{name: string(roomID), data: data})
-	}
 	lists := make([]*namedBlob, 0, len(upd.Lists))
 	for name, ls := range upd.Lists {
 		data, err := json.Marshal(ls)
@@ -119,6 +112,12 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 		batch = DefaultRoomBatchSize
 	}
 	batch = min(batch, maxRoomBatchSize)
+	// Rooms are encoded on other goroutines while the transaction begins and writes.
+	rooms, err := startRoomEncoder(upd.Rooms, batch)
+	if err != nil {
+		return err
+	}
+	defer rooms.close()
 	static := keyParams(key)
 	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for i, hook := range upd.TxnHooks {
@@ -135,11 +134,15 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 				return fmt.Errorf("sqlstore: store lists: %w", err)
 			}
 		}
-		for start := 0; start < len(rooms); start += batch {
-			query, params := massUpsertRooms.Build(static, rooms[start:min(start+batch, len(rooms))])
+		err := rooms.each(func(rows []*namedBlob) error {
+			query, params := massUpsertRooms.Build(static, rows)
 			if _, err := s.DB.Exec(ctx, query, params...); err != nil {
 				return fmt.Errorf("sqlstore: store rooms: %w", err)
 			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 		for name, raw := range upd.Extensions {
 			var data []byte
@@ -152,7 +155,7 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 		}
 		zerolog.Ctx(ctx).Trace().
 			Str("pos", upd.Pos).
-			Int("rooms", len(rooms)).
+			Int("rooms", len(upd.Rooms)).
 			Int("lists", len(lists)).
 			Int("extensions", len(upd.Extensions)).
 			Msg("Committed sliding sync update")
@@ -259,4 +262,96 @@ func (s *Store) Delete(ctx context.Context, key slidingsync.ConnKey) error {
 		}
 		return nil
 	})
+}
+
+// roomEncoder encodes the rooms of an update in batches on up to GOMAXPROCS goroutines, so
+// that the transaction writes one batch while the next ones are encoded.
+type roomEncoder struct {
+	ids     []id.RoomID
+	states  []*slidingsync.RoomState
+	batch   int
+	results []chan encodedBatch
+	next    atomic.Int64
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+type encodedBatch struct {
+	rows []*namedBlob
+	err  error
+}
+
+// startRoomEncoder starts encoding. The caller must call close, which returns after every
+// goroutine stopped.
+func startRoomEncoder(rooms map[id.RoomID]*slidingsync.RoomState, batch int) (*roomEncoder, error) {
+	e := &roomEncoder{
+		ids:    make([]id.RoomID, 0, len(rooms)),
+		states: make([]*slidingsync.RoomState, 0, len(rooms)),
+		batch:  batch,
+		stop:   make(chan struct{}),
+	}
+	for roomID, rs := range rooms {
+		if rs == nil {
+			return nil, fmt.Errorf("sqlstore: room %s has nil state", roomID)
+		}
+		e.ids = append(e.ids, roomID)
+		e.states = append(e.states, rs)
+	}
+	batches := (len(e.ids) + batch - 1) / batch
+	e.results = make([]chan encodedBatch, batches)
+	for i := range e.results {
+		e.results[i] = make(chan encodedBatch, 1)
+	}
+	for range min(runtime.GOMAXPROCS(0), batches) {
+		e.wg.Go(e.work)
+	}
+	return e, nil
+}
+
+func (e *roomEncoder) work() {
+	for {
+		i := int(e.next.Add(1)) - 1
+		if i >= len(e.results) {
+			return
+		}
+		select {
+		case <-e.stop:
+			return
+		default:
+		}
+		from, to := i*e.batch, min((i+1)*e.batch, len(e.ids))
+		rows := make([]*namedBlob, 0, to-from)
+		var err error
+		for j := from; j < to; j++ {
+			var data []byte
+			// RoomState.MarshalJSON returns compact JSON: calling it directly saves
+			// json.Marshal's second pass over it.
+			data, err = e.states[j].MarshalJSON()
+			if err != nil {
+				err = fmt.Errorf("sqlstore: encode room %s: %w", e.ids[j], err)
+				break
+			}
+			rows = append(rows, &namedBlob{name: string(e.ids[j]), data: data})
+		}
+		e.results[i] <- encodedBatch{rows: rows, err: err}
+	}
+}
+
+// each calls fn with every encoded batch, in order, and stops at the first error.
+func (e *roomEncoder) each(fn func(rows []*namedBlob) error) error {
+	for _, ch := range e.results {
+		res := <-ch
+		if res.err != nil {
+			return res.err
+		}
+		if err := fn(res.rows); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (e *roomEncoder) close() {
+	close(e.stop)
+	e.wg.Wait()
 }

@@ -19,3 +19,6 @@ func TestSharedDatabaseSQLiteCgo(t *testing.T) {
 func TestLeaseSQLiteCgo(t *testing.T) {
 	leaseInProcess(t, sqliteBackend(dbopen.DriverCgo))
 }
+
+// cgoDriver is the cgo SQLite driver the benchmarks compare, or empty without cgo.
+const cgoDriver = dbopen.DriverCgo

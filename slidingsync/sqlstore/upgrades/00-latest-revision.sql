@@ -13,7 +13,8 @@ CREATE TABLE slidingsync_list (
 	device_id TEXT  NOT NULL,
 	conn_id   TEXT  NOT NULL,
 	name      TEXT  NOT NULL,
-	state     bytea NOT NULL,
+	-- ListState as JSON.
+	state     TEXT  NOT NULL,
 
 	PRIMARY KEY (user_id, device_id, conn_id, name),
 	CONSTRAINT slidingsync_list_conn_fkey FOREIGN KEY (user_id, device_id, conn_id)
@@ -25,7 +26,8 @@ CREATE TABLE slidingsync_room (
 	device_id TEXT  NOT NULL,
 	conn_id   TEXT  NOT NULL,
 	room_id   TEXT  NOT NULL,
-	state     bytea NOT NULL,
+	-- RoomState as JSON (RoomState.MarshalJSON).
+	state     TEXT  NOT NULL,
 
 	PRIMARY KEY (user_id, device_id, conn_id, room_id),
 	CONSTRAINT slidingsync_room_conn_fkey FOREIGN KEY (user_id, device_id, conn_id)
@@ -37,6 +39,7 @@ CREATE TABLE slidingsync_extension (
 	device_id  TEXT  NOT NULL,
 	conn_id    TEXT  NOT NULL,
 	name       TEXT  NOT NULL,
+	-- Opaque bytes; NULL for an empty checkpoint.
 	checkpoint bytea,
 
 	PRIMARY KEY (user_id, device_id, conn_id, name),
