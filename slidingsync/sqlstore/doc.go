@@ -36,10 +36,32 @@
 // SQLite, open transactions with BEGIN IMMEDIATE (_txlock=immediate), as dbopen does, so that a
 // transaction that reads before it writes cannot fail to take the write lock.
 //
+// Commit encodes large updates on up to GOMAXPROCS goroutines, in batches of RoomBatchSize
+// rooms, while the transaction writes earlier batches as multi-row upserts; those goroutines
+// have stopped when Commit returns.
+//
 // # Concurrency
 //
 // A Store is safe for concurrent use by several goroutines and processes. Commits to one key
 // are serialised by the database; the last one wins. Running two connections that carry the
-// e2ee or to_device extensions for one device loses data; use a [Lease] to make sure only one
-// process does.
+// e2ee or to_device extensions for one device loses data (two consumers of one to-device
+// stream), so only one process per device may run that connection: take a [Lease] first.
+//
+// # Leases
+//
+// [Store.AcquireLease] takes a named lease per device (user ID and device ID), kept in the
+// slidingsync_lease table as a row with a holder and an expiry. A second process waits in
+// standby, trying every PollInterval, and takes over once the lease expires: within
+// LeaseConfig.Duration plus PollInterval after the holder died, or at its next poll after the
+// holder called Release. The holder renews every RenewInterval from a goroutine that stops on
+// Release (which waits for it) or when the context passed to AcquireLease is done. [Lease.Lost]
+// is closed once the lease can no longer be trusted: a renewal found another holder or an
+// expired row, or no renewal succeeded before the lease would have expired, counted from
+// before the last successful renewal was sent. Expiry uses the database's clock
+// (clock_timestamp() on PostgreSQL, julianday('now') on SQLite), so processes on hosts whose
+// clocks disagree still agree on when a lease expires; the same statements run on both
+// databases. [Lease.Guard] wraps a store so that every Commit checks the lease inside its
+// transaction (on PostgreSQL it also locks the lease row until the commit ends), so a process
+// that lost its lease cannot commit after another one took over. [Store.RunWithLease]
+// combines acquire, a context cancelled with cause [ErrLeaseLost] on loss, and release.
 package sqlstore
