@@ -1,0 +1,52 @@
+package dbopen_test
+
+import (
+	"context"
+	"database/sql"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.mau.fi/util/dbutil"
+
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
+)
+
+func TestOpenSQLitePath(t *testing.T) {
+	for _, driver := range []string{dbopen.DriverModernc, dbopen.DriverCgo} {
+		t.Run(driver, func(t *testing.T) {
+			if !slices.Contains(sql.Drivers(), driver) {
+				t.Skipf("driver %s is not registered (built without cgo)", driver)
+			}
+			path := filepath.Join(t.TempDir(), "a dir?#%", "state.db")
+			require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o700))
+			db, err := dbopen.Open(path, dbopen.Config{SQLiteDriver: driver})
+			require.NoError(t, err)
+			defer db.Close()
+			assert.Equal(t, dbutil.SQLite, db.Dialect)
+			ctx := context.Background()
+			_, err = db.Exec(ctx, `CREATE TABLE t (x INTEGER)`)
+			require.NoError(t, err)
+			_, err = os.Stat(path)
+			require.NoError(t, err, "the database is at the path given")
+			var journal string
+			var fk, busy int
+			require.NoError(t, db.QueryRow(ctx, `PRAGMA journal_mode`).Scan(&journal))
+			require.NoError(t, db.QueryRow(ctx, `PRAGMA foreign_keys`).Scan(&fk))
+			require.NoError(t, db.QueryRow(ctx, `PRAGMA busy_timeout`).Scan(&busy))
+			assert.Equal(t, "wal", journal)
+			assert.Equal(t, 1, fk)
+			assert.Equal(t, 5000, busy)
+		})
+	}
+}
+
+func TestOpenPostgresURI(t *testing.T) {
+	db, err := dbopen.Open("postgres://user@localhost/db?sslmode=disable", dbopen.Config{})
+	require.NoError(t, err)
+	defer db.Close()
+	assert.Equal(t, dbutil.Postgres, db.Dialect)
+}
