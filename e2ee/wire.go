@@ -1,0 +1,118 @@
+package e2ee
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/slidingsync"
+)
+
+// Wire keys of the e2ee extension. The checkpoint is always stored under Name.
+const (
+	// E2EEName is the extension's name and its wire key on the MSC3575 and MSC4186 dialects.
+	E2EEName = "e2ee"
+	// E2EEKeyV4 is the extension's wire key on the stable v4 dialect (MSC4543, which
+	// supersedes MSC3884, until it is stable).
+	E2EEKeyV4 = "org.matrix.msc4543.e2ee"
+)
+
+// Response is the e2ee section of a sliding sync response (MSC3884, MSC4543). Every field keeps
+// apart absent (Set false), an explicit null and a value: an absent or null field means "no
+// change", never "empty".
+type Response struct {
+	// DeviceOneTimeKeysCount maps an algorithm to how many one-time keys of it the server
+	// holds for the device. A present map replaces the old one: an algorithm it does not list
+	// counts 0.
+	DeviceOneTimeKeysCount slidingsync.Opt[map[id.KeyAlgorithm]int] `json:"device_one_time_keys_count,omitzero"`
+	// DeviceLists holds the users whose device lists changed, or who no longer share a room,
+	// since the request's pos. They are deltas.
+	DeviceLists slidingsync.Opt[DeviceLists] `json:"device_lists,omitzero"`
+	// DeviceUnusedFallbackKeyTypes lists the algorithms with an unused fallback key. Present
+	// and empty means the fallback key was used (or none was ever uploaded), which differs from
+	// absent.
+	DeviceUnusedFallbackKeyTypes slidingsync.Opt[[]id.KeyAlgorithm] `json:"device_unused_fallback_key_types,omitzero"`
+}
+
+// DeviceLists is the device_lists field of the e2ee extension.
+type DeviceLists struct {
+	// Changed lists users whose device lists changed, or with whom the device newly shares a
+	// room. It may be a superset.
+	Changed []id.UserID `json:"changed"`
+	// Left lists users with whom the device no longer shares any room.
+	Left []id.UserID `json:"left"`
+}
+
+// e2eeRequest is the request body; it is sent in full on every request, as servers of the
+// MSC4186 family keep no stickiness.
+type e2eeRequest struct {
+	Enabled bool `json:"enabled"`
+}
+
+// DecodeResponse decodes the e2ee section of a response. raw nil (the section is absent)
+// returns nil and no error. A body of the wrong JSON shape returns an error wrapping
+// slidingsync.ErrInvalidResponse, so the connection retries without committing anything.
+// Entries that are well-formed JSON but invalid (a malformed user ID, an empty algorithm, a
+// negative count) are dropped or clamped to 0, with one warning per response logged to the
+// zerolog logger of ctx.
+func DecodeResponse(ctx context.Context, raw json.RawMessage) (*Response, error) {
+	if raw == nil {
+		return nil, nil
+	}
+	var resp Response
+	if err := json.Unmarshal(raw, &resp); err != nil {
+		return nil, fmt.Errorf("%w: e2ee extension: %w", slidingsync.ErrInvalidResponse, err)
+	}
+	if problems := sanitize(&resp); len(problems) > 0 {
+		zerolog.Ctx(ctx).Warn().Strs("problems", problems).Msg("Ignored invalid entries in the e2ee extension response")
+	}
+	return &resp, nil
+}
+
+// sanitize drops what cannot be used and clamps negative counts, and returns what it fixed.
+func sanitize(resp *Response) (problems []string) {
+	if resp.DeviceOneTimeKeysCount.HasValue() {
+		for alg, n := range resp.DeviceOneTimeKeysCount.Val {
+			if alg == "" {
+				delete(resp.DeviceOneTimeKeysCount.Val, alg)
+				problems = append(problems, "empty algorithm in device_one_time_keys_count")
+			} else if n < 0 {
+				resp.DeviceOneTimeKeysCount.Val[alg] = 0
+				problems = append(problems, fmt.Sprintf("negative count %d for %s", n, alg))
+			}
+		}
+	}
+	if resp.DeviceUnusedFallbackKeyTypes.HasValue() {
+		types := resp.DeviceUnusedFallbackKeyTypes.Val
+		kept := slices.DeleteFunc(slices.Clone(types), func(alg id.KeyAlgorithm) bool { return alg == "" })
+		if len(kept) != len(types) {
+			problems = append(problems, "empty algorithm in device_unused_fallback_key_types")
+		}
+		if kept == nil {
+			kept = []id.KeyAlgorithm{}
+		}
+		resp.DeviceUnusedFallbackKeyTypes.Val = kept
+	}
+	if resp.DeviceLists.HasValue() {
+		dl := &resp.DeviceLists.Val
+		dl.Changed, problems = validUsers(dl.Changed, "changed", problems)
+		dl.Left, problems = validUsers(dl.Left, "left", problems)
+	}
+	return problems
+}
+
+func validUsers(users []id.UserID, field string, problems []string) ([]id.UserID, []string) {
+	out := users[:0:0]
+	for _, u := range users {
+		if _, _, err := u.ParseAndValidateRelaxed(); err != nil {
+			problems = append(problems, fmt.Sprintf("invalid user ID %q in device_lists.%s", u, field))
+			continue
+		}
+		out = append(out, u)
+	}
+	return out, problems
+}
