@@ -22,8 +22,8 @@
 // belong to one processed response, never a half-applied one. The tests prove this by killing
 // a child process at random moments of its commit cycle, hundreds of times, on SQLite and on
 // PostgreSQL. Durability beyond a process crash is the database's: SQLite opened by
-// [dbopen] uses WAL with synchronous=NORMAL, which survives a process crash but may lose the
-// last commits (never consistency) on power loss.
+// [dbopen] uses WAL with synchronous=FULL, so a commit also survives power loss;
+// dbopen.Config.RelaxedSync trades that for cheaper commits (never consistency).
 //
 // [Store.Load] reads in one transaction, REPEATABLE READ on PostgreSQL, so a concurrent commit
 // is seen whole or not at all.

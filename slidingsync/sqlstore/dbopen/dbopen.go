@@ -45,12 +45,22 @@ type Config struct {
 	Owner string
 	// Log receives dbutil's query and upgrade logs; nil means none.
 	Log dbutil.DatabaseLogger
+	// RelaxedSync opens SQLite with synchronous=NORMAL instead of FULL: commits no longer
+	// wait for fsync, which makes small commits several times cheaper, but a power loss (not
+	// a process crash) may undo the last commits. The SDK's to-device cursor acknowledges
+	// messages to the server once committed, so an undone commit can lose room keys: leave it
+	// false unless the disk has a battery-backed cache or the data is disposable.
+	RelaxedSync bool
 }
+
+// driverCgoFullSync is mautrix's variant of DriverCgo with synchronous=FULL.
+const driverCgoFullSync = "sqlite3-fk-wal-fullsync"
 
 // Open opens target: a postgres:// or postgresql:// URI opens PostgreSQL, anything else is a
 // SQLite file path (created if missing). SQLite connections get foreign keys on, the WAL
-// journal, synchronous=NORMAL, a 5 s busy timeout and BEGIN IMMEDIATE transactions, so that a
-// transaction that reads before it writes never fails to upgrade its lock.
+// journal, synchronous=FULL (see Config.RelaxedSync), a 5 s busy timeout and BEGIN IMMEDIATE
+// transactions, so that a transaction that reads before it writes never fails to upgrade its
+// lock.
 func Open(target string, cfg Config) (*dbutil.Database, error) {
 	var dc dbutil.Config
 	switch {
@@ -64,6 +74,12 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 		}
 		dc.Type = driver
 		dc.URI = SQLiteDSN(driver, target)
+		switch {
+		case driver == DriverModernc && cfg.RelaxedSync:
+			dc.URI = strings.Replace(dc.URI, "synchronous%28FULL%29", "synchronous%28NORMAL%29", 1)
+		case driver == DriverCgo && !cfg.RelaxedSync:
+			dc.Type = driverCgoFullSync
+		}
 	}
 	dc.MaxOpenConns = cfg.MaxOpenConns
 	db, err := dbutil.NewFromConfig(cfg.Owner, dc, cfg.Log)
@@ -74,7 +90,7 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 }
 
 // SQLiteDSN returns the data source name that opens the SQLite file at path with driver
-// (DriverModernc or DriverCgo) and the settings Open documents.
+// (DriverModernc or DriverCgo) and the settings Open documents (with synchronous=FULL).
 func SQLiteDSN(driver, path string) string {
 	u := url.URL{Scheme: "file", Opaque: url.PathEscape(path)}
 	q := url.Values{}
@@ -83,7 +99,7 @@ func SQLiteDSN(driver, path string) string {
 		// The cgo driver sets these in its connect hook.
 		q.Add("_pragma", "foreign_keys(1)")
 		q.Add("_pragma", "journal_mode(WAL)")
-		q.Add("_pragma", "synchronous(NORMAL)")
+		q.Add("_pragma", "synchronous(FULL)")
 		q.Add("_pragma", "busy_timeout(5000)")
 	}
 	u.RawQuery = q.Encode()

@@ -40,8 +40,21 @@ func TestOpenSQLitePath(t *testing.T) {
 			assert.Equal(t, "wal", journal)
 			assert.Equal(t, 1, fk)
 			assert.Equal(t, 5000, busy)
+			assert.Equal(t, 2, synchronous(t, db), "FULL by default: a commit survives power loss")
+
+			relaxed, err := dbopen.Open(filepath.Join(t.TempDir(), "relaxed.db"), dbopen.Config{SQLiteDriver: driver, RelaxedSync: true})
+			require.NoError(t, err)
+			defer relaxed.Close()
+			assert.Equal(t, 1, synchronous(t, relaxed), "NORMAL when relaxed")
 		})
 	}
+}
+
+func synchronous(t *testing.T, db *dbutil.Database) int {
+	t.Helper()
+	var level int
+	require.NoError(t, db.QueryRow(context.Background(), `PRAGMA synchronous`).Scan(&level))
+	return level
 }
 
 func TestOpenPostgresURI(t *testing.T) {
