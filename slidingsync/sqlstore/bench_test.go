@@ -157,7 +157,11 @@ func openCounting(tb testing.TB, b backend, target string) (*dbutil.Database, *s
 }
 
 func benchBackends() []backend {
-	backends := []backend{sqliteBackend(dbopen.DriverModernc)}
+	// The default waits for fsync on every commit; the relaxed one shows what that costs.
+	relaxed := sqliteBackend(dbopen.DriverModernc)
+	relaxed.name += "-relaxed"
+	relaxed.cfg.RelaxedSync = true
+	backends := []backend{sqliteBackend(dbopen.DriverModernc), relaxed}
 	if cgoDriver != "" {
 		backends = append(backends, sqliteBackend(cgoDriver))
 	}
