@@ -219,6 +219,14 @@ func decodeToDevice(ctx context.Context, raws []json.RawMessage) []*event.Event 
 	return evts
 }
 
+// Stalled implements slidingsync.Staller: true while the token does not advance, so the loop
+// backs off instead of asking again at once.
+func (td *ToDevice) Stalled() bool {
+	td.mu.Lock()
+	defer td.mu.Unlock()
+	return td.stalled
+}
+
 // MorePending implements slidingsync.MorePender: true after a full batch whose token
 // advanced, so that the next request does not long-poll.
 func (td *ToDevice) MorePending() bool {

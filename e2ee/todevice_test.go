@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -151,6 +152,14 @@ func TestToDeviceStalledToken(t *testing.T) {
 		for i, rr := range reqs {
 			assert.Equal(t, wantTimeouts[i], timeoutOf(t, rr), "request %d timeout", i)
 			assert.Equal(t, wantSince[i], ext(t, rr, "to_device")["since"], "request %d since", i)
+		}
+		// A stalled token makes the loop back off (1 s doubling, jitter in [d/2, d]) instead
+		// of polling again at once.
+		gaps := []struct{ lo, hi time.Duration }{{500 * time.Millisecond, time.Second}, {time.Second, 2 * time.Second}, {2 * time.Second, 4 * time.Second}, {0, 0}, {500 * time.Millisecond, time.Second}}
+		for i, g := range gaps {
+			gap := reqs[i+2].Received.Sub(reqs[i+1].Received)
+			assert.GreaterOrEqual(t, gap, g.lo, "gap before request %d", i+2)
+			assert.LessOrEqual(t, gap, g.hi, "gap before request %d", i+2)
 		}
 		assert.Equal(t, 2, h.logs.count("does not advance"), "logged once per stall, not per response")
 		assert.Equal(t, 1, h.logs.count("advances again"))

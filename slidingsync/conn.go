@@ -300,13 +300,14 @@ func (c *Conn) Run(ctx context.Context) error {
 		noPoll      = true // the first request of a Run does not wait
 		stalledPos  string
 		stalledSeen int
+		extStalls   int // consecutive responses after which an extension reported a stall
 	)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		pos := c.Pos()
-		info := RequestInfo{Protocol: endpoint.Protocol, Pos: pos}
+		info := RequestInfo{Key: c.key, Protocol: endpoint.Protocol, Pos: pos}
 		timeout := c.pollTimeout()
 		if noPoll || pos == "" {
 			timeout = 0
@@ -357,6 +358,14 @@ func (c *Conn) Run(ctx context.Context) error {
 		case err == nil:
 			failures = 0
 			noPoll = more
+			if c.stalled() {
+				extStalls++
+				if err := sleep(ctx, c.backoff(extStalls-1)); err != nil {
+					return err
+				}
+			} else {
+				extStalls = 0
+			}
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case errors.Is(err, errConfigChanged):
@@ -773,6 +782,15 @@ func (c *Conn) growWindows(lists map[string]ListState) bool {
 		}
 	}
 	return grew
+}
+
+func (c *Conn) stalled() bool {
+	for _, ext := range c.exts {
+		if s, ok := ext.(Staller); ok && s.Stalled() {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Conn) restoreExtensions(ctx context.Context) error {

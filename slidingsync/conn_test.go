@@ -98,6 +98,12 @@ func (e *recordingExt) AfterCommit(context.Context) {
 	e.afterCommits = append(e.afterCommits, e.cursor)
 }
 
+func (e *recordingExt) Stalled() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.cursor == "stuck"
+}
+
 func (e *recordingExt) MorePending() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -656,5 +662,31 @@ func TestGrowingWindowCoversEveryRoom(t *testing.T) {
 			assert.Equal(t, int64(0), *reqs[i].Parsed.Timeout, "no long-poll while growing (request %d)", i)
 		}
 		assert.Len(t, h.conn.Rooms(), total)
+	})
+}
+
+func TestStalledExtensionBacksOff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ext := &recordingExt{}
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Extensions: []slidingsync.Extension{ext}})
+		for i := range 4 {
+			h.srv.PushJSON(http.StatusOK, `{"pos":"p`+strconv.Itoa(i+1)+`","extensions":{"test_ext":{"next_batch":"stuck"}}}`)
+		}
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p5","extensions":{"test_ext":{"next_batch":"moving"}}}`)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p6","extensions":{"test_ext":{"next_batch":"moving2"}}}`)
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 7)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		assert.Equal(t, ext.requests[0].Key, h.conn.Key(), "extensions see the connection's key")
+		for i := 1; i <= 4; i++ {
+			gap := reqs[i].Received.Sub(reqs[i-1].Received)
+			ceiling := slidingsync.DefaultMinBackoff << (i - 1)
+			assert.GreaterOrEqual(t, gap, ceiling/2, "gap %d", i)
+			assert.LessOrEqual(t, gap, ceiling, "gap %d", i)
+		}
+		assert.Zero(t, reqs[5].Received.Sub(reqs[4].Received), "no backoff once the cursor moves")
+		assert.Zero(t, reqs[6].Received.Sub(reqs[5].Received))
 	})
 }

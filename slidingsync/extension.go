@@ -7,6 +7,8 @@ import (
 
 // RequestInfo tells an extension about the request being built.
 type RequestInfo struct {
+	// Key identifies the connection: the account it syncs and its conn_id.
+	Key ConnKey
 	// Protocol is the dialect the request is sent in.
 	Protocol Protocol
 	// Pos is the position the request carries; empty means the connection starts afresh, so the
@@ -78,4 +80,12 @@ type TxnCommitter interface {
 // commit; it should hand long work to a goroutine the extension owns and return.
 type AfterCommitter interface {
 	AfterCommit(ctx context.Context)
+}
+
+// Staller is implemented by extensions that can tell the server is not making progress for
+// them (a cursor that does not advance while data keeps coming). When any reports true after
+// a processed response, the loop backs off before the next request, as it does for a pos that
+// does not advance, instead of polling again at once.
+type Staller interface {
+	Stalled() bool
 }
