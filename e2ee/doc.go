@@ -7,9 +7,9 @@
 // # Wire keys
 //
 //   - e2ee: "e2ee" on MSC3575 (the proxy) and MSC4186 (Synapse); "org.matrix.msc4543.e2ee" on
-//     v4 (PROTOCOL.md §1; MSC4543 supersedes MSC3884).
+//     v4 (MSC4543 supersedes MSC3884 there).
 //   - to_device: "to_device" on MSC3575 and MSC4186; "org.matrix.msc4538.to_device" on v4, the
-//     unstable prefix of MSC4538 (reference/pitfalls.md E6), overridable with
+//     unstable prefix of MSC4538 ("Unstable prefix" section), overridable with
 //     ToDeviceConfig.V4WireKey for a server that uses the bare key.
 //
 // Both send their full configuration on every request ({"enabled": true}; to_device adds
