@@ -10,12 +10,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"net/http/httptest"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -26,6 +28,8 @@ import (
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
 type options struct {
@@ -47,7 +51,7 @@ func main() {
 	flag.StringVar(&o.password, "password", "", "password (used once to log in)")
 	flag.StringVar(&o.accessToken, "access-token", "", "access token (with -device-id) instead of a password")
 	flag.StringVar(&o.deviceID, "device-id", "", "device ID belonging to -access-token")
-	flag.StringVar(&o.db, "db", "e2eebot.db", "SQLite path or postgres:// URI (persistence arrives with the SQL store)")
+	flag.StringVar(&o.db, "db", "e2eebot.db", "SQLite path or postgres:// URI; the demo uses a temporary SQLite file")
 	flag.StringVar(&o.protocol, "protocol", "auto", "sliding sync dialect: auto, msc4186, msc3575 or v4")
 	flag.StringVar(&o.connID, "conn-id", "", "sliding sync conn_id")
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
@@ -87,6 +91,17 @@ func runDemo(ctx context.Context, o options) error {
 	cli.Log = *zerolog.Ctx(ctx)
 	fmt.Printf("demo: embedded homeserver at %s with %d rooms, bot %s\n", hs.URL, o.demoRooms, cli.UserID)
 
+	dir, err := os.MkdirTemp("", "e2eebot-demo")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	store, closeStore, err := openStore(ctx, filepath.Join(dir, "demo.db"))
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	const peer = id.UserID("@alice:demo.invalid")
@@ -99,6 +114,12 @@ func runDemo(ctx context.Context, o options) error {
 	conn, err := slidingsync.New(cli, slidingsync.Config{
 		Protocol: protocolOf(o.protocol),
 		ConnID:   o.connID,
+		Store:    store,
+		Extensions: []slidingsync.Extension{afterCommit(func() {
+			if messageSeen {
+				cancel()
+			}
+		})},
 		Lists: map[string]slidingsync.ListConfig{"all": {
 			GrowBatch:     500,
 			TimelineLimit: 1,
@@ -121,8 +142,7 @@ func runDemo(ctx context.Context, o options) error {
 				for _, evt := range res.Response.Rooms[roomID].Timeline {
 					if evt.Type == event.EventMessage && evt.Sender == peer {
 						fmt.Printf("message: %s in %q: %v\n", evt.Sender, rs.Name, evt.Content.Raw["body"])
-						messageSeen = true
-						cancel()
+						messageSeen = true // stop once this response is committed
 					}
 				}
 			}
@@ -139,10 +159,33 @@ func runDemo(ctx context.Context, o options) error {
 		}
 		return fmt.Errorf("demo failed: %w", err)
 	}
+	// Reopen what was committed, as a restarted bot would.
+	cp, err := store.Load(context.WithoutCancel(ctx), conn.Key())
+	if err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	if len(cp.Rooms) != o.demoRooms || cp.Pos != conn.Pos() {
+		return fmt.Errorf("reload: %d rooms at pos %q, want %d at %q", len(cp.Rooms), cp.Pos, o.demoRooms, conn.Pos())
+	}
 	fmt.Printf("summary: discovered %s, loaded all %d rooms in %d responses (%s) with a window growing by 500, "+
-		"then received a live message; pos %q was committed after each response.\n",
-		conn.Endpoint().Protocol, o.demoRooms, responses, allKnownAt.Round(time.Millisecond), conn.Pos())
+		"then received a live message; each response was committed to SQLite in one transaction, "+
+		"and reloading the database gives back all %d rooms at pos %q.\n",
+		conn.Endpoint().Protocol, o.demoRooms, responses, allKnownAt.Round(time.Millisecond), len(cp.Rooms), cp.Pos)
 	return nil
+}
+
+// openStore opens the database and upgrades the sliding sync store on it.
+func openStore(ctx context.Context, target string) (*sqlstore.Store, func(), error) {
+	db, err := dbopen.Open(target, dbopen.Config{})
+	if err != nil {
+		return nil, nil, err
+	}
+	store := sqlstore.New(db, nil)
+	if err := store.Upgrade(ctx); err != nil {
+		_ = db.Close()
+		return nil, nil, fmt.Errorf("upgrade store: %w", err)
+	}
+	return store, func() { _ = db.Close() }, nil
 }
 
 // runReal logs in to a real homeserver and syncs until interrupted.
@@ -174,9 +217,15 @@ func runReal(ctx context.Context, o options) error {
 	default:
 		return errors.New("-password or -access-token is required with -homeserver")
 	}
+	store, closeStore, err := openStore(ctx, o.db)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
 	conn, err := slidingsync.New(cli, slidingsync.Config{
 		Protocol: protocolOf(o.protocol),
 		ConnID:   o.connID,
+		Store:    store,
 		Lists:    map[string]slidingsync.ListConfig{"all": {GrowBatch: 500, TimelineLimit: 1}},
 		OnResponse: func(ctx context.Context, res *slidingsync.Result) error {
 			if ls, ok := res.Lists["all"]; ok {
@@ -190,6 +239,19 @@ func runReal(ctx context.Context, o options) error {
 	}
 	return conn.Run(ctx)
 }
+
+// afterCommit is a client-side extension (it sends nothing) that runs fn after every commit.
+type afterCommit func()
+
+func (afterCommit) Name() string { return "demo_after_commit" }
+
+func (afterCommit) Request(context.Context, slidingsync.RequestInfo) (any, error) { return nil, nil }
+
+func (afterCommit) Process(context.Context, slidingsync.RequestInfo, json.RawMessage) error {
+	return nil
+}
+
+func (fn afterCommit) AfterCommit(context.Context) { fn() }
 
 func protocolOf(s string) slidingsync.Protocol {
 	p, err := slidingsync.ParseProtocol(s)
