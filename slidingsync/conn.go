@@ -39,8 +39,8 @@ type Config struct {
 	ConnID string
 	// Lists and RoomSubscriptions are the initial configuration; change them later with
 	// SetList, RemoveList, Subscribe and Unsubscribe.
-	Lists             map[string]ListConfig
-	RoomSubscriptions map[id.RoomID]RoomSubscription
+	Lists             map[string]ListConfig          // lists by name
+	RoomSubscriptions map[id.RoomID]RoomSubscription // subscriptions by room
 	// Extensions are sent with every request, keyed by their wire key.
 	Extensions []Extension
 	// Store persists state. Nil means a new MemoryStore.

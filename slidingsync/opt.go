@@ -8,9 +8,9 @@ import (
 // Opt keeps apart the three shapes a response field can take: absent (Set is false), an
 // explicit JSON null (Set and Null), and a value (Set, Val holds it). The zero value is absent.
 type Opt[T any] struct {
-	Set  bool
-	Null bool
-	Val  T
+	Set  bool // the field was present
+	Null bool // the field was an explicit null
+	Val  T    // the value, when Set and not Null
 }
 
 // Some returns an Opt holding v.

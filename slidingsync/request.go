@@ -12,7 +12,7 @@ import (
 
 // Range is an inclusive window [Start, End] of a sorted room list.
 type Range struct {
-	Start, End int
+	Start, End int // inclusive bounds, 0-based
 }
 
 // MarshalJSON writes the range as a two-element array.
@@ -37,8 +37,8 @@ func (r Range) Valid() bool { return r.Start >= 0 && r.End >= r.Start }
 // StateFilter selects state events by type and state key. "*" matches anything and "" is the
 // empty state key, as in the tuple dialects; the state key "$ME" means the user's own ID.
 type StateFilter struct {
-	Type     string
-	StateKey string
+	Type     string // event type, or "*"
+	StateKey string // state key, "*", or "$ME"
 }
 
 // v4StateFilter is the merged MSC's element, where an omitted field is the wildcard.
@@ -97,15 +97,15 @@ type RequiredState struct {
 
 // ListFilters narrows which rooms a list contains. Nil pointers and nil slices are not sent.
 type ListFilters struct {
-	IsDM        *bool    `json:"is_dm,omitempty"`
-	Spaces      []string `json:"spaces,omitempty"`
-	IsEncrypted *bool    `json:"is_encrypted,omitempty"`
-	IsInvite    *bool    `json:"is_invite,omitempty"` // is_invited on v4
+	IsDM        *bool    `json:"is_dm,omitempty"`        // only DMs (true) or only non-DMs (false)
+	Spaces      []string `json:"spaces,omitempty"`       // only rooms in these spaces
+	IsEncrypted *bool    `json:"is_encrypted,omitempty"` // only encrypted (true) or unencrypted (false) rooms
+	IsInvite    *bool    `json:"is_invite,omitempty"`    // is_invited on v4
 	// RoomTypes and NotRoomTypes match room types; a nil entry means rooms without a type.
 	RoomTypes    []*string `json:"room_types,omitempty"`
-	NotRoomTypes []*string `json:"not_room_types,omitempty"`
-	Tags         []string  `json:"tags,omitempty"`
-	NotTags      []string  `json:"not_tags,omitempty"`
+	NotRoomTypes []*string `json:"not_room_types,omitempty"` // see RoomTypes
+	Tags         []string  `json:"tags,omitempty"`           // only rooms with one of these tags
+	NotTags      []string  `json:"not_tags,omitempty"`       // no rooms with any of these tags
 	// RoomNameLike is not part of the v4 dialect and is dropped there.
 	RoomNameLike string `json:"room_name_like,omitempty"`
 }
@@ -139,14 +139,15 @@ type ListConfig struct {
 
 // RoomSubscription asks for one room regardless of lists.
 type RoomSubscription struct {
-	RequiredState RequiredState
-	TimelineLimit int
-	IncludeHeroes bool
+	RequiredState RequiredState // current state the room entry carries
+	TimelineLimit int           // recent timeline events the room entry carries
+	IncludeHeroes bool          // heroes for a room without a name
 }
 
 // Request is one sliding sync request in dialect-neutral form. [EncodeRequest] turns it into
 // the wire form of a protocol and [DecodeRequest] parses any of them back.
 type Request struct {
+	// ConnID separates concurrent connections of one device.
 	ConnID string
 	// TxnID is echoed by MSC3575 servers; other dialects drop it.
 	TxnID string
@@ -154,8 +155,8 @@ type Request struct {
 	Pos string
 	// Timeout is the long-poll time in milliseconds; nil leaves it to the server.
 	Timeout           *int64
-	Lists             map[string]ListConfig
-	RoomSubscriptions map[id.RoomID]RoomSubscription
+	Lists             map[string]ListConfig          // lists by name
+	RoomSubscriptions map[id.RoomID]RoomSubscription // subscriptions by room
 	// UnsubscribeRooms is sent on MSC3575 only, where subscriptions are sticky.
 	UnsubscribeRooms []id.RoomID
 	// Extensions maps each extension's wire key to its request body.

@@ -44,47 +44,47 @@ const (
 
 // ListOp changes a list's window. SYNC and INVALIDATE use Range; INSERT and DELETE use Index.
 type ListOp struct {
-	Op      ListOpKind  `json:"op"`
-	Range   *Range      `json:"range,omitempty"`
-	RoomIDs []id.RoomID `json:"room_ids,omitempty"`
-	Index   *int        `json:"index,omitempty"`
-	RoomID  id.RoomID   `json:"room_id,omitempty"`
+	Op      ListOpKind  `json:"op"`                 // the operation
+	Range   *Range      `json:"range,omitempty"`    // SYNC and INVALIDATE: the positions affected
+	RoomIDs []id.RoomID `json:"room_ids,omitempty"` // SYNC: the rooms at Range.Start onwards
+	Index   *int        `json:"index,omitempty"`    // INSERT and DELETE: the position
+	RoomID  id.RoomID   `json:"room_id,omitempty"`  // INSERT: the room inserted
 }
 
 // Hero is a member used to name a room that has no name.
 type Hero struct {
-	UserID      id.UserID           `json:"user_id"`
-	DisplayName string              `json:"displayname,omitempty"`
-	AvatarURL   id.ContentURIString `json:"avatar_url,omitempty"`
+	UserID      id.UserID           `json:"user_id"`               // the member
+	DisplayName string              `json:"displayname,omitempty"` // their display name, if any
+	AvatarURL   id.ContentURIString `json:"avatar_url,omitempty"`  // their avatar, if any
 }
 
 // RoomResponse is one room's entry in a response. With Initial set it replaces what the client
 // knew and an absent field means unset; otherwise an absent field is unchanged and an explicit
 // null clears it.
 type RoomResponse struct {
-	Name    Opt[string]              `json:"name,omitzero"`
-	Avatar  Opt[id.ContentURIString] `json:"avatar,omitzero"`
-	Heroes  Opt[[]Hero]              `json:"heroes,omitzero"`
-	Initial bool                     `json:"initial,omitempty"`
-	IsDM    Opt[bool]                `json:"is_dm,omitzero"`
+	Name    Opt[string]              `json:"name,omitzero"`     // null: the room lost its name
+	Avatar  Opt[id.ContentURIString] `json:"avatar,omitzero"`   // null: the room lost its avatar
+	Heroes  Opt[[]Hero]              `json:"heroes,omitzero"`   // members that name a room without a name
+	Initial bool                     `json:"initial,omitempty"` // full data: replaces what the client knew
+	IsDM    Opt[bool]                `json:"is_dm,omitzero"`    // the room is a direct message
 	// Membership is the user's own membership (MSC4186).
 	Membership Opt[event.Membership] `json:"membership,omitzero"`
 	// RequiredState is current state. An entry without content is a stub meaning "deleted".
 	RequiredState []*event.Event `json:"required_state,omitempty"`
 	// Timeline holds the latest events, oldest first.
 	Timeline  []*event.Event `json:"timeline,omitempty"`
-	PrevBatch Opt[string]    `json:"prev_batch,omitzero"`
+	PrevBatch Opt[string]    `json:"prev_batch,omitzero"` // token to paginate back from the timeline
 	// Limited says the timeline has a gap; lazily loaded membership may be stale.
 	Limited bool `json:"limited,omitempty"`
 	// ExpandedTimeline is decoded from both expanded_timeline and unstable_expanded_timeline.
 	ExpandedTimeline bool     `json:"expanded_timeline,omitempty"`
-	NumLive          Opt[int] `json:"num_live,omitzero"`
-	JoinedCount      Opt[int] `json:"joined_count,omitzero"`
-	InvitedCount     Opt[int] `json:"invited_count,omitzero"`
+	NumLive          Opt[int] `json:"num_live,omitzero"`      // how many timeline events are new since the last response
+	JoinedCount      Opt[int] `json:"joined_count,omitzero"`  // joined members
+	InvitedCount     Opt[int] `json:"invited_count,omitzero"` // invited members
 	// NotificationCount and HighlightCount are always 0 from Synapse and absent in v4.
 	NotificationCount Opt[int]   `json:"notification_count,omitzero"`
-	HighlightCount    Opt[int]   `json:"highlight_count,omitzero"`
-	BumpStamp         Opt[int64] `json:"bump_stamp,omitzero"`
+	HighlightCount    Opt[int]   `json:"highlight_count,omitzero"` // see NotificationCount
+	BumpStamp         Opt[int64] `json:"bump_stamp,omitzero"`      // ordering stamp of the last activity
 	// InviteState is the stripped state of an invite, decoded from invite_state or
 	// stripped_state.
 	InviteState Opt[[]*event.Event] `json:"invite_state,omitzero"`

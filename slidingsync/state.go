@@ -25,38 +25,38 @@ const MaxListOps = 1000
 
 // StateKey identifies a piece of room state.
 type StateKey struct {
-	Type     string `json:"type"`
-	StateKey string `json:"state_key"`
+	Type     string `json:"type"`      // event type
+	StateKey string `json:"state_key"` // state key
 }
 
 // RoomState is what the client knows about one room after merging every processed response.
 // A RoomState is never modified after it is built: MergeRoom returns a new one, so a pointer
 // handed out stays a consistent snapshot.
 type RoomState struct {
-	ID         id.RoomID           `json:"room_id"`
-	Name       string              `json:"name,omitempty"`
-	Avatar     id.ContentURIString `json:"avatar,omitempty"`
-	Heroes     []Hero              `json:"heroes,omitempty"`
-	IsDM       bool                `json:"is_dm,omitempty"`
-	Membership event.Membership    `json:"membership,omitempty"`
+	ID         id.RoomID           `json:"room_id"`              // the room
+	Name       string              `json:"name,omitempty"`       // the room name; empty when unset
+	Avatar     id.ContentURIString `json:"avatar,omitempty"`     // the room avatar; empty when unset
+	Heroes     []Hero              `json:"heroes,omitempty"`     // members that name a room without a name
+	IsDM       bool                `json:"is_dm,omitempty"`      // the room is a direct message
+	Membership event.Membership    `json:"membership,omitempty"` // the user's own membership, when the server says
 	// State is the current required state, by type and state key.
 	State map[StateKey]*event.Event `json:"-"`
 	// Timeline holds the latest timeline events, oldest first, at most the configured cap.
 	Timeline  []*event.Event `json:"timeline,omitempty"`
-	PrevBatch string         `json:"prev_batch,omitempty"`
+	PrevBatch string         `json:"prev_batch,omitempty"` // token to paginate back from the kept timeline
 	// Limited is the limited flag of the last response that carried this room's timeline.
 	Limited bool `json:"limited,omitempty"`
 	// MembersStale is set when a response was limited: lazily loaded membership may be
 	// missing changes and must be refreshed before encrypting to the room. Only
 	// WithMembersFresh clears it.
 	MembersStale      bool           `json:"members_stale,omitempty"`
-	NumLive           int            `json:"num_live,omitempty"`
-	JoinedCount       int            `json:"joined_count,omitempty"`
-	InvitedCount      int            `json:"invited_count,omitempty"`
-	NotificationCount int            `json:"notification_count,omitempty"`
-	HighlightCount    int            `json:"highlight_count,omitempty"`
-	BumpStamp         int64          `json:"bump_stamp,omitempty"`
-	InviteState       []*event.Event `json:"invite_state,omitempty"`
+	NumLive           int            `json:"num_live,omitempty"`           // as in the last response that carried it
+	JoinedCount       int            `json:"joined_count,omitempty"`       // joined members
+	InvitedCount      int            `json:"invited_count,omitempty"`      // invited members
+	NotificationCount int            `json:"notification_count,omitempty"` // as the server reports it (Synapse: always 0)
+	HighlightCount    int            `json:"highlight_count,omitempty"`    // as the server reports it (Synapse: always 0)
+	BumpStamp         int64          `json:"bump_stamp,omitempty"`         // ordering stamp of the last activity
+	InviteState       []*event.Event `json:"invite_state,omitempty"`       // stripped state of an invite
 }
 
 // StateEvent returns the current state event of the given type and key, or nil.

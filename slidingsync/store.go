@@ -12,18 +12,18 @@ import (
 // ConnKey identifies a connection's persisted state: one account (user and device) and one
 // conn_id.
 type ConnKey struct {
-	UserID   id.UserID
-	DeviceID id.DeviceID
-	ConnID   string
+	UserID   id.UserID   // the account
+	DeviceID id.DeviceID // the account's device
+	ConnID   string      // the connection; empty is the default one
 }
 
 // Checkpoint is everything a connection persisted: the pos of the last processed response and
 // the state that goes with it.
 type Checkpoint struct {
-	Pos        string
-	Lists      map[string]ListState
-	Rooms      map[id.RoomID]*RoomState
-	Extensions map[string]json.RawMessage
+	Pos        string                     // pos of the last processed response; empty if none
+	Lists      map[string]ListState       // every list's state
+	Rooms      map[id.RoomID]*RoomState   // every room's merged state
+	Extensions map[string]json.RawMessage // every checkpointing extension's checkpoint, by name
 }
 
 // Update is what one processed response changed. A Store applies it atomically: after a crash,
