@@ -1,0 +1,189 @@
+package crypto
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/id"
+)
+
+// Device lists.
+//
+// mautrix keeps one flag per tracked user (crypto_tracked_user.devices_outdated) and clears it
+// when FetchKeys stores the user's devices (PutDevices), whenever the query was sent. A change
+// recorded while a query is in flight would be cleared by that query's completion. So every
+// mark also bumps a generation in sdkcrypto_outdated_user, in the same transaction; the fetcher
+// notes the generations before it queries and afterwards deletes only the rows whose
+// generation did not move. A user whose row is still there was changed during the query: the
+// fetcher marks them outdated again and queries once more. The rows are durable, so a crash
+// between the query and that check loses nothing: every user with a row is treated as
+// outdated.
+
+const chunkSize = 500
+
+const (
+	bumpGenQuery = `
+		INSERT INTO sdkcrypto_outdated_user (user_id, gen) VALUES ($1, 1)
+		ON CONFLICT (user_id) DO UPDATE SET gen = sdkcrypto_outdated_user.gen + 1
+	`
+	bumpAllGenQuery = `
+		INSERT INTO sdkcrypto_outdated_user (user_id, gen) SELECT user_id, 1 FROM crypto_tracked_user WHERE true
+		ON CONFLICT (user_id) DO UPDATE SET gen = sdkcrypto_outdated_user.gen + 1
+	`
+	markAllOutdatedQuery   = `UPDATE crypto_tracked_user SET devices_outdated = true`
+	untrackQuery           = `DELETE FROM crypto_tracked_user WHERE user_id = $1`
+	deleteGenQuery         = `DELETE FROM sdkcrypto_outdated_user WHERE user_id = $1`
+	deleteGenIfQuery       = `DELETE FROM sdkcrypto_outdated_user WHERE user_id = $1 AND gen = $2`
+	selectGensQuery        = `SELECT user_id, gen FROM sdkcrypto_outdated_user`
+	selectGenUsersPrefix   = `SELECT user_id FROM sdkcrypto_outdated_user WHERE user_id IN (`
+	selectTrackedPrefix    = `SELECT user_id FROM crypto_tracked_user WHERE user_id IN (`
+	markOutdatedListPrefix = `UPDATE crypto_tracked_user SET devices_outdated = true WHERE user_id IN (`
+)
+
+// inList returns "$1,$2,...)" and the parameters for users.
+func inList(users []id.UserID) (string, []any) {
+	var sb strings.Builder
+	params := make([]any, len(users))
+	for i, u := range users {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		fmt.Fprintf(&sb, "$%d", i+1)
+		params[i] = u
+	}
+	sb.WriteByte(')')
+	return sb.String(), params
+}
+
+// queryUsers runs prefix+list for users in chunks and returns the user IDs it selects.
+func (m *Machine) queryUsers(ctx context.Context, prefix string, users []id.UserID) ([]id.UserID, error) {
+	var out []id.UserID
+	for chunk := range slices.Chunk(users, chunkSize) {
+		list, params := inList(chunk)
+		rows, err := m.db.Query(ctx, prefix+list, params...)
+		got, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.UserID], err).AsList()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, got...)
+	}
+	return out, nil
+}
+
+// execUsers runs prefix+list for users in chunks.
+func (m *Machine) execUsers(ctx context.Context, prefix string, users []id.UserID) error {
+	for chunk := range slices.Chunk(users, chunkSize) {
+		list, params := inList(chunk)
+		if _, err := m.db.Exec(ctx, prefix+list, params...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// markOutdated marks the tracked users among users outdated and bumps their generations.
+func (m *Machine) markOutdated(ctx context.Context, users []id.UserID) error {
+	return m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		tracked, err := m.queryUsers(ctx, selectTrackedPrefix, users)
+		if err != nil {
+			return err
+		}
+		if err := m.execUsers(ctx, markOutdatedListPrefix, tracked); err != nil {
+			return err
+		}
+		for _, u := range tracked {
+			if _, err := m.db.Exec(ctx, bumpGenQuery, u); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// markAllOutdated marks every tracked user outdated and bumps their generations.
+func (m *Machine) markAllOutdated(ctx context.Context) error {
+	return m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if _, err := m.db.Exec(ctx, markAllOutdatedQuery); err != nil {
+			return err
+		}
+		_, err := m.db.Exec(ctx, bumpAllGenQuery)
+		return err
+	})
+}
+
+// untrack makes mautrix forget that it tracks users; their stored devices (and the trust
+// given to them) stay, and are refreshed by the next query.
+func (m *Machine) untrack(ctx context.Context, users []id.UserID) error {
+	return m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for _, u := range users {
+			if _, err := m.db.Exec(ctx, untrackQuery, u); err != nil {
+				return err
+			}
+			if _, err := m.db.Exec(ctx, deleteGenQuery, u); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// refreshOutdated queries the devices of every outdated user once. again is true when a user
+// was marked outdated again while the query was in flight.
+func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
+	outdated, err := m.store.GetOutdatedTrackedUsers(ctx)
+	if err != nil {
+		return false, fmt.Errorf("list outdated users: %w", err)
+	}
+	gens := make(map[id.UserID]int64)
+	rows, err := m.db.Query(ctx, selectGensQuery)
+	err = dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (struct{}, error) {
+		var u id.UserID
+		var gen int64
+		err := row.Scan(&u, &gen)
+		gens[u] = gen
+		return struct{}{}, err
+	}, err).Iter(func(struct{}) (bool, error) { return true, nil })
+	if err != nil {
+		return false, fmt.Errorf("read generations: %w", err)
+	}
+	users := outdated
+	for u := range gens {
+		if !slices.Contains(outdated, u) {
+			users = append(users, u)
+		}
+	}
+	if len(users) == 0 {
+		return false, nil
+	}
+	slices.Sort(users)
+	zerolog.Ctx(ctx).Debug().Int("count", len(users)).Msg("Querying the devices of outdated users")
+	if _, err := m.olm.FetchKeys(ctx, users, false); err != nil {
+		return false, err
+	}
+	var changed []id.UserID
+	err = m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for u, gen := range gens {
+			if _, err := m.db.Exec(ctx, deleteGenIfQuery, u, gen); err != nil {
+				return err
+			}
+		}
+		var err error
+		changed, err = m.queryUsers(ctx, selectGenUsersPrefix, users)
+		if err != nil {
+			return err
+		}
+		return m.execUsers(ctx, markOutdatedListPrefix, changed)
+	})
+	if err != nil {
+		return false, fmt.Errorf("settle generations: %w", err)
+	}
+	if len(changed) > 0 {
+		zerolog.Ctx(ctx).Debug().Int("count", len(changed)).
+			Msg("Device lists changed while they were queried; querying again")
+	}
+	return len(changed) > 0, nil
+}

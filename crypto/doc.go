@@ -1,0 +1,52 @@
+// Package crypto connects the sliding sync extensions of package e2ee to mautrix's
+// OlmMachine (maunium.net/go/mautrix/crypto), so that a bot on a [slidingsync.Conn] can
+// decrypt and encrypt.
+//
+// A [Machine] is built from the mautrix client, an OlmMachine on a SQLCryptoStore and a
+// [Config]. It is the [e2ee.Consumer] of the e2ee extension, and [Machine.HandleToDevice] is
+// the [e2ee.ToDeviceHandler] of the to_device extension. [Machine.Run] owns the network work.
+// Keep the crypto store, this package's tables and the sliding sync store (sqlstore) in one
+// database, so that what HandleE2EE records commits or rolls back with pos:
+//
+//	db, _ := dbopen.Open(path, dbopen.Config{})
+//	cs := mcrypto.NewSQLCryptoStore(db, nil, "", cli.DeviceID, pickleKey)
+//	_ = cs.DB.Upgrade(ctx)
+//	olm := mcrypto.NewOlmMachine(cli, &log, cs, stateStore)
+//	_ = olm.Load(ctx)
+//	mach, _ := crypto.New(cli, olm, crypto.Config{})
+//	_ = mach.Upgrade(ctx)
+//	e2eeExt, _ := e2ee.NewE2EE(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: mach})
+//	tdExt, _ := e2ee.NewToDevice(cli.UserID, cli.DeviceID, e2ee.ToDeviceConfig{Handler: mach.HandleToDevice})
+//	go mach.Run(ctx)
+//
+// # Guarantees
+//
+//   - Device lists: HandleE2EE runs inside the commit transaction and makes no network call.
+//     Changed users that mautrix tracks are marked outdated, on a gap every tracked user is,
+//     and Left users are untracked (their row in crypto_tracked_user is deleted; their devices
+//     stay stored, and the next ShareGroupSession that needs them queries them again, as
+//     mautrix does for any untracked user). So a device-list change is recorded if and only if
+//     pos advances past it.
+//   - Run queries outdated users with OlmMachine.FetchKeys, retrying failures with
+//     exponential backoff. A change that arrives while a user's query is in flight is not lost
+//     although FetchKeys clears the outdated flag when it stores the answer: every mark bumps a
+//     durable generation, and a user whose generation moved during the query is marked again
+//     and queried again.
+//   - One-time keys: counts are acted on only once a response carried them; unknown counts
+//     are never taken for 0. Run uploads keys when the committed count of signed_curve25519
+//     keys is below half of what the account keeps (50 with goolm), up to that half, through
+//     OlmMachine.ShareKeys; the server thus never holds more one-time keys than the account
+//     keeps private keys for. A count is acted on once: a stale repetition of the same counts
+//     after an upload does not upload again. A new device uploads its device keys (and
+//     one-time keys) on the first Run, whatever the server reported.
+//   - To-device: HandleToDevice passes every event to OlmMachine.HandleToDeviceEvent, which
+//     stores the room keys it decrypts before it returns; a re-delivered Olm message is
+//     recognised by mautrix's stored message hashes and decrypted once.
+//
+// # Not done yet
+//
+// Fallback keys (MSC2732) are not uploaded: mautrix does not support them, and the e2ee
+// extension's State.NeedsFallbackKey is not acted on. Room state for encryption
+// (m.room.encryption, m.room.member) is not yet fed into mautrix's state store by this
+// package.
+package crypto

@@ -1,0 +1,208 @@
+package crypto
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
+)
+
+const (
+	testUser   id.UserID   = "@bot:example.org"
+	testDevice id.DeviceID = "BOTDEVICE"
+)
+
+// fakeHS is the key API of a homeserver: /keys/upload, /keys/query and /keys/claim. It keeps
+// the uploaded keys and counts the one-time keys it holds, as a server does.
+type fakeHS struct {
+	t *testing.T
+
+	mu           sync.Mutex
+	uploads      []json.RawMessage // every non-empty /keys/upload body
+	emptyUploads int               // /keys/upload with nothing to upload (count checks)
+	deviceKeys   json.RawMessage
+	otks         map[string]json.RawMessage
+	fallback     map[string]json.RawMessage
+	queries      [][]id.UserID
+	failQueries  int                           // the next failQueries /keys/query answer 500
+	queryHook    func(users []id.UserID)       // runs inside /keys/query, may block
+	userDevices  map[id.UserID]json.RawMessage // device_keys answered per user; default {}
+}
+
+func newFakeHS(t *testing.T) *fakeHS {
+	return &fakeHS{t: t, otks: map[string]json.RawMessage{}, fallback: map[string]json.RawMessage{}}
+}
+
+func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	switch {
+	case strings.HasSuffix(r.URL.Path, "/keys/upload"):
+		var req struct {
+			DeviceKeys   json.RawMessage            `json:"device_keys"`
+			OneTimeKeys  map[string]json.RawMessage `json:"one_time_keys"`
+			FallbackKeys map[string]json.RawMessage `json:"fallback_keys"`
+		}
+		if err := json.Unmarshal(body, &req); err != nil {
+			w.WriteHeader(http.StatusBadRequest)
+			return
+		}
+		hs.mu.Lock()
+		if len(req.DeviceKeys) == 0 && len(req.OneTimeKeys) == 0 && len(req.FallbackKeys) == 0 {
+			hs.emptyUploads++
+		} else {
+			hs.uploads = append(hs.uploads, json.RawMessage(body))
+		}
+		if len(req.DeviceKeys) > 0 {
+			hs.deviceKeys = req.DeviceKeys
+		}
+		for k, v := range req.OneTimeKeys {
+			hs.otks[k] = v
+		}
+		if len(req.FallbackKeys) > 0 {
+			hs.fallback = req.FallbackKeys
+		}
+		n := 0
+		for k := range hs.otks {
+			if strings.HasPrefix(k, "signed_curve25519:") {
+				n++
+			}
+		}
+		hs.mu.Unlock()
+		writeJSON(w, map[string]any{"one_time_key_counts": map[string]int{"signed_curve25519": n}})
+	case strings.HasSuffix(r.URL.Path, "/keys/query"):
+		var req struct {
+			DeviceKeys map[id.UserID][]id.DeviceID `json:"device_keys"`
+		}
+		_ = json.Unmarshal(body, &req)
+		users := make([]id.UserID, 0, len(req.DeviceKeys))
+		for u := range req.DeviceKeys {
+			users = append(users, u)
+		}
+		slices.Sort(users)
+		hs.mu.Lock()
+		hs.queries = append(hs.queries, users)
+		hook := hs.queryHook
+		fail := hs.failQueries > 0
+		if fail {
+			hs.failQueries--
+		}
+		hs.mu.Unlock()
+		if hook != nil {
+			hook(users)
+		}
+		if fail {
+			w.WriteHeader(http.StatusInternalServerError)
+			writeJSON(w, map[string]string{"errcode": "M_UNKNOWN", "error": "try later"})
+			return
+		}
+		resp := map[id.UserID]json.RawMessage{}
+		hs.mu.Lock()
+		for _, u := range users {
+			if dk, ok := hs.userDevices[u]; ok {
+				resp[u] = dk
+			} else {
+				resp[u] = json.RawMessage(`{}`)
+			}
+		}
+		hs.mu.Unlock()
+		writeJSON(w, map[string]any{"device_keys": resp, "failures": map[string]any{}})
+	default:
+		w.WriteHeader(http.StatusNotFound)
+		writeJSON(w, map[string]string{"errcode": "M_UNRECOGNIZED", "error": "not here"})
+	}
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func (hs *fakeHS) snapshot() (uploads []json.RawMessage, queries [][]id.UserID) {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	return slices.Clone(hs.uploads), slices.Clone(hs.queries)
+}
+
+// handlerTransport calls an http.Handler in-process, without sockets, so that it works inside
+// testing/synctest bubbles.
+type handlerTransport struct{ h http.Handler }
+
+func (t handlerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	var body []byte
+	if req.Body != nil {
+		body, _ = io.ReadAll(req.Body)
+		req.Body.Close()
+	}
+	sreq := req.Clone(req.Context())
+	sreq.Body = io.NopCloser(bytes.NewReader(body))
+	rec := httptest.NewRecorder()
+	t.h.ServeHTTP(rec, sreq)
+	if err := req.Context().Err(); err != nil {
+		return nil, err
+	}
+	return rec.Result(), nil
+}
+
+// env is a bot device: a real goolm OlmMachine on a SQLite crypto store and a Machine.
+type env struct {
+	t     *testing.T
+	hs    *fakeHS
+	db    *dbutil.Database
+	cli   *mautrix.Client
+	olm   *mcrypto.OlmMachine
+	store *mcrypto.SQLCryptoStore
+	m     *Machine
+}
+
+func newEnv(t *testing.T, cfg Config) *env {
+	t.Helper()
+	ctx := context.Background()
+	hs := newFakeHS(t)
+	db, err := dbopen.Open(filepath.Join(t.TempDir(), "bot.db"), dbopen.Config{RelaxedSync: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = db.Close() })
+	cli, err := mautrix.NewClient("https://hs.example.org", testUser, "token")
+	require.NoError(t, err)
+	cli.DeviceID = testDevice
+	cli.Client = &http.Client{Transport: handlerTransport{hs}}
+	log := zerolog.Nop()
+	cli.Log = log
+	cs := mcrypto.NewSQLCryptoStore(db, nil, "", testDevice, []byte("pickle key"))
+	require.NoError(t, cs.DB.Upgrade(ctx))
+	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
+	require.NoError(t, olm.Load(ctx))
+	m, err := New(cli, olm, cfg)
+	require.NoError(t, err)
+	require.NoError(t, m.Upgrade(ctx))
+	return &env{t: t, hs: hs, db: db, cli: cli, olm: olm, store: cs, m: m}
+}
+
+// track makes mautrix track users (as if their devices had been fetched).
+func (e *env) track(users ...id.UserID) {
+	for _, u := range users {
+		require.NoError(e.t, e.store.PutDevices(context.Background(), u, map[id.DeviceID]*id.Device{}))
+	}
+}
+
+func (e *env) outdated() []id.UserID {
+	users, err := e.store.GetOutdatedTrackedUsers(context.Background())
+	require.NoError(e.t, err)
+	slices.Sort(users)
+	return users
+}

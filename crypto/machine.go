@@ -1,0 +1,266 @@
+package crypto
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
+	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/e2ee"
+)
+
+// Defaults of Config.
+const (
+	// DefaultMinRetryDelay is Config.MinRetryDelay when it is zero.
+	DefaultMinRetryDelay = time.Second
+	// DefaultMaxRetryDelay is Config.MaxRetryDelay when it is zero.
+	DefaultMaxRetryDelay = 5 * time.Minute
+)
+
+// ErrAlreadyRunning is returned by Run while another Run of the same Machine has not returned.
+var ErrAlreadyRunning = errors.New("crypto: Machine is already running")
+
+// Config configures a Machine. The zero value is ready to use.
+type Config struct {
+	// MinRetryDelay is the delay before the background work is retried after its first
+	// failure; it doubles after every further failure. Zero means DefaultMinRetryDelay.
+	MinRetryDelay time.Duration
+	// MaxRetryDelay caps the retry delay. Zero means DefaultMaxRetryDelay.
+	MaxRetryDelay time.Duration
+}
+
+// Machine feeds what the sliding sync e2ee and to_device extensions deliver into mautrix's
+// OlmMachine. It implements [e2ee.Consumer]; [Machine.HandleToDevice] is an
+// [e2ee.ToDeviceHandler]. Its network work (key queries, key uploads) runs in [Machine.Run].
+// See the package documentation for its guarantees.
+type Machine struct {
+	cli   *mautrix.Client
+	olm   *mcrypto.OlmMachine
+	store *mcrypto.SQLCryptoStore
+	db    *dbutil.Database
+	cfg   Config
+
+	kick    chan struct{}
+	running atomic.Bool
+
+	mu         sync.Mutex
+	otkSeen    bool                    // otkLast holds counts of a committed State
+	otkLast    map[id.KeyAlgorithm]int // last counts committed
+	otkPending bool                    // otkLast still has to be acted on
+	otkSeq     uint64                  // bumped whenever otkLast changes
+}
+
+var _ e2ee.Consumer = (*Machine)(nil)
+
+// New returns a Machine for cli, the client the OlmMachine olm was built with. olm must be
+// loaded (OlmMachine.Load) and use a *mcrypto.SQLCryptoStore: the Machine writes its own
+// tables into a child database of that store's database, and device-list changes are recorded
+// in the transaction of the sliding sync store's commit, so the sliding sync store (sqlstore)
+// must live in the same database for them to commit together with pos. Call
+// [Machine.Upgrade] before using the Machine.
+func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, error) {
+	if cli == nil || olm == nil {
+		return nil, errors.New("crypto: client and OlmMachine are required")
+	}
+	store, ok := olm.CryptoStore.(*mcrypto.SQLCryptoStore)
+	if !ok {
+		return nil, fmt.Errorf("crypto: the OlmMachine's crypto store is a %T, not a *crypto.SQLCryptoStore", olm.CryptoStore)
+	}
+	if olm.GetAccount() == nil {
+		return nil, errors.New("crypto: the OlmMachine is not loaded (call Load first)")
+	}
+	if cfg.MinRetryDelay <= 0 {
+		cfg.MinRetryDelay = DefaultMinRetryDelay
+	}
+	if cfg.MaxRetryDelay <= 0 {
+		cfg.MaxRetryDelay = DefaultMaxRetryDelay
+	}
+	cfg.MaxRetryDelay = max(cfg.MaxRetryDelay, cfg.MinRetryDelay)
+	return &Machine{
+		cli:   cli,
+		olm:   olm,
+		store: store,
+		db:    store.DB.Child(VersionTableName, UpgradeTable, nil),
+		cfg:   cfg,
+		kick:  make(chan struct{}, 1),
+	}, nil
+}
+
+// Upgrade creates or upgrades the Machine's own tables. The crypto store's tables must exist
+// already (SQLCryptoStore.DB.Upgrade).
+func (m *Machine) Upgrade(ctx context.Context) error {
+	return m.db.Upgrade(ctx)
+}
+
+// OlmMachine returns the OlmMachine the Machine feeds.
+func (m *Machine) OlmMachine() *mcrypto.OlmMachine { return m.olm }
+
+// HandleE2EE implements e2ee.Consumer. It runs inside the sliding sync store's commit
+// transaction (carried by ctx) and makes no network call: Changed users that are tracked are
+// marked outdated, on a gap every tracked user is, and Left users are untracked. A user is
+// tracked once mautrix has fetched their devices; an untracked user's devices are fetched
+// again by the next OlmMachine.ShareGroupSession that needs them.
+func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
+	if d.Gap {
+		if err := m.markAllOutdated(ctx); err != nil {
+			return fmt.Errorf("crypto: mark every tracked user outdated: %w", err)
+		}
+	}
+	if len(d.Changed) > 0 {
+		if err := m.markOutdated(ctx, d.Changed); err != nil {
+			return fmt.Errorf("crypto: mark changed users outdated: %w", err)
+		}
+	}
+	if len(d.Left) > 0 {
+		if err := m.untrack(ctx, d.Left); err != nil {
+			return fmt.Errorf("crypto: untrack users: %w", err)
+		}
+	}
+	return nil
+}
+
+// E2EECommitted implements e2ee.Consumer: it notes the committed one-time key counts and
+// wakes the goroutine of Run. It never blocks.
+func (m *Machine) E2EECommitted(ctx context.Context, st e2ee.State) {
+	m.mu.Lock()
+	if st.OTKCountsKnown && (!m.otkSeen || !maps.Equal(st.OTKCounts, m.otkLast)) {
+		m.otkSeen, m.otkLast, m.otkPending = true, maps.Clone(st.OTKCounts), true
+		m.otkSeq++
+	}
+	m.mu.Unlock()
+	m.Kick()
+}
+
+// Kick wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
+// upload). It never blocks.
+func (m *Machine) Kick() {
+	select {
+	case m.kick <- struct{}{}:
+	default:
+	}
+}
+
+// HandleToDevice is an e2ee.ToDeviceHandler: it runs every event through
+// OlmMachine.HandleToDeviceEvent, which decrypts Olm messages and stores the room keys they
+// carry before it returns. A re-delivered Olm message is recognised by mautrix's stored
+// message hashes and not handled twice. mautrix reports no errors from HandleToDeviceEvent,
+// so a failure to store a room key is only logged by mautrix; HandleToDevice returns an error
+// only when ctx is done.
+func (m *Machine) HandleToDevice(ctx context.Context, evts []*event.Event) error {
+	for _, evt := range evts {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if evt.Content.Parsed == nil && evt.Content.VeryRaw != nil {
+			// The extension already tried; an unparsed event is dropped by mautrix anyway.
+			zerolog.Ctx(ctx).Debug().Stringer("type", evt.Type).Stringer("sender", evt.Sender).
+				Msg("Handing an unparsed to-device event to the OlmMachine")
+		}
+		m.olm.HandleToDeviceEvent(ctx, evt)
+	}
+	m.olm.MarkOlmHashSavePoint(ctx)
+	return nil
+}
+
+// Run does the Machine's network work until ctx is done: it uploads the device keys on the
+// first run of a new device, tops up one-time keys when the committed counts are low, and
+// fetches the device lists of outdated users, retrying failures with exponential backoff. It
+// returns context.Cause(ctx) once its work has stopped, or ErrAlreadyRunning.
+func (m *Machine) Run(ctx context.Context) error {
+	if !m.running.CompareAndSwap(false, true) {
+		return ErrAlreadyRunning
+	}
+	defer m.running.Store(false)
+	log := zerolog.Ctx(ctx)
+	var delay time.Duration
+	for {
+		again, err := m.work(ctx)
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		switch {
+		case err != nil:
+			delay = min(max(delay*2, m.cfg.MinRetryDelay), m.cfg.MaxRetryDelay)
+			log.Warn().Err(err).Dur("retry_in", delay).Msg("Crypto background work failed")
+			t := time.NewTimer(delay)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return context.Cause(ctx)
+			case <-t.C:
+			}
+			continue
+		case again:
+			delay = 0
+			continue
+		}
+		delay = 0
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-m.kick:
+		}
+	}
+}
+
+// work does one round of background work. again is true when more work arrived meanwhile.
+func (m *Machine) work(ctx context.Context) (again bool, err error) {
+	if err := m.shareKeys(ctx); err != nil {
+		return false, fmt.Errorf("upload keys: %w", err)
+	}
+	again, err = m.refreshOutdated(ctx)
+	if err != nil {
+		return false, fmt.Errorf("refresh device lists: %w", err)
+	}
+	return again, nil
+}
+
+// shareKeys uploads the device keys if they were never uploaded, and one-time keys when the
+// last committed count of signed_curve25519 keys is below half of what the account keeps.
+// Counts that no response carried are never taken for 0, except on the first upload of a new
+// device, which uploads whatever the server reports (nothing reported: assume none).
+func (m *Machine) shareKeys(ctx context.Context) error {
+	m.mu.Lock()
+	seen, pending, seq := m.otkSeen, m.otkPending, m.otkSeq
+	count := m.otkLast[id.KeyAlgorithmSignedCurve25519]
+	m.mu.Unlock()
+
+	acc := m.olm.GetAccount()
+	switch {
+	case !acc.Shared:
+		if !seen {
+			count = 0
+		}
+		zerolog.Ctx(ctx).Debug().Int("server_count", count).Bool("count_known", seen).
+			Msg("Uploading the device keys of a new device")
+	case pending && count < int(acc.Internal.MaxNumberOfOneTimeKeys()/2):
+		zerolog.Ctx(ctx).Debug().Int("server_count", count).Msg("Topping up one-time keys")
+	default:
+		m.donePending(seq)
+		return nil
+	}
+	if err := m.olm.ShareKeys(ctx, count); err != nil {
+		return err
+	}
+	m.donePending(seq)
+	return nil
+}
+
+// donePending clears the pending one-time key counts if they are still those of seq.
+func (m *Machine) donePending(seq uint64) {
+	m.mu.Lock()
+	if m.otkSeq == seq {
+		m.otkPending = false
+	}
+	m.mu.Unlock()
+}
