@@ -1,0 +1,143 @@
+package crypto
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix/crypto/signatures"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/e2ee"
+)
+
+type uploadBody struct {
+	DeviceKeys   json.RawMessage            `json:"device_keys"`
+	OneTimeKeys  map[string]json.RawMessage `json:"one_time_keys"`
+	FallbackKeys map[string]json.RawMessage `json:"fallback_keys"`
+}
+
+func decodeUpload(t *testing.T, raw json.RawMessage) uploadBody {
+	t.Helper()
+	var b uploadBody
+	require.NoError(t, json.Unmarshal(raw, &b))
+	return b
+}
+
+// verifySigned checks that a signed key object carries a valid signature of the bot device.
+func (e *env) verifySigned(raw json.RawMessage) {
+	e.t.Helper()
+	ok, err := signatures.VerifySignatureJSON(raw, testUser, testDevice.String(), e.olm.OwnIdentity().SigningKey)
+	require.NoError(e.t, err)
+	assert.True(e.t, ok, "signature of %s", raw)
+}
+
+func counts(n int) e2ee.State {
+	return e2ee.State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{id.KeyAlgorithmSignedCurve25519: n}}
+}
+
+func TestNewDeviceUploadsSignedKeysWithoutCounts(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, Config{})
+	e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+	require.NoError(t, e.m.shareKeys(ctx))
+	uploads, _ := e.hs.snapshot()
+	require.Len(t, uploads, 1)
+	b := decodeUpload(t, uploads[0])
+	require.NotEmpty(t, b.DeviceKeys)
+	e.verifySigned(b.DeviceKeys)
+	assert.Len(t, b.OneTimeKeys, 50)
+	for _, k := range b.OneTimeKeys {
+		e.verifySigned(k)
+	}
+
+	// Responses without counts never cause an upload.
+	for range 3 {
+		e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+		require.NoError(t, e.m.shareKeys(ctx))
+	}
+	uploads, _ = e.hs.snapshot()
+	assert.Len(t, uploads, 1)
+}
+
+func TestEmptyCountsTopUpOnce(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, Config{})
+	// The server reports 50 keys although it holds none: only the device keys go up.
+	e.m.E2EECommitted(ctx, counts(50))
+	require.NoError(t, e.m.shareKeys(ctx))
+	uploads, _ := e.hs.snapshot()
+	require.Len(t, uploads, 1)
+	assert.Empty(t, decodeUpload(t, uploads[0]).OneTimeKeys)
+
+	// {} means every algorithm counts 0, reported five times (stale repetitions).
+	for range 5 {
+		e.m.E2EECommitted(ctx, e2ee.State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{}})
+		require.NoError(t, e.m.shareKeys(ctx))
+	}
+	uploads, _ = e.hs.snapshot()
+	require.Len(t, uploads, 2)
+	b := decodeUpload(t, uploads[1])
+	assert.Empty(t, b.DeviceKeys)
+	assert.Len(t, b.OneTimeKeys, 50)
+	for _, k := range b.OneTimeKeys {
+		e.verifySigned(k)
+	}
+	e.hs.mu.Lock()
+	assert.Len(t, e.hs.otks, 50, "the server never holds more keys than the account keeps half of")
+	e.hs.mu.Unlock()
+
+	// A count at the threshold uploads nothing.
+	e.m.E2EECommitted(ctx, counts(50))
+	require.NoError(t, e.m.shareKeys(ctx))
+	uploads, _ = e.hs.snapshot()
+	assert.Len(t, uploads, 2)
+}
+
+// Run uploads the keys of a new device and queries outdated users, retrying a failed query
+// with backoff, and returns after its work stopped.
+func TestRunRetriesWithBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancelCause(context.Background())
+		e := newEnv(t, Config{MinRetryDelay: time.Second, MaxRetryDelay: 4 * time.Second})
+		e.track(alice)
+		require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+		e.hs.failQueries = 3
+
+		done := make(chan error, 1)
+		go func() { done <- e.m.Run(ctx) }()
+		e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+		synctest.Wait()
+		start := time.Now()
+		_, queries := e.hs.snapshot()
+		assert.Len(t, queries, 1)
+
+		time.Sleep(time.Second) // fake time: first retry
+		synctest.Wait()
+		_, queries = e.hs.snapshot()
+		assert.Len(t, queries, 2)
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		_, queries = e.hs.snapshot()
+		assert.Len(t, queries, 3)
+		time.Sleep(4 * time.Second)
+		synctest.Wait()
+		_, queries = e.hs.snapshot()
+		assert.Len(t, queries, 4)
+		assert.Equal(t, 7*time.Second, time.Since(start))
+		assert.Empty(t, e.outdated())
+
+		require.ErrorIs(t, e.m.Run(ctx), ErrAlreadyRunning)
+		errStop := errors.New("stop")
+		cancel(errStop)
+		require.ErrorIs(t, <-done, errStop)
+		uploads, _ := e.hs.snapshot()
+		assert.Len(t, uploads, 1)
+		require.NoError(t, e.db.Close())
+	})
+}
