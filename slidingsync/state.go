@@ -241,8 +241,8 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 		switch op.Op {
 		case ListOpSync:
 			// Positions past the given IDs are unknown: clear what is there, but do not
-			// materialise them.
-			for j := op.Range.Start; j <= op.Range.End; j++ {
+			// materialise them. Positions past the count are cut at the end anyway.
+			for j := op.Range.Start; j <= op.Range.End && j < next.Count; j++ {
 				if k := j - op.Range.Start; k < len(op.RoomIDs) {
 					set(j, op.RoomIDs[k])
 				} else if j < len(rooms) {
@@ -256,11 +256,15 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 				set(j, "")
 			}
 		case ListOpDelete:
-			if *op.Index < len(rooms) {
+			// An op at or past the count only moves positions that are cut at the end.
+			if *op.Index < len(rooms) && *op.Index < next.Count {
 				own()
 				rooms = slices.Delete(rooms, *op.Index, *op.Index+1)
 			}
 		case ListOpInsert:
+			if *op.Index >= next.Count {
+				continue
+			}
 			own()
 			if *op.Index > len(rooms) {
 				rooms = append(rooms, make([]id.RoomID, *op.Index-len(rooms))...)
