@@ -250,6 +250,28 @@ func (s *Store) scanBlobs(ctx context.Context, query string, key slidingsync.Con
 	return nil
 }
 
+// Conns returns the key of every stored connection, ordered by user, device and conn_id, for
+// tools that show or clean up what a database holds.
+func (s *Store) Conns(ctx context.Context) ([]slidingsync.ConnKey, error) {
+	rows, err := s.DB.Query(ctx, `SELECT user_id, device_id, conn_id FROM slidingsync_conn ORDER BY user_id, device_id, conn_id`)
+	if err != nil {
+		return nil, fmt.Errorf("sqlstore: list connections: %w", err)
+	}
+	defer rows.Close()
+	var keys []slidingsync.ConnKey
+	for rows.Next() {
+		var key slidingsync.ConnKey
+		if err := rows.Scan(&key.UserID, &key.DeviceID, &key.ConnID); err != nil {
+			return nil, fmt.Errorf("sqlstore: list connections: %w", err)
+		}
+		keys = append(keys, key)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("sqlstore: list connections: %w", err)
+	}
+	return keys, nil
+}
+
 // Delete forgets everything stored for key, in one transaction: pos, lists, rooms and
 // extension checkpoints. It does not rely on foreign keys being enforced.
 func (s *Store) Delete(ctx context.Context, key slidingsync.ConnKey) error {
