@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
+)
+
+func TestInspectPrintsStoredState(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "bot.db")
+	db, err := dbopen.Open(path, dbopen.Config{})
+	require.NoError(t, err)
+	store := sqlstore.New(db, nil)
+	require.NoError(t, store.Upgrade(ctx))
+	key := slidingsync.ConnKey{UserID: "@bot:example.org", DeviceID: "BOT"}
+	empty := ""
+	enc := &slidingsync.RoomResponse{Initial: true, Name: slidingsync.Some("Secret"), BumpStamp: slidingsync.Some(int64(9)),
+		JoinedCount: slidingsync.Some(3), Limited: true,
+		RequiredState: []*event.Event{{Type: event.StateEncryption, StateKey: &empty, Content: event.Content{VeryRaw: json.RawMessage(`{"algorithm":"m.megolm.v1.aes-sha2"}`)}}}}
+	plain := &slidingsync.RoomResponse{Initial: true, Name: slidingsync.Some("Lobby"), BumpStamp: slidingsync.Some(int64(2))}
+	require.NoError(t, store.Commit(ctx, key, &slidingsync.Update{
+		Pos:   "42",
+		Lists: map[string]slidingsync.ListState{"all": {Count: 2, Rooms: []id.RoomID{"!enc:x", "!plain:x"}}},
+		Rooms: map[id.RoomID]*slidingsync.RoomState{
+			"!enc:x":   slidingsync.MergeRoom(nil, "!enc:x", enc, 0),
+			"!plain:x": slidingsync.MergeRoom(nil, "!plain:x", plain, 0),
+		},
+		Extensions: map[string]json.RawMessage{
+			"e2ee":      json.RawMessage(`{"active":true,"otk_counts_known":true,"otk_counts":{"signed_curve25519":50}}`),
+			"to_device": json.RawMessage(`{"since":"17"}`),
+		},
+	}))
+	require.NoError(t, db.Close())
+
+	var out strings.Builder
+	require.NoError(t, run(ctx, &out, path, 1))
+	got := out.String()
+	for _, want := range []string{
+		"connection @bot:example.org / BOT / (default)",
+		"pos", "42",
+		"list all", "2 rooms, 2 in the window",
+		"2 known, 1 with stale membership",
+		"one-time keys map[signed_curve25519:50], unused fallback keys never reported",
+		"acknowledged up to 17",
+		"!enc:x", "Secret", "yes", "limited,members-stale",
+	} {
+		assert.Contains(t, got, want)
+	}
+	assert.NotContains(t, got, "Lobby", "-rooms 1 shows only the most recently active room")
+}
+
+func TestInspectMissingDatabase(t *testing.T) {
+	var out strings.Builder
+	err := run(context.Background(), &out, filepath.Join(t.TempDir(), "none.db"), 5)
+	require.Error(t, err)
+}
