@@ -42,6 +42,7 @@ type options struct {
 	protocol    string
 	connID      string
 	demoRooms   int
+	dbSet       bool // -db was given; the demo then keeps its database there
 }
 
 func main() {
@@ -51,11 +52,12 @@ func main() {
 	flag.StringVar(&o.password, "password", "", "password (used once to log in)")
 	flag.StringVar(&o.accessToken, "access-token", "", "access token (with -device-id) instead of a password")
 	flag.StringVar(&o.deviceID, "device-id", "", "device ID belonging to -access-token")
-	flag.StringVar(&o.db, "db", "e2eebot.db", "SQLite path or postgres:// URI; the demo uses a temporary SQLite file")
+	flag.StringVar(&o.db, "db", "e2eebot.db", "SQLite path or postgres:// URI; without -db the demo uses a temporary SQLite file")
 	flag.StringVar(&o.protocol, "protocol", "auto", "sliding sync dialect: auto, msc4186, msc3575 or v4")
 	flag.StringVar(&o.connID, "conn-id", "", "sliding sync conn_id")
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
 	flag.Parse()
+	flag.Visit(func(f *flag.Flag) { o.dbSet = o.dbSet || f.Name == "db" })
 
 	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly}).Level(zerolog.InfoLevel).With().Timestamp().Logger()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -91,12 +93,16 @@ func runDemo(ctx context.Context, o options) error {
 	cli.Log = *zerolog.Ctx(ctx)
 	fmt.Printf("demo: embedded homeserver at %s with %d rooms, bot %s\n", hs.URL, o.demoRooms, cli.UserID)
 
-	dir, err := os.MkdirTemp("", "e2eebot-demo")
-	if err != nil {
-		return err
+	dbTarget := o.db
+	if !o.dbSet {
+		dir, err := os.MkdirTemp("", "e2eebot-demo")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		dbTarget = filepath.Join(dir, "demo.db")
 	}
-	defer os.RemoveAll(dir)
-	store, closeStore, err := openStore(ctx, filepath.Join(dir, "demo.db"))
+	store, closeStore, err := openStore(ctx, dbTarget)
 	if err != nil {
 		return err
 	}
