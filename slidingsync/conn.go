@@ -7,9 +7,12 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -61,6 +64,9 @@ type Config struct {
 	TimelineCap int
 	// MaxResponseSize bounds a response body. Zero means DefaultMaxResponseSize.
 	MaxResponseSize int64
+	// AllowInsecureHTTP allows plain http:// to a homeserver or proxy that is not on a
+	// loopback address. False (the default) makes Run refuse before sending the access token.
+	AllowInsecureHTTP bool
 }
 
 // Result is what OnResponse receives for one processed response.
@@ -287,8 +293,14 @@ func (c *Conn) Run(ctx context.Context) error {
 	if err := c.load(ctx); err != nil {
 		return err
 	}
+	if err := c.checkTransport(c.cli.HomeserverURL); err != nil {
+		return err
+	}
 	endpoint, err := c.discover(ctx)
 	if err != nil {
+		return err
+	}
+	if err := c.checkTransport(endpoint.BaseURL); err != nil {
 		return err
 	}
 	c.mu.Lock()
@@ -462,6 +474,22 @@ func (c *Conn) discover(ctx context.Context) (Endpoint, error) {
 			return Endpoint{}, err
 		}
 	}
+}
+
+// checkTransport refuses plain HTTP to a host that is not on this machine, which would send
+// the access token and every message in clear, unless the configuration allows it.
+func (c *Conn) checkTransport(u *url.URL) error {
+	if u == nil || c.cfg.AllowInsecureHTTP || !strings.EqualFold(u.Scheme, "http") {
+		return nil
+	}
+	host := u.Hostname()
+	if strings.EqualFold(host, "localhost") {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("%w: %s", ErrInsecureHTTP, u.Redacted())
 }
 
 // hasTransientCause reports whether a discovery error includes a failure that may pass

@@ -690,3 +690,42 @@ func TestStalledExtensionBacksOff(t *testing.T) {
 		assert.Zero(t, reqs[6].Received.Sub(reqs[5].Received))
 	})
 }
+
+func TestPlainHTTPToRemoteHostIsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name, homeserver, proxy string
+		allow                   bool
+		refused                 bool
+	}{
+		{name: "remote homeserver", homeserver: "http://matrix.example.org", refused: true},
+		{name: "remote homeserver allowed", homeserver: "http://matrix.example.org", allow: true},
+		{name: "loopback homeserver", homeserver: "http://127.0.0.1:8008"},
+		{name: "localhost homeserver", homeserver: "http://localhost:8008"},
+		{name: "ipv6 loopback", homeserver: "http://[::1]:8008"},
+		{name: "https homeserver", homeserver: "https://matrix.example.org"},
+		{name: "remote proxy from well-known", homeserver: "https://matrix.example.org", proxy: "http://proxy.example.org", refused: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				opts := slidingsynctest.Options{HomeserverURL: tc.homeserver}
+				proto := slidingsync.ProtocolMSC4186
+				if tc.proxy != "" {
+					opts.Protocol, opts.ProxyURL, proto = slidingsync.ProtocolMSC3575, tc.proxy, slidingsync.ProtocolAuto
+				}
+				srv := slidingsynctest.NewServer(opts)
+				h := startWith(t, srv, srv.NewClient(), proto, slidingsync.Config{AllowInsecureHTTP: tc.allow})
+				h.run()
+				synctest.Wait()
+				if tc.refused {
+					err := <-h.done
+					require.ErrorIs(t, err, slidingsync.ErrInsecureHTTP)
+					assert.Empty(t, srv.Requests(), "no sync request, so no token, went out")
+					h.cancel()
+					return
+				}
+				assert.NotEmpty(t, srv.Requests())
+				require.ErrorIs(t, h.stop(t), context.Canceled)
+			})
+		})
+	}
+}

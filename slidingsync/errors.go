@@ -17,3 +17,7 @@ var ErrAlreadyRunning = errors.New("slidingsync: Run already in progress")
 // ErrInvalidResponse wraps every error about a response body the client cannot use (bad JSON,
 // impossible list ops). Such responses are never applied; Run retries with backoff.
 var ErrInvalidResponse = errors.New("slidingsync: invalid response")
+
+// ErrInsecureHTTP is returned by Run when the homeserver or the discovered proxy is reached
+// over plain http:// on a host that is not a loopback address (see Config.AllowInsecureHTTP).
+var ErrInsecureHTTP = errors.New("slidingsync: refusing plain HTTP to a non-loopback host")

@@ -43,6 +43,7 @@ type options struct {
 	connID      string
 	demoRooms   int
 	dbSet       bool // -db was given; the demo then keeps its database there
+	insecure    bool
 }
 
 func main() {
@@ -56,6 +57,7 @@ func main() {
 	flag.StringVar(&o.protocol, "protocol", "auto", "sliding sync dialect: auto, msc4186, msc3575 or v4")
 	flag.StringVar(&o.connID, "conn-id", "", "sliding sync conn_id")
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
+	flag.BoolVar(&o.insecure, "allow-insecure-http", false, "allow plain http:// to a homeserver that is not on loopback")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) { o.dbSet = o.dbSet || f.Name == "db" })
 
@@ -233,6 +235,8 @@ func runReal(ctx context.Context, o options) error {
 		ConnID:   o.connID,
 		Store:    store,
 		Lists:    map[string]slidingsync.ListConfig{"all": {GrowBatch: 500, TimelineLimit: 1}},
+
+		AllowInsecureHTTP: o.insecure,
 		OnResponse: func(ctx context.Context, res *slidingsync.Result) error {
 			if ls, ok := res.Lists["all"]; ok {
 				zerolog.Ctx(ctx).Info().Int("known", len(ls.Rooms)).Int("count", ls.Count).Msg("Rooms loaded")
