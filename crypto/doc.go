@@ -43,10 +43,22 @@
 //     stores the room keys it decrypts before it returns; a re-delivered Olm message is
 //     recognised by mautrix's stored message hashes and decrypted once.
 //
+//   - Fallback keys (mautrix has no support; this package drives goolm's account, so New
+//     fails with ErrFallbackNeedsGoolm on another backend unless Config.DisableFallbackKeys):
+//     whether the server lacks an unused signed_curve25519 fallback key is recorded durably
+//     in the commit transaction whenever a response carries the fallback key types (and on
+//     the first setup of a device); Run then generates a key, saves the account, uploads it
+//     signed like a one-time key ({"key", "fallback": true, "signatures"}) and clears the
+//     record. A failed upload is retried with the same key. Rotations are at least
+//     Config.FallbackKeyRotation apart, so stale reports after an upload churn nothing; the
+//     previous private key is kept for Config.FallbackKeyGrace after a rotation, then
+//     forgotten. A server that never sends the field gets the first key and no other.
+//   - The Olm account is used under one lock by HandleToDevice and Run's uploads, which
+//     mautrix would otherwise run on two goroutines without a common lock. An upload thus
+//     delays the handling of to-device events until it returns.
+//
 // # Not done yet
 //
-// Fallback keys (MSC2732) are not uploaded: mautrix does not support them, and the e2ee
-// extension's State.NeedsFallbackKey is not acted on. Room state for encryption
-// (m.room.encryption, m.room.member) is not yet fed into mautrix's state store by this
-// package.
+// Room state for encryption (m.room.encryption, m.room.member) is not yet fed into
+// mautrix's state store by this package.
 package crypto

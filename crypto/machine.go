@@ -13,6 +13,7 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
+	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -37,6 +38,18 @@ type Config struct {
 	MinRetryDelay time.Duration
 	// MaxRetryDelay caps the retry delay. Zero means DefaultMaxRetryDelay.
 	MaxRetryDelay time.Duration
+	// DisableFallbackKeys turns fallback keys off. Fallback keys need the goolm Olm backend;
+	// with another backend New fails with ErrFallbackNeedsGoolm unless this is set.
+	DisableFallbackKeys bool
+	// FallbackKeyRotation is the shortest time between two rotations of the fallback key,
+	// which bounds the churn when the server keeps reporting that no unused fallback key is
+	// left (stale reports after an upload, or a key used at once). Zero means
+	// DefaultFallbackKeyRotation.
+	FallbackKeyRotation time.Duration
+	// FallbackKeyGrace is how long the previous fallback private key is kept after a
+	// rotation, so that pre-key messages made with it while the new key propagates still
+	// decrypt. Zero means DefaultFallbackKeyGrace.
+	FallbackKeyGrace time.Duration
 }
 
 // Machine feeds what the sliding sync e2ee and to_device extensions deliver into mautrix's
@@ -49,6 +62,14 @@ type Machine struct {
 	store *mcrypto.SQLCryptoStore
 	db    *dbutil.Database
 	cfg   Config
+	goolm *goolmaccount.Account // nil when fallback keys are disabled
+
+	accountKey string // row key of this device in the Machine's tables
+
+	// acctMu serialises every use of the Olm account (decryption, key uploads, fallback
+	// keys): mautrix guards decryption and uploads with different locks, and here they run
+	// on different goroutines.
+	acctMu sync.Mutex
 
 	kick    chan struct{}
 	running atomic.Bool
@@ -86,13 +107,27 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		cfg.MaxRetryDelay = DefaultMaxRetryDelay
 	}
 	cfg.MaxRetryDelay = max(cfg.MaxRetryDelay, cfg.MinRetryDelay)
+	if cfg.FallbackKeyRotation <= 0 {
+		cfg.FallbackKeyRotation = DefaultFallbackKeyRotation
+	}
+	if cfg.FallbackKeyGrace <= 0 {
+		cfg.FallbackKeyGrace = DefaultFallbackKeyGrace
+	}
+	var gacc *goolmaccount.Account
+	if !cfg.DisableFallbackKeys {
+		if gacc = goolmAccount(olm.GetAccount().Internal); gacc == nil {
+			return nil, ErrFallbackNeedsGoolm
+		}
+	}
 	return &Machine{
-		cli:   cli,
-		olm:   olm,
-		store: store,
-		db:    store.DB.Child(VersionTableName, UpgradeTable, nil),
-		cfg:   cfg,
-		kick:  make(chan struct{}, 1),
+		cli:        cli,
+		olm:        olm,
+		store:      store,
+		db:         store.DB.Child(VersionTableName, UpgradeTable, nil),
+		cfg:        cfg,
+		goolm:      gacc,
+		accountKey: cli.UserID.String() + "|" + cli.DeviceID.String(),
+		kick:       make(chan struct{}, 1),
 	}, nil
 }
 
@@ -109,7 +144,8 @@ func (m *Machine) OlmMachine() *mcrypto.OlmMachine { return m.olm }
 // transaction (carried by ctx) and makes no network call: Changed users that are tracked are
 // marked outdated, on a gap every tracked user is, and Left users are untracked. A user is
 // tracked once mautrix has fetched their devices; an untracked user's devices are fetched
-// again by the next OlmMachine.ShareGroupSession that needs them.
+// again by the next OlmMachine.ShareGroupSession that needs them. When the response carried
+// the unused fallback key types, whether an upload is pending is recorded as well.
 func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 	if d.Gap {
 		if err := m.markAllOutdated(ctx); err != nil {
@@ -124,6 +160,11 @@ func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 	if len(d.Left) > 0 {
 		if err := m.untrack(ctx, d.Left); err != nil {
 			return fmt.Errorf("crypto: untrack users: %w", err)
+		}
+	}
+	if d.FallbackKeyTypes.Set {
+		if err := m.handleFallbackTypes(ctx, d.FallbackKeyTypes.Val); err != nil {
+			return fmt.Errorf("crypto: record fallback key state: %w", err)
 		}
 	}
 	return nil
@@ -157,6 +198,8 @@ func (m *Machine) Kick() {
 // so a failure to store a room key is only logged by mautrix; HandleToDevice returns an error
 // only when ctx is done.
 func (m *Machine) HandleToDevice(ctx context.Context, evts []*event.Event) error {
+	m.acctMu.Lock()
+	defer m.acctMu.Unlock()
 	for _, evt := range evts {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -184,7 +227,7 @@ func (m *Machine) Run(ctx context.Context) error {
 	log := zerolog.Ctx(ctx)
 	var delay time.Duration
 	for {
-		again, err := m.work(ctx)
+		again, next, err := m.work(ctx)
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
 		}
@@ -205,24 +248,41 @@ func (m *Machine) Run(ctx context.Context) error {
 			continue
 		}
 		delay = 0
+		var wake <-chan time.Time
+		var timer *time.Timer
+		if !next.IsZero() {
+			timer = time.NewTimer(time.Until(next))
+			wake = timer.C
+		}
 		select {
 		case <-ctx.Done():
-			return context.Cause(ctx)
 		case <-m.kick:
+		case <-wake:
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
 		}
 	}
 }
 
-// work does one round of background work. again is true when more work arrived meanwhile.
-func (m *Machine) work(ctx context.Context) (again bool, err error) {
+// work does one round of background work. again is true when more work arrived meanwhile;
+// next is when timed work (fallback key rotation and grace) is due, zero when none is.
+func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err error) {
 	if err := m.shareKeys(ctx); err != nil {
-		return false, fmt.Errorf("upload keys: %w", err)
+		return false, time.Time{}, fmt.Errorf("upload keys: %w", err)
+	}
+	next, err = m.fallbackWork(ctx)
+	if err != nil {
+		return false, time.Time{}, fmt.Errorf("fallback key: %w", err)
 	}
 	again, err = m.refreshOutdated(ctx)
 	if err != nil {
-		return false, fmt.Errorf("refresh device lists: %w", err)
+		return false, time.Time{}, fmt.Errorf("refresh device lists: %w", err)
 	}
-	return again, nil
+	return again, next, nil
 }
 
 // shareKeys uploads the device keys if they were never uploaded, and one-time keys when the
@@ -235,11 +295,19 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 	count := m.otkLast[id.KeyAlgorithmSignedCurve25519]
 	m.mu.Unlock()
 
+	m.acctMu.Lock()
+	defer m.acctMu.Unlock()
 	acc := m.olm.GetAccount()
 	switch {
 	case !acc.Shared:
 		if !seen {
 			count = 0
+		}
+		if m.goolm != nil {
+			// First setup: upload a fallback key too, whatever the server reports.
+			if err := m.setFallbackPending(ctx, true); err != nil {
+				return fmt.Errorf("record pending fallback key: %w", err)
+			}
 		}
 		zerolog.Ctx(ctx).Debug().Int("server_count", count).Bool("count_known", seen).
 			Msg("Uploading the device keys of a new device")

@@ -47,7 +47,7 @@ func TestNewDeviceUploadsSignedKeysWithoutCounts(t *testing.T) {
 	e.m.E2EECommitted(ctx, e2ee.State{Active: true})
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ := e.hs.snapshot()
-	require.Len(t, uploads, 1)
+	require.Equal(t, 1, len(uploads))
 	b := decodeUpload(t, uploads[0])
 	require.NotEmpty(t, b.DeviceKeys)
 	e.verifySigned(b.DeviceKeys)
@@ -62,7 +62,7 @@ func TestNewDeviceUploadsSignedKeysWithoutCounts(t *testing.T) {
 		require.NoError(t, e.m.shareKeys(ctx))
 	}
 	uploads, _ = e.hs.snapshot()
-	assert.Len(t, uploads, 1)
+	assert.Equal(t, 1, len(uploads))
 }
 
 func TestEmptyCountsTopUpOnce(t *testing.T) {
@@ -72,7 +72,7 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 	e.m.E2EECommitted(ctx, counts(50))
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ := e.hs.snapshot()
-	require.Len(t, uploads, 1)
+	require.Equal(t, 1, len(uploads))
 	assert.Empty(t, decodeUpload(t, uploads[0]).OneTimeKeys)
 
 	// {} means every algorithm counts 0, reported five times (stale repetitions).
@@ -81,7 +81,7 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 		require.NoError(t, e.m.shareKeys(ctx))
 	}
 	uploads, _ = e.hs.snapshot()
-	require.Len(t, uploads, 2)
+	require.Equal(t, 2, len(uploads))
 	b := decodeUpload(t, uploads[1])
 	assert.Empty(t, b.DeviceKeys)
 	assert.Len(t, b.OneTimeKeys, 50)
@@ -96,7 +96,7 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 	e.m.E2EECommitted(ctx, counts(50))
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ = e.hs.snapshot()
-	assert.Len(t, uploads, 2)
+	assert.Equal(t, 2, len(uploads))
 }
 
 // Run uploads the keys of a new device and queries outdated users, retrying a failed query
@@ -137,7 +137,8 @@ func TestRunRetriesWithBackoff(t *testing.T) {
 		cancel(errStop)
 		require.ErrorIs(t, <-done, errStop)
 		uploads, _ := e.hs.snapshot()
-		assert.Len(t, uploads, 1)
+		require.Equal(t, 2, len(uploads), "device and one-time keys, then the fallback key")
+		assert.NotEmpty(t, decodeUpload(t, uploads[1]).FallbackKeys)
 		require.NoError(t, e.db.Close())
 	})
 }
