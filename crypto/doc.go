@@ -27,11 +27,13 @@
 //     stay stored, and the next ShareGroupSession that needs them queries them again, as
 //     mautrix does for any untracked user). So a device-list change is recorded if and only if
 //     pos advances past it.
+//
 //   - Run queries outdated users with OlmMachine.FetchKeys, retrying failures with
 //     exponential backoff. A change that arrives while a user's query is in flight is not lost
 //     although FetchKeys clears the outdated flag when it stores the answer: every mark bumps a
 //     durable generation, and a user whose generation moved during the query is marked again
 //     and queried again.
+//
 //   - One-time keys: counts are acted on only once a response carried them; unknown counts
 //     are never taken for 0. Run uploads keys when the committed count of signed_curve25519
 //     keys is below half of what the account keeps (50 with goolm), up to that half, through
@@ -39,6 +41,7 @@
 //     keeps private keys for. A count is acted on once: a stale repetition of the same counts
 //     after an upload does not upload again. A new device uploads its device keys (and
 //     one-time keys) on the first Run, whatever the server reported.
+//
 //   - To-device: HandleToDevice passes every event to OlmMachine.HandleToDeviceEvent, which
 //     stores the room keys it decrypts before it returns; a re-delivered Olm message is
 //     recognised by mautrix's stored message hashes and decrypted once.
@@ -53,6 +56,7 @@
 //     Config.FallbackKeyRotation apart, so stale reports after an upload churn nothing; the
 //     previous private key is kept for Config.FallbackKeyGrace after a rotation, then
 //     forgotten. A server that never sends the field gets the first key and no other.
+//
 //   - The Olm account is used under one lock by HandleToDevice and Run's uploads, which
 //     mautrix would otherwise run on two goroutines without a common lock. An upload thus
 //     delays the handling of to-device events until it returns.
