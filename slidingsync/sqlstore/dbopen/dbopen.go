@@ -10,8 +10,11 @@
 package dbopen
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
+	"os"
 	"strings"
 
 	"go.mau.fi/util/dbutil"
@@ -57,7 +60,7 @@ type Config struct {
 const driverCgoFullSync = "sqlite3-fk-wal-fullsync"
 
 // Open opens target: a postgres:// or postgresql:// URI opens PostgreSQL, anything else is a
-// SQLite file path (created if missing). SQLite connections get foreign keys on, the WAL
+// SQLite file path (created if missing, readable by its owner only). SQLite connections get foreign keys on, the WAL
 // journal, synchronous=FULL (see Config.RelaxedSync), a 5 s busy timeout and BEGIN IMMEDIATE
 // transactions, so that a transaction that reads before it writes never fails to upgrade its
 // lock.
@@ -71,6 +74,9 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 		driver := cfg.SQLiteDriver
 		if driver == "" {
 			driver = DriverModernc
+		}
+		if err := createPrivate(target); err != nil {
+			return nil, err
 		}
 		dc.Type = driver
 		dc.URI = SQLiteDSN(driver, target)
@@ -87,6 +93,20 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 		return nil, fmt.Errorf("dbopen: open %s database: %w", dc.Type, err)
 	}
 	return db, nil
+}
+
+// createPrivate creates a missing database file readable by its owner only: it holds access
+// to the account's sync state, and with mautrix's stores in the same file, its keys. SQLite
+// gives the WAL and shared-memory files the mode of the database file.
+func createPrivate(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	switch {
+	case errors.Is(err, fs.ErrExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("dbopen: create %s: %w", path, err)
+	}
+	return f.Close()
 }
 
 // SQLiteDSN returns the data source name that opens the SQLite file at path with driver

@@ -63,3 +63,43 @@ func TestOpenPostgresURI(t *testing.T) {
 	defer db.Close()
 	assert.Equal(t, dbutil.Postgres, db.Dialect)
 }
+
+func TestNewSQLiteFilesAreOwnerOnly(t *testing.T) {
+	for _, driver := range []string{dbopen.DriverModernc, dbopen.DriverCgo} {
+		t.Run(driver, func(t *testing.T) {
+			if !slices.Contains(sql.Drivers(), driver) {
+				t.Skipf("driver %s is not registered (built without cgo)", driver)
+			}
+			path := filepath.Join(t.TempDir(), "bot.db")
+			db, err := dbopen.Open(path, dbopen.Config{SQLiteDriver: driver})
+			require.NoError(t, err)
+			defer db.Close()
+			// The WAL and shared-memory files exist while a connection is open.
+			conn, err := db.RawDB.Conn(context.Background())
+			require.NoError(t, err)
+			defer conn.Close()
+			_, err = conn.ExecContext(context.Background(), `CREATE TABLE t (x INTEGER)`)
+			require.NoError(t, err)
+			_, err = conn.ExecContext(context.Background(), `INSERT INTO t VALUES (1)`)
+			require.NoError(t, err)
+			for _, p := range []string{path, path + "-wal", path + "-shm"} {
+				st, err := os.Stat(p)
+				require.NoError(t, err)
+				assert.Zero(t, st.Mode().Perm()&0o077, "%s is %v", filepath.Base(p), st.Mode().Perm())
+			}
+		})
+	}
+}
+
+func TestExistingSQLiteFileKeepsItsMode(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "shared.db")
+	require.NoError(t, os.WriteFile(path, nil, 0o640))
+	db, err := dbopen.Open(path, dbopen.Config{})
+	require.NoError(t, err)
+	defer db.Close()
+	_, err = db.Exec(context.Background(), `CREATE TABLE t (x INTEGER)`)
+	require.NoError(t, err)
+	st, err := os.Stat(path)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o640), st.Mode().Perm(), "the operator's choice is kept")
+}
