@@ -6,11 +6,13 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix"
@@ -728,4 +730,43 @@ func TestPlainHTTPToRemoteHostIsRefused(t *testing.T) {
 			})
 		})
 	}
+}
+
+func TestAccessTokenNeverLogged(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const token = "syt_secret_token_that_must_not_leak"
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{AccessToken: token})
+		var logs strings.Builder
+		var mu sync.Mutex
+		cli := srv.NewClient()
+		cli.Log = zerolog.New(zerolog.SyncWriter(&lockedWriter{w: &logs, mu: &mu})).Level(zerolog.TraceLevel)
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		srv.Push(roomResp("p1", "!a:x"))
+		srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "bad gateway", nil)
+		srv.PushUnknownPos()
+		srv.PushJSON(http.StatusOK, `{"pos":`)
+		srv.Push(roomResp("p2"))
+		h.run()
+		_, err := srv.WaitRequests(context.Background(), 6)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		mu.Lock()
+		defer mu.Unlock()
+		require.NotEmpty(t, logs.String(), "the test must capture real log output")
+		assert.Contains(t, logs.String(), "Sync request failed")
+		assert.NotContains(t, logs.String(), token)
+		assert.NotContains(t, logs.String(), token[4:12], "not even a fragment")
+	})
+}
+
+type lockedWriter struct {
+	w  *strings.Builder
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
