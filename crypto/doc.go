@@ -61,8 +61,10 @@
 //     mautrix would otherwise run on two goroutines without a common lock. An upload thus
 //     delays the handling of to-device events until it returns.
 //
-// # Not done yet
+// # Room state
 //
-// Room state for encryption (m.room.encryption, m.room.member) is not yet fed into
-// mautrix's state store by this package.
+// mautrix's OlmMachine learns which rooms are encrypted and whom to share room keys with from
+// its state store. [UpdateStateStore] feeds the state events of a response into it; call it
+// from slidingsync.Config.OnResponse. [BotRequiredState] is the required state a bot should
+// ask for.
 package crypto
