@@ -332,6 +332,15 @@ func (c *Conn) Run(ctx context.Context) error {
 		case errors.Is(err, errConfigChanged):
 			noPoll = true
 			continue
+		case errors.Is(err, MUnknownPos) && pos == "":
+			// There was no pos to forget: a broken server. Back off rather than spin.
+			failures++
+			wait := c.backoff(failures - 1)
+			log.Warn().Err(err).Dur("retry_in", wait).Msg("M_UNKNOWN_POS for a request without pos")
+			if err := sleep(ctx, wait); err != nil {
+				return err
+			}
+			continue
 		case errors.Is(err, MUnknownPos):
 			log.Warn().Err(err).Msg("Server forgot the connection, starting afresh")
 			if err := c.reset(ctx); err != nil {

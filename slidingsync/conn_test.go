@@ -770,3 +770,26 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+func TestUnknownPosStormDoesNotSpin(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		h.srv.Push(roomResp("p1"))
+		for range 6 {
+			h.srv.PushUnknownPos()
+		}
+		h.srv.Push(roomResp("p2"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 8)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		assert.Equal(t, "p1", reqs[1].Parsed.Pos)
+		assert.Zero(t, reqs[2].Received.Sub(reqs[1].Received), "the first M_UNKNOWN_POS restarts at once")
+		for i := 3; i <= 6; i++ {
+			assert.Empty(t, reqs[i].Parsed.Pos)
+			assert.Positive(t, reqs[i].Received.Sub(reqs[i-1].Received), "M_UNKNOWN_POS without pos backs off (request %d)", i)
+		}
+		assert.Equal(t, "p2", h.conn.Pos())
+	})
+}
