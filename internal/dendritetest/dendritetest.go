@@ -1,0 +1,414 @@
+package dendritetest
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"maunium.net/go/mautrix"
+)
+
+const (
+	// Version is the Dendrite release the harness runs.
+	Version = "v0.13.8"
+	// Module is the Go module Dendrite is built from (Apache-2.0; not the AGPL fork).
+	Module = "github.com/matrix-org/dendrite"
+
+	// EnvBin names the variable that holds the path of a prebuilt Dendrite binary.
+	EnvBin = "SLIDINGSYNC_DENDRITE_BIN"
+	// EnvRequire names the variable that, set to 1, makes a missing Dendrite fail the test
+	// instead of skipping it.
+	EnvRequire = "SLIDINGSYNC_REQUIRE_DENDRITE"
+
+	// ServerName is the server name of every Dendrite the harness starts.
+	ServerName = "localhost"
+
+	buildTimeout = 15 * time.Minute
+	startTimeout = 60 * time.Second
+	stopTimeout  = 10 * time.Second
+)
+
+var (
+	binOnce sync.Once
+	binPath string
+	binErr  error
+)
+
+// Server is a running Dendrite.
+type Server struct {
+	// URL is the client-server API base URL, http://127.0.0.1:<port>.
+	URL string
+	// Dir holds the configuration, databases and log of this server.
+	Dir string
+
+	cmd     *exec.Cmd
+	logPath string
+	exited  chan struct{}
+}
+
+// CachedBinaryPath is where the harness caches the Dendrite binary it builds:
+// <user cache dir>/sliding-e2ee/dendrite-<Version>.
+func CachedBinaryPath() (string, error) {
+	dir, err := os.UserCacheDir()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, "sliding-e2ee", "dendrite-"+Version), nil
+}
+
+// Binary returns the path of a Dendrite binary: the one named by EnvBin, else the cached one,
+// else one it builds into the cache. The result is computed once per process.
+func Binary() (string, error) {
+	binOnce.Do(func() { binPath, binErr = findOrBuild() })
+	return binPath, binErr
+}
+
+func findOrBuild() (string, error) {
+	if p := os.Getenv(EnvBin); p != "" {
+		if err := checkExecutable(p); err != nil {
+			return "", fmt.Errorf("%s=%s: %w", EnvBin, p, err)
+		}
+		return p, nil
+	}
+	cached, err := CachedBinaryPath()
+	if err != nil {
+		return "", fmt.Errorf("no cache directory for the Dendrite binary: %w", err)
+	}
+	if checkExecutable(cached) == nil {
+		return cached, nil
+	}
+	if err = Build(cached); err != nil {
+		return "", err
+	}
+	return cached, nil
+}
+
+func checkExecutable(p string) error {
+	st, err := os.Stat(p)
+	if err != nil {
+		return err
+	}
+	if st.IsDir() || st.Mode()&0o111 == 0 {
+		return errors.New("not an executable file")
+	}
+	return nil
+}
+
+// Build builds Dendrite Version into dst in a throwaway module, so that Dendrite's
+// dependencies never enter this module's go.mod. It needs the go command and the Go module
+// proxy (or a module cache that already holds Dendrite). It builds with cgo when a C compiler
+// is available (mattn's SQLite, Dendrite's default) and without otherwise (Dendrite then uses
+// modernc's SQLite). dst is replaced atomically.
+func Build(dst string) error {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return fmt.Errorf("cannot build Dendrite: no go command: %w", err)
+	}
+	if err = os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	mod, err := os.MkdirTemp("", "dendrite-build")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(mod)
+	gomod := "module dendritebuild\n\ngo 1.21\n\nrequire " + Module + " " + Version + "\n"
+	if err = os.WriteFile(filepath.Join(mod, "go.mod"), []byte(gomod), 0o644); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
+	defer cancel()
+	tmp := dst + ".tmp-" + randomHex(4)
+	defer os.Remove(tmp)
+	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-o", tmp, Module+"/cmd/dendrite")
+	cmd.Dir = mod
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "GOTOOLCHAIN=local", "GOWORK=off")
+	if _, err := exec.LookPath("gcc"); err != nil {
+		cmd.Env = append(cmd.Env, "CGO_ENABLED=0")
+	}
+	cmd.WaitDelay = 5 * time.Second
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("cannot build Dendrite %s (is the Go module proxy reachable?): %w: %s", Version, err, tail(out, 2000))
+	}
+	return os.Rename(tmp, dst)
+}
+
+func tail(b []byte, n int) string {
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Start starts a fresh Dendrite for the test (SQLite databases in a temporary directory,
+// client API on a free loopback port, federation, presence and rate limiting off, open
+// registration) and stops it when the test ends. Without a Dendrite binary the test is
+// skipped with a message that starts with "DENDRITE NOT TESTED", or fails if EnvRequire is 1.
+func Start(t testing.TB) *Server {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		msg := "DENDRITE NOT TESTED: " + err.Error()
+		if os.Getenv(EnvRequire) == "1" {
+			t.Fatal(msg + " (and " + EnvRequire + "=1)")
+		}
+		fmt.Fprintln(os.Stderr, "!!! "+msg)
+		t.Skip(msg)
+	}
+	dir := t.TempDir()
+	if err = writeKey(filepath.Join(dir, "matrix_key.pem")); err != nil {
+		t.Fatalf("dendritetest: %v", err)
+	}
+	if err = os.WriteFile(filepath.Join(dir, "dendrite.yaml"), []byte(config(dir)), 0o644); err != nil {
+		t.Fatalf("dendritetest: %v", err)
+	}
+	// The port is picked by listening on :0 and closing; another process could take it in
+	// between, so a start that fails to answer is retried on a new port.
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			t.Fatalf("dendritetest: %v", err)
+		}
+		s, err := launch(bin, dir, port)
+		if err == nil {
+			t.Cleanup(func() {
+				if err := s.stop(); err != nil {
+					t.Errorf("dendritetest: %v", err)
+				}
+			})
+			return s
+		}
+		lastErr = err
+	}
+	t.Fatalf("dendritetest: %v", lastErr)
+	return nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func writeKey(path string) error {
+	seed := make([]byte, ed25519.SeedSize)
+	if _, err := rand.Read(seed); err != nil {
+		return err
+	}
+	block := &pem.Block{
+		Type:    "MATRIX PRIVATE KEY",
+		Headers: map[string]string{"Key-ID": "ed25519:" + randomHex(3)},
+		Bytes:   seed,
+	}
+	return os.WriteFile(path, pem.EncodeToMemory(block), 0o600)
+}
+
+func launch(bin, dir string, port int) (*Server, error) {
+	logPath := filepath.Join(dir, fmt.Sprintf("dendrite-%d.log", port))
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logFile.Close()
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	cmd := exec.Command(bin,
+		"-config", filepath.Join(dir, "dendrite.yaml"),
+		"-http-bind-address", addr,
+		"-really-enable-open-registration",
+	)
+	cmd.Dir = dir
+	cmd.Stdout = logFile
+	cmd.Stderr = logFile
+	setDeathSignal(cmd)
+	if err = cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	s := &Server{URL: "http://" + addr, Dir: dir, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		close(s.exited)
+	}()
+	if err = s.waitReady(); err != nil {
+		return nil, errors.Join(err, s.stop())
+	}
+	return s, nil
+}
+
+func (s *Server) waitReady() error {
+	deadline := time.Now().Add(startTimeout)
+	client := &http.Client{Timeout: 2 * time.Second}
+	for time.Now().Before(deadline) {
+		select {
+		case <-s.exited:
+			return fmt.Errorf("dendrite exited during startup: %s\n%s", s.cmd.ProcessState, s.Log())
+		default:
+		}
+		resp, err := client.Get(s.URL + "/_matrix/client/versions")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("dendrite did not answer /_matrix/client/versions within %s\n%s", startTimeout, s.Log())
+}
+
+// Log returns the tail of the server's log.
+func (s *Server) Log() string {
+	b, _ := os.ReadFile(s.logPath)
+	return tail(b, 8000)
+}
+
+func (s *Server) stop() error {
+	select {
+	case <-s.exited:
+		return nil
+	default:
+	}
+	_ = s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.exited:
+		return nil
+	case <-time.After(stopTimeout):
+	}
+	_ = s.cmd.Process.Kill()
+	select {
+	case <-s.exited:
+		return nil
+	case <-time.After(stopTimeout):
+		return fmt.Errorf("dendrite (pid %d) did not exit after SIGKILL", s.cmd.Process.Pid)
+	}
+}
+
+// Client returns a mautrix client for this server with no user set.
+func (s *Server) Client(t testing.TB) *mautrix.Client {
+	t.Helper()
+	cli, err := mautrix.NewClient(s.URL, "", "")
+	if err != nil {
+		t.Fatalf("dendritetest: %v", err)
+	}
+	cli.Client = &http.Client{Timeout: 60 * time.Second}
+	return cli
+}
+
+// Register registers @localpart:localhost with the m.login.dummy flow and returns a client
+// logged in as it, with user ID, device ID and access token set.
+func (s *Server) Register(t testing.TB, localpart string) *mautrix.Client {
+	t.Helper()
+	cli := s.Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := cli.RegisterDummy(ctx, &mautrix.ReqRegister[any]{
+		Username:                 localpart,
+		Password:                 "password-" + randomHex(8),
+		InitialDeviceDisplayName: localpart + " test device",
+	})
+	if err != nil {
+		t.Fatalf("dendritetest: register %s: %v", localpart, err)
+	}
+	cli.UserID = resp.UserID
+	cli.DeviceID = resp.DeviceID
+	cli.AccessToken = resp.AccessToken
+	return cli
+}
+
+// config is the Dendrite configuration: SQLite under dir, everything that would reach out
+// or slow tests down off.
+func config(dir string) string {
+	db := func(name string) string {
+		return "    connection_string: file:" + filepath.Join(dir, name+".db") + "\n"
+	}
+	return `version: 2
+global:
+  server_name: ` + ServerName + `
+  private_key: ` + filepath.Join(dir, "matrix_key.pem") + `
+  key_validity_period: 168h0m0s
+  disable_federation: true
+  presence:
+    enable_inbound: false
+    enable_outbound: false
+  trusted_third_party_id_servers: []
+  jetstream:
+    storage_path: ` + dir + `
+    addresses: []
+    topic_prefix: Dendrite
+    in_memory: true
+  metrics:
+    enabled: false
+  sentry:
+    enabled: false
+  dns_cache:
+    enabled: false
+  server_notices:
+    enabled: false
+  report_stats:
+    enabled: false
+  cache:
+    max_size_estimated: 67108864
+    max_age: 1h0m0s
+client_api:
+  registration_disabled: false
+  registration_requires_token: false
+  guests_disabled: true
+  enable_registration_captcha: false
+  rate_limiting:
+    enabled: false
+federation_api:
+  database:
+` + db("federationapi") + `  send_max_retries: 1
+  key_perspectives: []
+key_server:
+  database:
+` + db("keyserver") + `media_api:
+  database:
+` + db("mediaapi") + `  base_path: ` + filepath.Join(dir, "media") + `
+  max_file_size_bytes: 10485760
+  dynamic_thumbnails: false
+room_server:
+  default_room_version: "10"
+  database:
+` + db("roomserver") + `sync_api:
+  database:
+` + db("syncapi") + `  search:
+    enabled: false
+user_api:
+  bcrypt_cost: 4
+  account_database:
+` + db("userapi") + `relay_api:
+  database:
+` + db("relayapi") + `mscs:
+  mscs: []
+  database:
+` + db("mscs") + `tracing:
+  enabled: false
+logging:
+- type: std
+  level: warn
+`
+}

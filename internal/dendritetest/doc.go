@@ -1,0 +1,41 @@
+// Package dendritetest runs a real homeserver, Dendrite v0.13.8 (github.com/matrix-org/dendrite,
+// Apache-2.0), for integration tests.
+//
+// [Start] starts a fresh Dendrite per test and stops it (SIGTERM, then SIGKILL) when the test
+// ends: server name "localhost", SQLite databases and an in-memory JetStream in the test's
+// temporary directory, the client API on a free 127.0.0.1 port and nothing else, federation,
+// presence, server notices, search, metrics and rate limiting off, open registration without
+// captcha. [Server.Register] registers a user with the m.login.dummy flow and returns a
+// logged-in mautrix client.
+//
+// The binary is the one named by SLIDINGSYNC_DENDRITE_BIN, else a cached build in the user
+// cache directory ([CachedBinaryPath], $HOME/.cache/sliding-e2ee/dendrite-v0.13.8), else one
+// that [Build] compiles there from the Go module proxy in a throwaway module, so that
+// Dendrite's dependencies stay out of this module's go.mod. When none of that works the test
+// is skipped with a message that starts with "DENDRITE NOT TESTED", or fails if
+// SLIDINGSYNC_REQUIRE_DENDRITE=1 (as CI sets it). .ci/run builds the binary before the tests.
+//
+// # Costs (2-core machine)
+//
+// Building Dendrite with cgo (mattn's SQLite) takes about 2.5 minutes from cold module and
+// build caches, and a few seconds when the Go build cache is warm; without a C compiler it
+// builds with modernc's SQLite instead. A started server answers /_matrix/client/versions
+// after 0.4 to 2 s; TestEncryptedRoomKeysAndSync takes about 2 s after that.
+//
+// # Observed end-to-end encryption behaviour of Dendrite v0.13.8
+//
+// Recorded by TestEncryptedRoomKeysAndSync, which fails if any of it changes:
+//
+//   - Writes reach /sync asynchronously (through JetStream): a room just joined may be missing
+//     from a /sync sent right after the join returned. Tests must poll with a bounded wait.
+//   - device_one_time_keys_count is present only while the device has one-time keys: it is
+//     absent (never {"signed_curve25519": 0}) before the first upload and, reading Dendrite's
+//     code (a GROUP BY count), once all keys are claimed. A client must read absence as zero.
+//     After an upload of 50 keys it says 50; a /keys/claim makes it 49 in the next /sync.
+//   - device_unused_fallback_key_types is never sent. Dendrite does not implement fallback
+//     keys: a fallback_keys upload is accepted and ignored (not counted as a one-time key).
+//   - device_lists.changed is sent in v2 /sync: a user's own key upload appears in her own
+//     next /sync, and in the next /sync of every user who shares a room with her. Bob, who
+//     uploaded no keys, also found his own user ID in changed after joining alice's room.
+//   - /keys/query and /keys/claim work for local users as specified.
+package dendritetest
