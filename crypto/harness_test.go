@@ -43,6 +43,13 @@ type fakeHS struct {
 	failQueries  int                           // the next failQueries /keys/query answer 500
 	queryHook    func(users []id.UserID)       // runs inside /keys/query, may block
 	userDevices  map[id.UserID]json.RawMessage // device_keys answered per user; default {}
+
+	// self is the device whose keys are uploaded here; peer is another device's server,
+	// whose device keys /keys/query and whose one-time keys /keys/claim answer.
+	self       id.UserID
+	selfDevice id.DeviceID
+	peer       *fakeHS
+	sent       []json.RawMessage // /sendToDevice bodies
 }
 
 func newFakeHS(t *testing.T) *fakeHS {
@@ -52,6 +59,23 @@ func newFakeHS(t *testing.T) *fakeHS {
 func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	switch {
+	case strings.Contains(r.URL.Path, "/sendToDevice/"):
+		hs.mu.Lock()
+		hs.sent = append(hs.sent, json.RawMessage(body))
+		hs.mu.Unlock()
+		writeJSON(w, map[string]any{})
+	case strings.HasSuffix(r.URL.Path, "/keys/claim"):
+		out := map[id.UserID]map[id.DeviceID]map[string]json.RawMessage{}
+		if p := hs.peer; p != nil {
+			p.mu.Lock()
+			for k, v := range p.otks {
+				out[p.self] = map[id.DeviceID]map[string]json.RawMessage{p.selfDevice: {k: v}}
+				delete(p.otks, k)
+				break
+			}
+			p.mu.Unlock()
+		}
+		writeJSON(w, map[string]any{"one_time_keys": out, "failures": map[string]any{}})
 	case strings.HasSuffix(r.URL.Path, "/keys/upload"):
 		var req struct {
 			DeviceKeys   json.RawMessage            `json:"device_keys"`
@@ -116,6 +140,10 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		for _, u := range users {
 			if dk, ok := hs.userDevices[u]; ok {
 				resp[u] = dk
+			} else if p := hs.peer; p != nil && u == p.self {
+				p.mu.Lock()
+				resp[u] = json.RawMessage(`{"` + string(p.selfDevice) + `":` + string(p.deviceKeys) + `}`)
+				p.mu.Unlock()
 			} else {
 				resp[u] = json.RawMessage(`{}`)
 			}
@@ -172,18 +200,24 @@ type env struct {
 
 func newEnv(t *testing.T, cfg Config) *env {
 	t.Helper()
+	return newEnvAs(t, cfg, testUser, testDevice)
+}
+
+func newEnvAs(t *testing.T, cfg Config, user id.UserID, device id.DeviceID) *env {
+	t.Helper()
 	ctx := context.Background()
 	hs := newFakeHS(t)
+	hs.self, hs.selfDevice = user, device
 	db, err := dbopen.Open(filepath.Join(t.TempDir(), "bot.db"), dbopen.Config{RelaxedSync: true})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = db.Close() })
-	cli, err := mautrix.NewClient("https://hs.example.org", testUser, "token")
+	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
 	require.NoError(t, err)
-	cli.DeviceID = testDevice
+	cli.DeviceID = device
 	cli.Client = &http.Client{Transport: handlerTransport{hs}}
 	log := zerolog.Nop()
 	cli.Log = log
-	cs := mcrypto.NewSQLCryptoStore(db, nil, "", testDevice, []byte("pickle key"))
+	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))
 	require.NoError(t, cs.DB.Upgrade(ctx))
 	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
 	require.NoError(t, olm.Load(ctx))
