@@ -44,11 +44,12 @@ type fakeHS struct {
 	queryHook    func(users []id.UserID)       // runs inside /keys/query, may block
 	userDevices  map[id.UserID]json.RawMessage // device_keys answered per user; default {}
 
-	// self is the device whose keys are uploaded here; peer is another device's server,
-	// whose device keys /keys/query and whose one-time keys /keys/claim answer.
+	// self is the device whose keys are uploaded here; peers are other devices' servers,
+	// whose device keys /keys/query and whose one-time keys (then fallback keys) /keys/claim
+	// answer.
 	self       id.UserID
 	selfDevice id.DeviceID
-	peer       *fakeHS
+	peers      []*fakeHS
 	sent       []json.RawMessage // /sendToDevice bodies
 }
 
@@ -65,13 +66,25 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		hs.mu.Unlock()
 		writeJSON(w, map[string]any{})
 	case strings.HasSuffix(r.URL.Path, "/keys/claim"):
+		var req struct {
+			OneTimeKeys map[id.UserID]map[id.DeviceID]string `json:"one_time_keys"`
+		}
+		_ = json.Unmarshal(body, &req)
 		out := map[id.UserID]map[id.DeviceID]map[string]json.RawMessage{}
-		if p := hs.peer; p != nil {
+		for _, p := range hs.peers {
+			if _, ok := req.OneTimeKeys[p.self][p.selfDevice]; !ok {
+				continue
+			}
 			p.mu.Lock()
 			for k, v := range p.otks {
 				out[p.self] = map[id.DeviceID]map[string]json.RawMessage{p.selfDevice: {k: v}}
 				delete(p.otks, k)
 				break
+			}
+			if out[p.self] == nil {
+				for k, v := range p.fallback {
+					out[p.self] = map[id.DeviceID]map[string]json.RawMessage{p.selfDevice: {k: v}}
+				}
 			}
 			p.mu.Unlock()
 		}
@@ -140,7 +153,7 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		for _, u := range users {
 			if dk, ok := hs.userDevices[u]; ok {
 				resp[u] = dk
-			} else if p := hs.peer; p != nil && u == p.self {
+			} else if p := hs.peerOf(u); p != nil {
 				p.mu.Lock()
 				resp[u] = json.RawMessage(`{"` + string(p.selfDevice) + `":` + string(p.deviceKeys) + `}`)
 				p.mu.Unlock()
@@ -153,6 +166,26 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		w.WriteHeader(http.StatusNotFound)
 		writeJSON(w, map[string]string{"errcode": "M_UNRECOGNIZED", "error": "not here"})
+	}
+}
+
+func (hs *fakeHS) peerOf(u id.UserID) *fakeHS {
+	for _, p := range hs.peers {
+		if p.self == u {
+			return p
+		}
+	}
+	return nil
+}
+
+// link makes every server answer for the devices of the others.
+func link(envs ...*env) {
+	for _, e := range envs {
+		for _, o := range envs {
+			if o != e {
+				e.hs.peers = append(e.hs.peers, o.hs)
+			}
+		}
 	}
 }
 

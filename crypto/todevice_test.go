@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
+	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
@@ -33,6 +35,44 @@ func (b *lockedBuffer) count(s string) int {
 	return strings.Count(b.buf.String(), s)
 }
 
+// shareRoomKey makes sender share a new Megolm session of room with the bot over Olm and
+// returns the session and the encrypted to-device content the bot would receive.
+func shareRoomKey(t *testing.T, sender *env, room id.RoomID) (*mcrypto.OutboundGroupSession, json.RawMessage) {
+	t.Helper()
+	ctx := context.Background()
+	ogs, err := mcrypto.NewOutboundGroupSession(room, nil, nil)
+	require.NoError(t, err)
+	device, err := sender.olm.GetOrFetchDevice(ctx, testUser, testDevice)
+	require.NoError(t, err)
+	require.NoError(t, sender.olm.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, ogs.ShareContent()))
+	sender.hs.mu.Lock()
+	defer sender.hs.mu.Unlock()
+	var body struct {
+		Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
+	}
+	require.NoError(t, json.Unmarshal(sender.hs.sent[len(sender.hs.sent)-1], &body))
+	raw := body.Messages[testUser][testDevice]
+	require.NotEmpty(t, raw)
+	return ogs, raw
+}
+
+// deliver hands an encrypted to-device event from sender to the bot's HandleToDevice.
+func (e *env) deliver(sender id.UserID, raw json.RawMessage) {
+	e.t.Helper()
+	evt := &event.Event{Sender: sender, Type: event.ToDeviceEncrypted}
+	evt.Type.Class = event.ToDeviceEventType
+	require.NoError(e.t, json.Unmarshal(raw, &evt.Content))
+	require.NoError(e.t, evt.Content.ParseRaw(evt.Type))
+	require.NoError(e.t, e.m.HandleToDevice(context.Background(), []*event.Event{evt}))
+}
+
+func (e *env) hasRoomKey(room id.RoomID, sessionID id.SessionID) bool {
+	e.t.Helper()
+	igs, err := e.store.GetGroupSession(context.Background(), room, sessionID)
+	require.NoError(e.t, err)
+	return igs != nil
+}
+
 // A room key sent by another device over Olm is stored before HandleToDevice returns, and a
 // re-delivery of the same message is recognised and not handled again.
 func TestHandleToDeviceStoresRoomKeyOnce(t *testing.T) {
@@ -40,42 +80,61 @@ func TestHandleToDeviceStoresRoomKeyOnce(t *testing.T) {
 	bot := newEnv(t, Config{})
 	const senderUser id.UserID = "@sender:example.org"
 	sender := newEnvAs(t, Config{}, senderUser, "SENDERDEV")
-	sender.hs.peer, bot.hs.peer = bot.hs, sender.hs
+	link(bot, sender)
 	require.NoError(t, bot.m.shareKeys(ctx))
 	require.NoError(t, sender.m.shareKeys(ctx))
 	logs := &lockedBuffer{}
 	log := zerolog.New(logs)
 	bot.olm.Log = &log
 
-	// The sender shares a Megolm session with the bot over a new Olm session.
 	const room id.RoomID = "!room:example.org"
-	ogs, err := mcrypto.NewOutboundGroupSession(room, nil, nil)
-	require.NoError(t, err)
-	device, err := sender.olm.GetOrFetchDevice(ctx, testUser, testDevice)
-	require.NoError(t, err)
-	require.NoError(t, sender.olm.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, ogs.ShareContent()))
-	sender.hs.mu.Lock()
-	require.Len(t, sender.hs.sent, 1)
-	var body struct {
-		Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
-	}
-	require.NoError(t, json.Unmarshal(sender.hs.sent[0], &body))
-	sender.hs.mu.Unlock()
-	raw := body.Messages[testUser][testDevice]
-	require.NotEmpty(t, raw)
+	ogs, raw := shareRoomKey(t, sender, room)
+	bot.deliver(senderUser, raw)
+	assert.True(t, bot.hasRoomKey(room, ogs.ID()), "the room key is stored when HandleToDevice returns")
 
-	deliver := func() {
-		evt := &event.Event{Sender: senderUser, Type: event.ToDeviceEncrypted}
-		evt.Type.Class = event.ToDeviceEventType
-		require.NoError(t, json.Unmarshal(raw, &evt.Content))
-		require.NoError(t, evt.Content.ParseRaw(evt.Type))
-		require.NoError(t, bot.m.HandleToDevice(ctx, []*event.Event{evt}))
-	}
-	deliver()
-	igs, err := bot.store.GetGroupSession(ctx, room, ogs.ID())
-	require.NoError(t, err)
-	require.NotNil(t, igs, "the room key is stored when HandleToDevice returns")
-
-	deliver()
+	bot.deliver(senderUser, raw)
 	assert.Equal(t, 1, logs.count("Ignoring duplicate olm message"), "the re-delivered message is not decrypted again")
+}
+
+// When the server has no one-time key left, senders claim the fallback key. A pre-key message
+// made with the previous fallback key decrypts through HandleToDevice during the grace period
+// after a rotation, and no longer after it.
+func TestPreKeyMessageWithPreviousFallbackKey(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		bot := newEnv(t, Config{FallbackKeyRotation: 10 * time.Minute, FallbackKeyGrace: time.Hour})
+		defer bot.db.Close()
+		early := newEnvAs(t, Config{}, "@early:example.org", "EARLY")
+		defer early.db.Close()
+		late := newEnvAs(t, Config{}, "@late:example.org", "LATE")
+		defer late.db.Close()
+		link(bot, early, late)
+		bot.setUp(ctx)
+		require.NoError(t, early.m.shareKeys(ctx))
+		require.NoError(t, late.m.shareKeys(ctx))
+		bot.hs.mu.Lock()
+		clear(bot.hs.otks) // every one-time key was claimed: senders get the fallback key
+		bot.hs.mu.Unlock()
+
+		// Both senders start Olm sessions on the first fallback key.
+		const room id.RoomID = "!room:example.org"
+		ogsEarly, rawEarly := shareRoomKey(t, early, room)
+		ogsLate, rawLate := shareRoomKey(t, late, room)
+
+		// The server reports the key used; the bot rotates.
+		time.Sleep(10 * time.Minute)
+		require.NoError(t, bot.m.HandleE2EE(ctx, fallbackTypes()))
+		next, err := bot.m.fallbackWork(ctx)
+		require.NoError(t, err)
+		require.Len(t, bot.fallbackUploads(), 2)
+
+		bot.deliver(early.cli.UserID, rawEarly)
+		assert.True(t, bot.hasRoomKey(room, ogsEarly.ID()), "decrypted with the previous fallback key during the grace period")
+
+		time.Sleep(time.Until(next))
+		_, err = bot.m.fallbackWork(ctx)
+		require.NoError(t, err)
+		bot.deliver(late.cli.UserID, rawLate)
+		assert.False(t, bot.hasRoomKey(room, ogsLate.ID()), "the previous fallback key is forgotten after the grace period")
+	})
 }
