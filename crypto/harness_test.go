@@ -238,10 +238,16 @@ func newEnv(t *testing.T, cfg Config) *env {
 
 func newEnvAs(t *testing.T, cfg Config, user id.UserID, device id.DeviceID) *env {
 	t.Helper()
+	return newEnvOn(t, cfg, user, device, filepath.Join(t.TempDir(), "bot.db"))
+}
+
+// newEnvOn builds a device on the database target: a SQLite path or a postgres:// URI.
+func newEnvOn(t *testing.T, cfg Config, user id.UserID, device id.DeviceID, target string) *env {
+	t.Helper()
 	ctx := context.Background()
 	hs := newFakeHS(t)
 	hs.self, hs.selfDevice = user, device
-	db, err := dbopen.Open(filepath.Join(t.TempDir(), "bot.db"), dbopen.Config{RelaxedSync: true})
+	db, err := dbopen.Open(target, dbopen.Config{RelaxedSync: true})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = db.Close() })
 	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
