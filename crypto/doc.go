@@ -37,7 +37,9 @@
 //   - One-time keys: counts are acted on only once a response carried them; unknown counts
 //     are never taken for 0. Run uploads keys when the committed count of signed_curve25519
 //     keys is below half of what the account keeps (50 with goolm), up to that half, through
-//     OlmMachine.ShareKeys; the server thus never holds more one-time keys than the account
+//     OlmMachine.ShareKeys (the threshold of OlmMachine.HandleOTKCounts, which is not used
+//     because it logs failures instead of returning them, so they could not be retried); the
+//     server thus never holds more one-time keys than the account
 //     keeps private keys for. A count is acted on once: a stale repetition of the same counts
 //     after an upload does not upload again. A new device uploads its device keys (and
 //     one-time keys) on the first Run, whatever the server reported.

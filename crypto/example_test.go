@@ -1,0 +1,91 @@
+package crypto_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+
+	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix"
+	mcrypto "maunium.net/go/mautrix/crypto"
+
+	"github.com/sliding-e2ee/sdk/crypto"
+	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
+)
+
+// runBot wires a bot that decrypts: one database holds the sliding sync store, mautrix's
+// crypto store and the Machine's tables, so that device-list changes commit with pos.
+func runBot(ctx context.Context, cli *mautrix.Client, dbPath string, pickleKey []byte) error {
+	db, err := dbopen.Open(dbPath, dbopen.Config{})
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	store := sqlstore.New(db, nil)
+	if err := store.Upgrade(ctx); err != nil {
+		return err
+	}
+	cryptoStore := mcrypto.NewSQLCryptoStore(db, nil, "", cli.DeviceID, pickleKey)
+	if err := cryptoStore.DB.Upgrade(ctx); err != nil {
+		return err
+	}
+	stateStore := mautrix.NewMemoryStateStore()
+	log := zerolog.Ctx(ctx).With().Str("component", "crypto").Logger()
+	olm := mcrypto.NewOlmMachine(cli, &log, cryptoStore, stateStore.(mcrypto.StateStore))
+	if err := olm.Load(ctx); err != nil {
+		return err
+	}
+	mach, err := crypto.New(cli, olm, crypto.Config{})
+	if err != nil {
+		return err
+	}
+	if err := mach.Upgrade(ctx); err != nil {
+		return err
+	}
+	e2eeExt, err := e2ee.NewE2EE(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: mach})
+	if err != nil {
+		return err
+	}
+	defer e2eeExt.Close()
+	toDevice, err := e2ee.NewToDevice(cli.UserID, cli.DeviceID, e2ee.ToDeviceConfig{Handler: mach.HandleToDevice})
+	if err != nil {
+		return err
+	}
+	defer toDevice.Close()
+	conn, err := slidingsync.New(cli, slidingsync.Config{
+		Store:      store,
+		Extensions: []slidingsync.Extension{e2eeExt, toDevice},
+		Lists: map[string]slidingsync.ListConfig{"all": {
+			GrowBatch:     500,
+			TimelineLimit: 10,
+			RequiredState: crypto.BotRequiredState(true),
+		}},
+		OnResponse: func(ctx context.Context, res *slidingsync.Result) error {
+			crypto.UpdateStateStore(ctx, stateStore, res)
+			return nil
+		},
+	})
+	if err != nil {
+		return err
+	}
+
+	machCtx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	var machErr error
+	wg.Go(func() { machErr = mach.Run(machCtx) })
+	connErr := conn.Run(ctx)
+	stop()
+	wg.Wait() // Run has stopped: nothing touches the account any more
+	if errors.Is(machErr, context.Canceled) {
+		machErr = nil
+	}
+	return errors.Join(connErr, machErr)
+}
+
+// The Machine sits between the e2ee and to_device extensions and mautrix's OlmMachine.
+func Example() {
+	_ = runBot // see runBot: it needs a homeserver
+}
