@@ -3,6 +3,7 @@ package crypto
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -150,25 +151,45 @@ func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("read generations: %w", err)
 	}
-	users := outdated
-	for u := range gens {
-		if !slices.Contains(outdated, u) {
-			users = append(users, u)
-		}
+	set := make(map[id.UserID]struct{}, len(outdated)+len(gens))
+	for _, u := range outdated {
+		set[u] = struct{}{}
 	}
-	if len(users) == 0 {
+	for u := range gens {
+		set[u] = struct{}{}
+	}
+	if len(set) == 0 {
 		return false, nil
 	}
-	slices.Sort(users)
+	users := slices.Sorted(maps.Keys(set))
 	zerolog.Ctx(ctx).Debug().Int("count", len(users)).Msg("Querying the devices of outdated users")
+	// In chunks: mautrix filters the users with one IN list, which SQLite bounds.
+	for chunk := range slices.Chunk(users, queryChunkSize) {
+		changed, err := m.queryChunk(ctx, chunk, gens)
+		if err != nil {
+			return false, err
+		}
+		again = again || changed
+	}
+	return again, nil
+}
+
+// queryChunkSize is how many users one key query asks for (a variable for tests).
+var queryChunkSize = 1000
+
+// queryChunk queries the devices of users, then settles their generations: a user whose
+// generation did not move is done, one whose generation moved is marked outdated again.
+func (m *Machine) queryChunk(ctx context.Context, users []id.UserID, gens map[id.UserID]int64) (again bool, err error) {
 	if _, err := m.olm.FetchKeys(ctx, users, false); err != nil {
 		return false, err
 	}
 	var changed []id.UserID
 	err = m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		for u, gen := range gens {
-			if _, err := m.db.Exec(ctx, deleteGenIfQuery, u, gen); err != nil {
-				return err
+		for _, u := range users {
+			if gen, ok := gens[u]; ok {
+				if _, err := m.db.Exec(ctx, deleteGenIfQuery, u, gen); err != nil {
+					return err
+				}
 			}
 		}
 		var err error

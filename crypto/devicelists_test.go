@@ -2,6 +2,7 @@ package crypto
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -140,4 +141,32 @@ func TestHandleE2EEInsideCommitTransaction(t *testing.T) {
 		return e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}})
 	}))
 	assert.Equal(t, []id.UserID{alice}, e.outdated())
+}
+
+// Many outdated users are queried in chunks.
+func TestOutdatedUsersQueriedInChunks(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, Config{})
+	defer func(n int) { queryChunkSize = n }(queryChunkSize)
+	queryChunkSize = 20
+	users := make([]id.UserID, queryChunkSize+10)
+	require.NoError(t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		for i := range users {
+			users[i] = id.NewUserID(fmt.Sprintf("u%05d", i), "example.org")
+			if err := e.store.PutDevices(ctx, users[i], map[id.DeviceID]*id.Device{}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}))
+	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Gap: true}))
+	assert.Len(t, e.outdated(), len(users))
+	again, err := e.m.refreshOutdated(ctx)
+	require.NoError(t, err)
+	assert.False(t, again)
+	_, queries := e.hs.snapshot()
+	require.Len(t, queries, 2)
+	assert.Len(t, queries[0], queryChunkSize)
+	assert.Len(t, queries[1], 10)
+	assert.Empty(t, e.outdated())
 }
