@@ -126,18 +126,31 @@ func (m *Machine) fallbackWork(ctx context.Context) (next time.Time, err error) 
 func (m *Machine) rotateFallbackKey(ctx context.Context, now time.Time, hadKey bool) error {
 	m.acctMu.Lock()
 	defer m.acctMu.Unlock()
-	if err := m.goolm.GenFallbackKey(); err != nil {
+	acc := m.goolm
+	cur, prev, num, next := acc.CurrentFallbackKey, acc.PrevFallbackKey, acc.NumFallbackKeys, acc.NextOneTimeKeyID
+	if err := acc.GenFallbackKey(); err != nil {
 		return fmt.Errorf("generate fallback key: %w", err)
-	}
-	if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
-		return fmt.Errorf("save account: %w", err)
 	}
 	var forgetAt int64
 	if hadKey {
 		forgetAt = now.Add(m.cfg.FallbackKeyGrace).UnixMilli()
 	}
-	if _, err := m.db.Exec(ctx, fallbackRotatedQuery, m.accountKey, now.UnixMilli(), forgetAt); err != nil {
-		return fmt.Errorf("record fallback key rotation: %w", err)
+	// The account and the record commit together, so that a crash cannot leave a rotated
+	// account that the record does not know about (which would rotate again and drop the
+	// uploaded key from the account).
+	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
+			return fmt.Errorf("save account: %w", err)
+		}
+		if _, err := m.db.Exec(ctx, fallbackRotatedQuery, m.accountKey, now.UnixMilli(), forgetAt); err != nil {
+			return fmt.Errorf("record fallback key rotation: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		// Undo the rotation in memory too, so that a retry keeps the uploaded key.
+		acc.CurrentFallbackKey, acc.PrevFallbackKey, acc.NumFallbackKeys, acc.NextOneTimeKeyID = cur, prev, num, next
+		return err
 	}
 	zerolog.Ctx(ctx).Debug().Bool("kept_previous", hadKey).Msg("Generated a new fallback key")
 	return nil
@@ -193,13 +206,18 @@ func (m *Machine) uploadFallbackKey(ctx context.Context) error {
 	}
 	m.acctMu.Lock()
 	m.goolm.CurrentFallbackKey.Published = true
-	err = m.store.PutAccount(ctx, m.olm.GetAccount())
+	err = m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
+			return fmt.Errorf("save account: %w", err)
+		}
+		if _, err := m.db.Exec(ctx, fallbackUploadedQuery, m.accountKey); err != nil {
+			return fmt.Errorf("record fallback key upload: %w", err)
+		}
+		return nil
+	})
 	m.acctMu.Unlock()
 	if err != nil {
-		return fmt.Errorf("save account: %w", err)
-	}
-	if _, err := m.db.Exec(ctx, fallbackUploadedQuery, m.accountKey); err != nil {
-		return fmt.Errorf("record fallback key upload: %w", err)
+		return err
 	}
 	zerolog.Ctx(ctx).Debug().Msg("Uploaded the fallback key")
 	return nil
@@ -209,13 +227,18 @@ func (m *Machine) uploadFallbackKey(ctx context.Context) error {
 func (m *Machine) forgetOldFallbackKey(ctx context.Context) error {
 	m.acctMu.Lock()
 	m.goolm.ForgetOldFallbackKey()
-	err := m.store.PutAccount(ctx, m.olm.GetAccount())
+	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+		if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
+			return fmt.Errorf("save account: %w", err)
+		}
+		if _, err := m.db.Exec(ctx, fallbackForgottenQuery, m.accountKey); err != nil {
+			return fmt.Errorf("record forgotten fallback key: %w", err)
+		}
+		return nil
+	})
 	m.acctMu.Unlock()
 	if err != nil {
-		return fmt.Errorf("save account: %w", err)
-	}
-	if _, err := m.db.Exec(ctx, fallbackForgottenQuery, m.accountKey); err != nil {
-		return fmt.Errorf("record forgotten fallback key: %w", err)
+		return err
 	}
 	zerolog.Ctx(ctx).Debug().Msg("Forgot the previous fallback key")
 	return nil
