@@ -51,9 +51,11 @@
 // the same pos is requested again, which re-delivers the change (Synapse recomputes it from
 // pos; the proxy serves a retried pos from its buffer; a forgotten pos gives M_UNKNOWN_POS and
 // then a gap, which marks every tracked user outdated). A crash after the commit leaves
-// outdated users in the consumer's store for its worker to drain. A pending fallback key upload
-// needs no flag: the committed State says the server holds none (NeedsFallbackKey), and every
-// commit reports the State. Replays are harmless because the consumer's handling is idempotent
+// outdated users in the consumer's store for its worker to drain. The extension keeps no
+// fallback-key to-do either: the committed State says whether the server holds an unused
+// fallback key (NeedsFallbackKey) and every commit reports it; a consumer that must remember
+// more (first setup, a rotation interval, retrying the same key) records its own pending flag
+// inside the transaction, as package crypto does. Replays are harmless because the consumer's handling is idempotent
 // (marking a user outdated twice is marking it once) and merging a response twice gives the
 // same state.
 //
