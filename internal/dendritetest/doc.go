@@ -17,9 +17,9 @@
 //
 // # Costs (2-core machine)
 //
-// Building Dendrite with cgo (mattn's SQLite) takes about 2.5 minutes from cold module and
-// build caches, and a few seconds when the Go build cache is warm; without a C compiler it
-// builds with modernc's SQLite instead. A started server answers /_matrix/client/versions
+// Building Dendrite with cgo (mattn's SQLite) takes 2.5 to 3.5 minutes with a cold Go build
+// cache, and a few seconds when it is warm; without a C compiler it builds with modernc's
+// SQLite instead (about as long). Once cached, the binary is reused. A started server answers /_matrix/client/versions
 // after 0.4 to 2 s; TestEncryptedRoomKeysAndSync takes about 2 s after that.
 //
 // # Observed end-to-end encryption behaviour of Dendrite v0.13.8
