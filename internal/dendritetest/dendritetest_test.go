@@ -149,6 +149,24 @@ func TestEncryptedRoomKeysAndSync(t *testing.T) {
 		return s.resp.DeviceOTKCount.SignedCurve25519 == uploaded-1
 	})
 
+	// Claiming the other 49 exhausts the OTKs: the count then disappears from /sync instead
+	// of saying 0, and a further claim gets nothing (the uploaded fallback key is not served).
+	claimOne := func() int {
+		res, err := bob.ClaimKeys(ctx, &mautrix.ReqClaimKeys{OneTimeKeys: mautrix.OneTimeKeysRequest{
+			alice.UserID: {alice.DeviceID: id.KeyAlgorithmSignedCurve25519},
+		}})
+		require.NoError(t, err)
+		return len(res.OneTimeKeys[alice.UserID][alice.DeviceID])
+	}
+	for i := 1; i < uploaded; i++ {
+		require.Equal(t, 1, claimOne(), "claim %d", i+1)
+	}
+	assert.Zero(t, claimOne(), "nothing left to claim, no fallback key served")
+	aliceExhausted := syncUntil(t, ctx, alice, aliceAfterClaim.resp.NextBatch, "no OTK count", func(s rawSync) bool {
+		_, has := s.keys["device_one_time_keys_count"]
+		return !has
+	})
+
 	// The recorded facts (see the package documentation).
 	for _, c := range []struct {
 		name     string
@@ -160,6 +178,7 @@ func TestEncryptedRoomKeysAndSync(t *testing.T) {
 		{"alice after upload", aliceAfterUpload, true},
 		{"bob after alice's upload (no keys)", bobAfter, false},
 		{"alice after claim", aliceAfterClaim, true},
+		{"alice with all OTKs claimed", aliceExhausted, false},
 	} {
 		_, hasCount := c.s.keys["device_one_time_keys_count"]
 		_, hasFallback := c.s.keys["device_unused_fallback_key_types"]

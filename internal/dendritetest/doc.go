@@ -29,13 +29,17 @@
 //   - Writes reach /sync asynchronously (through JetStream): a room just joined may be missing
 //     from a /sync sent right after the join returned. Tests must poll with a bounded wait.
 //   - device_one_time_keys_count is present only while the device has one-time keys: it is
-//     absent (never {"signed_curve25519": 0}) before the first upload and, reading Dendrite's
-//     code (a GROUP BY count), once all keys are claimed. A client must read absence as zero.
-//     After an upload of 50 keys it says 50; a /keys/claim makes it 49 in the next /sync.
+//     absent before the first upload and again once every key is claimed, never
+//     {"signed_curve25519": 0}. So on Dendrite an absent count means zero, unlike Synapse,
+//     which always sends the map with an explicit 0; a client that reads absence as
+//     "unchanged" never tops its keys up after exhaustion. After an upload of 50 keys it says
+//     50; a /keys/claim makes it 49 in the next /sync.
 //   - device_unused_fallback_key_types is never sent. Dendrite does not implement fallback
-//     keys: a fallback_keys upload is accepted and ignored (not counted as a one-time key).
+//     keys: a fallback_keys upload is accepted and ignored (not counted as a one-time key, and
+//     not served by /keys/claim once the one-time keys are gone).
 //   - device_lists.changed is sent in v2 /sync: a user's own key upload appears in her own
-//     next /sync, and in the next /sync of every user who shares a room with her. Bob, who
-//     uploaded no keys, also found his own user ID in changed after joining alice's room.
+//     next /sync, and in the next /sync of every user who shares a room with her. In one run
+//     Bob, who uploaded no keys, also found his own user ID in changed after joining her room
+//     (not reproducible: a client must tolerate its own ID there).
 //   - /keys/query and /keys/claim work for local users as specified.
 package dendritetest
