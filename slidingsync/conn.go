@@ -36,7 +36,7 @@ type Config struct {
 	// Protocol forces a dialect. ProtocolAuto (the zero value) discovers it when Run starts.
 	Protocol Protocol
 	// BaseURL is where sliding sync is served when it is not the homeserver (an MSC3575 proxy).
-	// Nil means the homeserver, or what discovery finds.
+	// Empty means the homeserver, or what discovery finds; setting it needs an explicit Protocol.
 	BaseURL string
 	// ConnID separates concurrent connections of one device. Empty is the default connection.
 	ConnID string
