@@ -96,6 +96,7 @@ type Conn struct {
 	lists    map[string]ListConfig
 	subs     map[id.RoomID]RoomSubscription
 	unsubs   []id.RoomID
+	dellists []string // lists removed since the last processed response (MSC3575 keeps lists)
 	gen      uint64
 	growEnd  map[string]int // window end of each growing list
 	cancelRq context.CancelFunc
@@ -172,12 +173,20 @@ func (c *Conn) Key() ConnKey { return c.key }
 // SetList adds or replaces a list. An in-flight request is cancelled and its response is
 // never processed.
 func (c *Conn) SetList(name string, lc ListConfig) {
-	c.changeConfig(func() { c.lists[name] = lc })
+	c.changeConfig(func() {
+		c.lists[name] = lc
+		c.dellists = slices.DeleteFunc(c.dellists, func(n string) bool { return n == name })
+	})
 }
 
 // RemoveList removes a list.
 func (c *Conn) RemoveList(name string) {
-	c.changeConfig(func() { delete(c.lists, name) })
+	c.changeConfig(func() {
+		if _, ok := c.lists[name]; ok {
+			delete(c.lists, name)
+			c.dellists = append(c.dellists, name)
+		}
+	})
 }
 
 // Subscribe adds or replaces a room subscription.
@@ -274,6 +283,7 @@ func (c *Conn) snapshotRequest(pos string) *Request {
 		req.RoomSubscriptions = maps.Clone(c.subs)
 	}
 	req.UnsubscribeRooms = slices.Clone(c.unsubs)
+	req.DeletedLists = slices.Clone(c.dellists)
 	return req
 }
 
@@ -530,7 +540,7 @@ func (c *Conn) reset(ctx context.Context) error {
 	c.pos = ""
 	c.stateMu.Unlock()
 	c.mu.Lock()
-	c.unsubs = nil // a new connection has no subscriptions to undo
+	c.unsubs, c.dellists = nil, nil // a new connection has nothing to undo
 	c.mu.Unlock()
 	for _, ext := range c.exts {
 		if r, ok := ext.(Resetter); ok {
@@ -782,8 +792,9 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 	c.stateMu.Unlock()
 	c.mu.Lock()
 	if c.gen == gen {
-		// The request carried every pending unsubscription and the server has applied it.
-		c.unsubs = nil
+		// The request carried every pending unsubscription and list deletion, and the server
+		// has applied them.
+		c.unsubs, c.dellists = nil, nil
 	}
 	if c.growWindows(res.Lists) {
 		more = true

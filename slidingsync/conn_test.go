@@ -793,3 +793,59 @@ func TestUnknownPosStormDoesNotSpin(t *testing.T) {
 		assert.Equal(t, "p2", h.conn.Pos())
 	})
 }
+
+func TestRemovedListsAndSubscriptionsAreUndoneOnStickyServers(t *testing.T) {
+	// The proxy keeps lists and subscriptions absent from a request, so removing one must be
+	// said once; the other dialects just stop sending it.
+	for _, proto := range slidingsync.Protocols {
+		t.Run(proto.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				h := start(t, proto, slidingsync.Config{
+					Lists:             map[string]slidingsync.ListConfig{"all": allList, "dms": allList},
+					RoomSubscriptions: map[id.RoomID]slidingsync.RoomSubscription{"!sub:x": {TimelineLimit: 1}},
+				})
+				h.srv.Push(roomResp("p1"))
+				h.run()
+				_, err := h.srv.WaitRequests(context.Background(), 2)
+				require.NoError(t, err)
+				synctest.Wait()
+				h.conn.RemoveList("dms")
+				h.conn.Unsubscribe("!sub:x")
+				h.srv.Push(roomResp("p2"))
+				_, err = h.srv.WaitRequests(context.Background(), 4)
+				require.NoError(t, err)
+				synctest.Wait()
+				require.ErrorIs(t, h.stop(t), context.Canceled)
+
+				// A request built between the two changes is cancelled by the second; the one
+				// answered with p2 carries both.
+				var removal, after *slidingsynctest.RecordedRequest
+				reqs := h.srv.Requests()
+				for i := range reqs[2:] {
+					rr := &reqs[2+i]
+					switch {
+					case rr.Parsed.Pos == "p1" && rr.Answered:
+						removal = rr
+					case rr.Parsed.Pos == "p2" && after == nil:
+						after = rr
+					}
+				}
+				require.NotNil(t, removal)
+				require.NotNil(t, after)
+				assert.Contains(t, removal.Parsed.Lists, "all")
+				assert.NotContains(t, removal.Parsed.Lists, "dms")
+				assert.NotContains(t, removal.Parsed.RoomSubscriptions, id.RoomID("!sub:x"))
+				if proto == slidingsync.ProtocolMSC3575 {
+					assert.Equal(t, []string{"dms"}, removal.Parsed.DeletedLists)
+					assert.Equal(t, []id.RoomID{"!sub:x"}, removal.Parsed.UnsubscribeRooms)
+				} else {
+					assert.Empty(t, removal.Parsed.DeletedLists)
+					assert.Empty(t, removal.Parsed.UnsubscribeRooms)
+				}
+				assert.Empty(t, after.Parsed.DeletedLists, "said once, then forgotten")
+				assert.Empty(t, after.Parsed.UnsubscribeRooms)
+				assert.Equal(t, "p2", after.Parsed.Pos)
+			})
+		})
+	}
+}

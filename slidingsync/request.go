@@ -159,6 +159,9 @@ type Request struct {
 	RoomSubscriptions map[id.RoomID]RoomSubscription // subscriptions by room
 	// UnsubscribeRooms is sent on MSC3575 only, where subscriptions are sticky.
 	UnsubscribeRooms []id.RoomID
+	// DeletedLists is sent on MSC3575 only, where lists are sticky: each becomes
+	// {"deleted": true} under its name. A name also in Lists is not deleted.
+	DeletedLists []string
 	// Extensions maps each extension's wire key to its request body.
 	Extensions map[string]json.RawMessage
 }
@@ -184,6 +187,7 @@ type wireList struct {
 	IncludeHeroes   bool            `json:"include_heroes,omitempty"`
 	BumpEventTypes  []string        `json:"bump_event_types,omitempty"`
 	SlowGetAllRooms bool            `json:"slow_get_all_rooms,omitempty"`
+	Deleted         bool            `json:"deleted,omitempty"`
 }
 
 type wireRoomSub struct {
@@ -330,6 +334,13 @@ func EncodeRequest(p Protocol, req *Request) (url.Values, []byte, error) {
 		// Both servers accept an empty object; it makes an extensions-only connection explicit.
 		w.Lists = map[string]wireList{}
 	}
+	if p == ProtocolMSC3575 {
+		for _, name := range req.DeletedLists {
+			if _, kept := req.Lists[name]; !kept {
+				w.Lists[name] = wireList{Deleted: true}
+			}
+		}
+	}
 	if len(req.RoomSubscriptions) > 0 {
 		w.RoomSubscriptions = make(map[id.RoomID]wireRoomSub, len(req.RoomSubscriptions))
 		for roomID, sub := range req.RoomSubscriptions {
@@ -411,6 +422,10 @@ func DecodeRequest(query url.Values, body []byte) (*Request, error) {
 	if w.Lists != nil {
 		req.Lists = make(map[string]ListConfig, len(w.Lists))
 		for name, wl := range w.Lists {
+			if wl.Deleted {
+				req.DeletedLists = append(req.DeletedLists, name)
+				continue
+			}
 			lc := ListConfig{
 				Ranges:          wl.Ranges,
 				Sort:            wl.Sort,
