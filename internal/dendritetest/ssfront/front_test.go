@@ -1,0 +1,270 @@
+package ssfront_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/internal/dendritetest"
+	"github.com/sliding-e2ee/sdk/internal/dendritetest/ssfront"
+	"github.com/sliding-e2ee/sdk/slidingsync"
+)
+
+// recorder records what the extensions hand over.
+type recorder struct {
+	mu        sync.Mutex
+	toDevice  []*event.Event
+	deltas    int
+	responses int
+}
+
+func (r *recorder) HandleE2EE(context.Context, *e2ee.Delta) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.deltas++
+	return nil
+}
+
+func (r *recorder) E2EECommitted(context.Context, e2ee.State) {}
+
+func (r *recorder) handleToDevice(_ context.Context, evts []*event.Event) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.toDevice = append(r.toDevice, evts...)
+	return nil
+}
+
+func (r *recorder) counts() (toDevice, responses int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.toDevice), r.responses
+}
+
+// eventually polls cond every 50 ms for up to 30 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// rawSync posts one sliding sync request to the front as cli and returns the status and body.
+func rawSync(t *testing.T, ctx context.Context, base string, cli *mautrix.Client, query url.Values, body any) (int, map[string]json.RawMessage) {
+	t.Helper()
+	b, err := json.Marshal(body)
+	require.NoError(t, err)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+ssfront.SyncPath+"?"+query.Encode(), bytes.NewReader(b))
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+cli.AccessToken)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var out map[string]json.RawMessage
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
+	return resp.StatusCode, out
+}
+
+type toDeviceSection struct {
+	NextBatch string            `json:"next_batch"`
+	Events    []json.RawMessage `json:"events"`
+}
+
+func extensions(t *testing.T, out map[string]json.RawMessage) map[string]json.RawMessage {
+	t.Helper()
+	var exts map[string]json.RawMessage
+	require.NoError(t, json.Unmarshal(out["extensions"], &exts))
+	return exts
+}
+
+func TestFront(t *testing.T) {
+	srv := dendritetest.Start(t)
+	upstream, err := url.Parse(srv.URL)
+	require.NoError(t, err)
+	front := httptest.NewServer(ssfront.New(upstream))
+	t.Cleanup(front.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	alice := srv.Register(t, "alice")
+	bob := srv.Register(t, "bob")
+
+	// /versions through the front advertises the simplified dialect.
+	bobFront, err := mautrix.NewClient(front.URL, bob.UserID, bob.AccessToken)
+	require.NoError(t, err)
+	bobFront.DeviceID = bob.DeviceID
+	bobFront.Client = &http.Client{Timeout: time.Minute}
+	versions, err := bobFront.Versions(ctx)
+	require.NoError(t, err)
+	assert.True(t, versions.Supports(slidingsync.FeatureSimplifiedSlidingSync))
+
+	// The e2ee section on raw requests: counts always there (0 for bob, who has no keys),
+	// device_lists only on a request with pos; an unknown pos is M_UNKNOWN_POS.
+	listReq := map[string]any{
+		"lists":      map[string]any{"all": map[string]any{"ranges": [][2]int{{0, 9}}, "required_state": [][2]string{{"*", "*"}}, "timeline_limit": 5}},
+		"extensions": map[string]any{"e2ee": map[string]any{"enabled": true}},
+	}
+	status, out := rawSync(t, ctx, front.URL, bob, url.Values{}, listReq)
+	require.Equal(t, http.StatusOK, status)
+	assert.JSONEq(t, `{"device_one_time_keys_count":{"signed_curve25519":0}}`, string(extensions(t, out)["e2ee"]))
+	var pos string
+	require.NoError(t, json.Unmarshal(out["pos"], &pos))
+	status, out = rawSync(t, ctx, front.URL, bob, url.Values{"pos": {pos}, "timeout": {"0"}}, listReq)
+	require.Equal(t, http.StatusOK, status)
+	var sec struct {
+		Counts      map[string]int  `json:"device_one_time_keys_count"`
+		DeviceLists json.RawMessage `json:"device_lists"`
+		Fallback    json.RawMessage `json:"device_unused_fallback_key_types"`
+	}
+	require.NoError(t, json.Unmarshal(extensions(t, out)["e2ee"], &sec))
+	assert.Equal(t, map[string]int{"signed_curve25519": 0}, sec.Counts)
+	assert.NotNil(t, sec.DeviceLists, "device_lists on a request with pos")
+	assert.Nil(t, sec.Fallback, "no fallback key types from Dendrite")
+	status, out = rawSync(t, ctx, front.URL, bob, url.Values{"pos": {"no-such-pos"}}, listReq)
+	assert.Equal(t, http.StatusBadRequest, status)
+	assert.JSONEq(t, `"M_UNKNOWN_POS"`, string(out["errcode"]))
+
+	// Alice's room with a message; bob is invited and joins.
+	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{Preset: "private_chat", Invite: []id.UserID{bob.UserID}, Name: "front test"})
+	require.NoError(t, err)
+	sent, err := alice.SendText(ctx, room.RoomID, "hello through the front")
+	require.NoError(t, err)
+	_, err = bob.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+
+	// Bob's connection through the front.
+	rec := &recorder{}
+	e2eeExt, err := e2ee.NewE2EE(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e2eeExt.Close() })
+	tdExt, err := e2ee.NewToDevice(bob.UserID, bob.DeviceID, e2ee.ToDeviceConfig{Handler: rec.handleToDevice})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = tdExt.Close() })
+	conn, err := slidingsync.New(bobFront, slidingsync.Config{
+		Protocol: slidingsync.ProtocolMSC4186,
+		Lists: map[string]slidingsync.ListConfig{"all": {
+			Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
+			RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{{Type: "m.room.name", StateKey: ""}}, LazyMembers: true},
+			TimelineLimit: 10,
+		}},
+		Extensions:  []slidingsync.Extension{e2eeExt, tdExt},
+		PollTimeout: time.Second,
+		MinBackoff:  50 * time.Millisecond,
+		MaxBackoff:  time.Second,
+		OnResponse: func(context.Context, *slidingsync.Result) error {
+			rec.mu.Lock()
+			rec.responses++
+			rec.mu.Unlock()
+			return nil
+		},
+	})
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(ctx)
+	runErr := make(chan error, 1)
+	go func() { runErr <- conn.Run(runCtx) }()
+	stopped := false
+	stopConn := func() {
+		if !stopped {
+			stopped = true
+			stop()
+			<-runErr
+		}
+	}
+	t.Cleanup(stopConn)
+
+	eventually(t, "bob's connection to show alice's message", func() bool {
+		rs, ok := conn.Room(room.RoomID)
+		if !ok {
+			return false
+		}
+		for _, evt := range rs.Timeline {
+			if evt.ID == sent.EventID {
+				return true
+			}
+		}
+		return false
+	})
+	rs, _ := conn.Room(room.RoomID)
+	assert.Equal(t, "front test", rs.Name)
+	assert.NotNil(t, rs.StateEvent(event.StateRoomName, ""), "m.room.name in required_state")
+	assert.Equal(t, event.MembershipJoin, rs.Membership)
+	assert.NotNil(t, rs.StateEvent(event.StateMember, alice.UserID.String()), "lazy member of the sender")
+	eventually(t, "the list to hold the room", func() bool {
+		ls, ok := conn.List("all")
+		return ok && ls.Count == 1 && len(ls.Rooms) == 1 && ls.Rooms[0] == room.RoomID
+	})
+	assert.True(t, e2eeExt.State().OTKCountsKnown, "the e2ee section carried counts")
+
+	// A to-device message from alice arrives once.
+	toDevType := event.Type{Type: "org.example.front_test", Class: event.ToDeviceEventType}
+	_, err = alice.SendToDevice(ctx, toDevType, &mautrix.ReqSendToDevice{Messages: map[id.UserID]map[id.DeviceID]*event.Content{
+		bob.UserID: {bob.DeviceID: {Raw: map[string]any{"n": 1}}},
+	}})
+	require.NoError(t, err)
+	eventually(t, "the to-device message", func() bool { n, _ := rec.counts(); return n >= 1 })
+	_, atReceipt := rec.counts()
+	// Two more responses: the request after the receipt acknowledged the batch.
+	eventually(t, "two more responses", func() bool { _, r := rec.counts(); return r >= atReceipt+2 })
+	n, _ := rec.counts()
+	assert.Equal(t, 1, n, "the to-device message arrives once")
+	rec.mu.Lock()
+	assert.Equal(t, toDevType.Type, rec.toDevice[0].Type.Type)
+	assert.Equal(t, alice.UserID, rec.toDevice[0].Sender)
+	rec.mu.Unlock()
+	ack := tdExt.Since()
+	require.NotEmpty(t, ack)
+	stopConn()
+
+	// After the acknowledgement Dendrite has deleted it: a fresh to-device cursor sees nothing.
+	tdOnly := func(since string) map[string]any {
+		td := map[string]any{"enabled": true, "limit": 10}
+		if since != "" {
+			td["since"] = since
+		}
+		return map[string]any{"lists": map[string]any{}, "extensions": map[string]any{"to_device": td}}
+	}
+	status, out = rawSync(t, ctx, front.URL, bob, url.Values{}, tdOnly(""))
+	require.Equal(t, http.StatusOK, status)
+	var td toDeviceSection
+	require.NoError(t, json.Unmarshal(extensions(t, out)["to_device"], &td))
+	assert.Empty(t, td.Events, "acknowledged messages are gone")
+
+	// Unacknowledged messages are re-sent for the same since, and gone once its next_batch is
+	// sent.
+	_, err = alice.SendToDevice(ctx, toDevType, &mautrix.ReqSendToDevice{Messages: map[id.UserID]map[id.DeviceID]*event.Content{
+		bob.UserID: {bob.DeviceID: {Raw: map[string]any{"n": 2}}},
+	}})
+	require.NoError(t, err)
+	since := td.NextBatch
+	eventually(t, "the second to-device message", func() bool {
+		status, out = rawSync(t, ctx, front.URL, bob, url.Values{}, tdOnly(since))
+		require.Equal(t, http.StatusOK, status)
+		require.NoError(t, json.Unmarshal(extensions(t, out)["to_device"], &td))
+		return len(td.Events) == 1
+	})
+	status, out = rawSync(t, ctx, front.URL, bob, url.Values{}, tdOnly(since))
+	require.Equal(t, http.StatusOK, status)
+	var again toDeviceSection
+	require.NoError(t, json.Unmarshal(extensions(t, out)["to_device"], &again))
+	assert.Len(t, again.Events, 1, "not acknowledged yet: sent again")
+	status, out = rawSync(t, ctx, front.URL, bob, url.Values{}, tdOnly(td.NextBatch))
+	require.Equal(t, http.StatusOK, status)
+	require.NoError(t, json.Unmarshal(extensions(t, out)["to_device"], &again))
+	assert.Empty(t, again.Events, "acknowledged: not sent again")
+}
