@@ -268,3 +268,59 @@ func TestFront(t *testing.T) {
 	require.NoError(t, json.Unmarshal(extensions(t, out)["to_device"], &again))
 	assert.Empty(t, again.Events, "acknowledged: not sent again")
 }
+
+// TestToDeviceSurvivesRoomCursor checks that the room cursor never deletes to-device messages
+// the client has not acknowledged: Dendrite deletes every message up to the to-device position
+// of whatever since a /sync carries, so the front must not hand the room cursor's own position
+// to Dendrite while the to_device extension lags behind it.
+func TestToDeviceSurvivesRoomCursor(t *testing.T) {
+	srv := dendritetest.Start(t)
+	upstream, err := url.Parse(srv.URL)
+	require.NoError(t, err)
+	front := httptest.NewServer(ssfront.New(upstream))
+	t.Cleanup(front.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	alice := srv.Register(t, "alice")
+	bob := srv.Register(t, "bob")
+
+	type result struct {
+		pos string
+		td  toDeviceSection
+	}
+	do := func(pos, since string) result {
+		td := map[string]any{"enabled": true, "limit": 10}
+		if since != "" {
+			td["since"] = since
+		}
+		q := url.Values{"timeout": {"0"}}
+		if pos != "" {
+			q.Set("pos", pos)
+		}
+		status, out := rawSync(t, ctx, front.URL, bob, q, map[string]any{"lists": map[string]any{}, "extensions": map[string]any{"to_device": td}})
+		require.Equal(t, http.StatusOK, status)
+		var r result
+		require.NoError(t, json.Unmarshal(out["pos"], &r.pos))
+		require.NoError(t, json.Unmarshal(extensions(t, out)["to_device"], &r.td))
+		return r
+	}
+
+	first := do("", "")
+	require.NotEmpty(t, first.td.NextBatch)
+	_, err = alice.SendToDevice(ctx, event.Type{Type: "org.example.front_test", Class: event.ToDeviceEventType}, &mautrix.ReqSendToDevice{
+		Messages: map[id.UserID]map[id.DeviceID]*event.Content{bob.UserID: {bob.DeviceID: {Raw: map[string]any{"n": 1}}}},
+	})
+	require.NoError(t, err)
+	got := first
+	eventually(t, "the to-device message", func() bool {
+		got = do(got.pos, first.td.NextBatch)
+		return len(got.td.Events) == 1
+	})
+	// Not acknowledged (the client did not commit the batch): the room cursor has moved past
+	// the message, yet the message is served again.
+	again := do(got.pos, first.td.NextBatch)
+	assert.Len(t, again.td.Events, 1, "an unacknowledged message survives the room cursor")
+	// Acknowledged: gone.
+	acked := do(again.pos, again.td.NextBatch)
+	assert.Empty(t, acked.td.Events)
+}
