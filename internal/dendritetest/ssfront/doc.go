@@ -24,8 +24,9 @@
 //     timeline's state events (exact types and state keys, "*", "$ME", and $LAZY for the
 //     members who sent the timeline events), the name from m.room.name, the last
 //     timeline_limit timeline events, prev_batch, limited, and joined and invited counts from
-//     the v2 summary. Later responses
-//     carry only rooms with new timeline or state events. Invites carry invite_state.
+//     the v2 summary. Later responses carry only rooms with new timeline or state events.
+//     Invites carry invite_state. A connection without lists or room subscriptions gets no
+//     rooms.
 //   - The e2ee extension: device_lists from v2 (left out on a request without pos, as Synapse
 //     does), device_one_time_keys_count always present with signed_curve25519 filled in as 0
 //     when Dendrite leaves it out (Dendrite drops the count when no key is left), and never
@@ -46,5 +47,8 @@
 // filters, sort, heroes, avatars as fields (m.room.avatar is in required_state when asked
 // for), bump_stamp, num_live, notification counts, account data, receipts, typing, the
 // to_device limit (v2 has none: a batch is everything pending), and the MSC3575 and v4
-// dialects are not implemented. Left rooms simply disappear from the lists.
+// dialects are not implemented. Left rooms simply disappear from the lists. Room data comes
+// only from what v2 returns: a room first sent from an incremental v2 sync (say, after lists
+// were added to an extensions-only connection) carries only the state that sync returned,
+// although Dendrite sends full state for a room newly joined.
 package ssfront

@@ -191,6 +191,14 @@ func TestFrontTranslation(t *testing.T) {
 	assert.JSONEq(t, `{"device_one_time_keys_count": {"signed_curve25519": 7},
 	  "device_lists": {"changed": ["@carol:localhost"], "left": ["@dave:localhost"]}}`, string(resp2.Extensions["e2ee"]))
 
+	// An extensions-only connection gets no rooms.
+	status, body = fakeSync(t, front.URL, "tok", url.Values{}, `{"conn_id": "x", "lists": {}, "extensions": {"e2ee": {"enabled": true}}}`)
+	require.Equal(t, http.StatusOK, status, string(body))
+	resp3, err := slidingsync.DecodeResponse(body)
+	require.NoError(t, err)
+	assert.Empty(t, resp3.Rooms)
+	assert.Contains(t, resp3.Extensions, "e2ee")
+
 	// An unknown pos, and an upstream error passed through.
 	status, body = fakeSync(t, front.URL, "tok", url.Values{"pos": {"999"}}, reqBody)
 	assert.Equal(t, http.StatusBadRequest, status)

@@ -351,6 +351,8 @@ func (f *Front) serveSync(w http.ResponseWriter, r *http.Request) {
 	userID := f.whoami(r.Context(), auth)
 	next := &snapshot{since: v2.NextBatch, rooms: clone(prev.rooms), sent: clone(prev.sent)}
 	out := &response{Lists: map[string]slidingsync.ListResponse{}, Rooms: map[id.RoomID]*slidingsync.RoomResponse{}}
+	// An extensions-only connection gets no room data, as on Synapse.
+	wantsRooms := len(req.Lists) > 0 || len(req.RoomSubscriptions) > 0
 	for roomID := range v2.Rooms.Leave {
 		delete(next.rooms, roomID)
 		delete(next.sent, roomID)
@@ -362,7 +364,7 @@ func (f *Front) serveSync(w http.ResponseWriter, r *http.Request) {
 			info.lastTS = max(info.lastTS, evt.Timestamp)
 		}
 		next.rooms[roomID] = info
-		if next.sent[roomID] != event.MembershipInvite {
+		if wantsRooms && next.sent[roomID] != event.MembershipInvite {
 			out.Rooms[roomID] = &slidingsync.RoomResponse{
 				Initial:     true,
 				Membership:  slidingsync.Some(event.MembershipInvite),
@@ -379,7 +381,7 @@ func (f *Front) serveSync(w http.ResponseWriter, r *http.Request) {
 		}
 		next.rooms[roomID] = info
 		initial := next.sent[roomID] != event.MembershipJoin
-		if !initial && len(j.Timeline.Events) == 0 && len(j.State.Events) == 0 {
+		if !wantsRooms || (!initial && len(j.Timeline.Events) == 0 && len(j.State.Events) == 0) {
 			continue
 		}
 		out.Rooms[roomID] = buildRoom(j, initial, rs, limit, userID)
