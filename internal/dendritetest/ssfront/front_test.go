@@ -324,3 +324,84 @@ func TestToDeviceSurvivesRoomCursor(t *testing.T) {
 	acked := do(again.pos, again.td.NextBatch)
 	assert.Empty(t, acked.td.Events)
 }
+
+// TestInviteThenJoin follows a room from invite to join on one connection, and the one-time
+// key count after an upload.
+func TestInviteThenJoin(t *testing.T) {
+	srv := dendritetest.Start(t)
+	upstream, err := url.Parse(srv.URL)
+	require.NoError(t, err)
+	front := httptest.NewServer(ssfront.New(upstream))
+	t.Cleanup(front.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	alice := srv.Register(t, "alice")
+	bob := srv.Register(t, "bob")
+
+	bobFront, err := mautrix.NewClient(front.URL, bob.UserID, bob.AccessToken)
+	require.NoError(t, err)
+	bobFront.DeviceID = bob.DeviceID
+	bobFront.Client = &http.Client{Timeout: time.Minute}
+	rec := &recorder{}
+	e2eeExt, err := e2ee.NewE2EE(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = e2eeExt.Close() })
+	conn, err := slidingsync.New(bobFront, slidingsync.Config{
+		Protocol: slidingsync.ProtocolMSC4186,
+		Lists: map[string]slidingsync.ListConfig{"all": {
+			Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
+			RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{{Type: "*", StateKey: "*"}}},
+			TimelineLimit: 20,
+		}},
+		Extensions:  []slidingsync.Extension{e2eeExt},
+		PollTimeout: time.Second,
+		MinBackoff:  50 * time.Millisecond,
+		MaxBackoff:  time.Second,
+	})
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(ctx)
+	runErr := make(chan error, 1)
+	go func() { runErr <- conn.Run(runCtx) }()
+	t.Cleanup(func() { stop(); <-runErr })
+	eventually(t, "the first response", func() bool { return conn.Pos() != "" })
+
+	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{Preset: "private_chat", Invite: []id.UserID{bob.UserID}})
+	require.NoError(t, err)
+	eventually(t, "the invite", func() bool {
+		rs, ok := conn.Room(room.RoomID)
+		return ok && rs.Membership == event.MembershipInvite && len(rs.InviteState) > 0
+	})
+	sent, err := alice.SendText(ctx, room.RoomID, "before the join")
+	require.NoError(t, err)
+	_, err = bob.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+	eventually(t, "the joined room with the message", func() bool {
+		rs, ok := conn.Room(room.RoomID)
+		if !ok || rs.Membership != event.MembershipJoin {
+			return false
+		}
+		for _, evt := range rs.Timeline {
+			if evt.ID == sent.EventID {
+				return true
+			}
+		}
+		return false
+	})
+	rs, _ := conn.Room(room.RoomID)
+	assert.Empty(t, rs.InviteState, "the initial join entry replaced the invite")
+	assert.NotNil(t, rs.StateEvent(event.StateCreate, ""), "full state after the join")
+	assert.NotNil(t, rs.StateEvent(event.StateMember, bob.UserID.String()))
+
+	// Bob uploads one-time keys: the count reaches the e2ee extension.
+	otks := map[id.KeyID]mautrix.OneTimeKey{}
+	for i := range 3 {
+		otks[id.NewKeyID(id.KeyAlgorithmSignedCurve25519, "AAAA"+string(rune('A'+i)))] = mautrix.OneTimeKey{
+			Key: id.Curve25519("key" + string(rune('A'+i)) + "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+		}
+	}
+	_, err = bob.UploadKeys(ctx, &mautrix.ReqUploadKeys{OneTimeKeys: otks})
+	require.NoError(t, err)
+	eventually(t, "a count of 3", func() bool {
+		return e2eeExt.State().OTKCounts[id.KeyAlgorithmSignedCurve25519] == 3
+	})
+}
