@@ -93,12 +93,29 @@ func extensions(t *testing.T, out map[string]json.RawMessage) map[string]json.Ra
 	return exts
 }
 
-func TestFront(t *testing.T) {
+// startFront starts Dendrite and the front before it, on loopback.
+func startFront(t *testing.T) (*dendritetest.Server, *httptest.Server) {
+	t.Helper()
 	srv := dendritetest.Start(t)
 	upstream, err := url.Parse(srv.URL)
 	require.NoError(t, err)
 	front := httptest.NewServer(ssfront.New(upstream))
 	t.Cleanup(front.Close)
+	return srv, front
+}
+
+// frontClient returns a client for the same account that talks to the front.
+func frontClient(t *testing.T, front *httptest.Server, c *mautrix.Client) *mautrix.Client {
+	t.Helper()
+	cli, err := mautrix.NewClient(front.URL, c.UserID, c.AccessToken)
+	require.NoError(t, err)
+	cli.DeviceID = c.DeviceID
+	cli.Client = &http.Client{Timeout: time.Minute}
+	return cli
+}
+
+func TestFront(t *testing.T) {
+	srv, front := startFront(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 
@@ -106,10 +123,7 @@ func TestFront(t *testing.T) {
 	bob := srv.Register(t, "bob")
 
 	// /versions through the front advertises the simplified dialect.
-	bobFront, err := mautrix.NewClient(front.URL, bob.UserID, bob.AccessToken)
-	require.NoError(t, err)
-	bobFront.DeviceID = bob.DeviceID
-	bobFront.Client = &http.Client{Timeout: time.Minute}
+	bobFront := frontClient(t, front, bob)
 	versions, err := bobFront.Versions(ctx)
 	require.NoError(t, err)
 	assert.True(t, versions.Supports(slidingsync.FeatureSimplifiedSlidingSync))
@@ -274,11 +288,7 @@ func TestFront(t *testing.T) {
 // of whatever since a /sync carries, so the front must not hand the room cursor's own position
 // to Dendrite while the to_device extension lags behind it.
 func TestToDeviceSurvivesRoomCursor(t *testing.T) {
-	srv := dendritetest.Start(t)
-	upstream, err := url.Parse(srv.URL)
-	require.NoError(t, err)
-	front := httptest.NewServer(ssfront.New(upstream))
-	t.Cleanup(front.Close)
+	srv, front := startFront(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	alice := srv.Register(t, "alice")
@@ -307,7 +317,7 @@ func TestToDeviceSurvivesRoomCursor(t *testing.T) {
 
 	first := do("", "")
 	require.NotEmpty(t, first.td.NextBatch)
-	_, err = alice.SendToDevice(ctx, event.Type{Type: "org.example.front_test", Class: event.ToDeviceEventType}, &mautrix.ReqSendToDevice{
+	_, err := alice.SendToDevice(ctx, event.Type{Type: "org.example.front_test", Class: event.ToDeviceEventType}, &mautrix.ReqSendToDevice{
 		Messages: map[id.UserID]map[id.DeviceID]*event.Content{bob.UserID: {bob.DeviceID: {Raw: map[string]any{"n": 1}}}},
 	})
 	require.NoError(t, err)
@@ -328,20 +338,13 @@ func TestToDeviceSurvivesRoomCursor(t *testing.T) {
 // TestInviteThenJoin follows a room from invite to join on one connection, and the one-time
 // key count after an upload.
 func TestInviteThenJoin(t *testing.T) {
-	srv := dendritetest.Start(t)
-	upstream, err := url.Parse(srv.URL)
-	require.NoError(t, err)
-	front := httptest.NewServer(ssfront.New(upstream))
-	t.Cleanup(front.Close)
+	srv, front := startFront(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	alice := srv.Register(t, "alice")
 	bob := srv.Register(t, "bob")
 
-	bobFront, err := mautrix.NewClient(front.URL, bob.UserID, bob.AccessToken)
-	require.NoError(t, err)
-	bobFront.DeviceID = bob.DeviceID
-	bobFront.Client = &http.Client{Timeout: time.Minute}
+	bobFront := frontClient(t, front, bob)
 	rec := &recorder{}
 	e2eeExt, err := e2ee.NewE2EE(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec})
 	require.NoError(t, err)
