@@ -213,8 +213,18 @@ func reportPerRoom(b *testing.B, startMallocs uint64, rooms int) {
 	b.ReportMetric(float64(mallocs()-startMallocs)/float64(b.N)/float64(rooms), "allocs/room")
 }
 
-func BenchmarkDecodeInitial10k(b *testing.B) {
-	body := benchInitialBody()
+// benchDecode measures plain decoding of body, the floor the merge benchmarks compare to.
+// With withKnown set, the 10 000-room state the incremental merge benchmarks merge into is kept
+// alive, so that both run with the same live heap and the difference is the merge, not the
+// garbage collector.
+func benchDecode(b *testing.B, body []byte, rooms int, withKnown bool) {
+	if withKnown {
+		known, err := benchKnown10k()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer runtime.KeepAlive(known)
+	}
 	b.SetBytes(int64(len(body)))
 	b.ReportAllocs()
 	start := mallocs()
@@ -225,7 +235,11 @@ func BenchmarkDecodeInitial10k(b *testing.B) {
 		}
 		benchSink = resp
 	}
-	reportPerRoom(b, start, benchRoomCount)
+	reportPerRoom(b, start, rooms)
+}
+
+func BenchmarkDecodeInitial10k(b *testing.B) {
+	benchDecode(b, benchInitialBody(), benchRoomCount, false)
 }
 
 func BenchmarkDecodeMergeInitial10k(b *testing.B) {
@@ -240,25 +254,7 @@ func BenchmarkDecodeMergeInitial10k(b *testing.B) {
 }
 
 func BenchmarkDecodeIncremental5(b *testing.B) {
-	body := benchIncrementalBody()
-	// Keep the same 10 000-room state alive as the merge benchmark does, so both run with the
-	// same live heap and the difference is the merge, not the garbage collector.
-	known, err := benchKnown10k()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer runtime.KeepAlive(known)
-	b.SetBytes(int64(len(body)))
-	b.ReportAllocs()
-	start := mallocs()
-	for b.Loop() {
-		resp, err := DecodeResponse(body)
-		if err != nil {
-			b.Fatal(err)
-		}
-		benchSink = resp
-	}
-	reportPerRoom(b, start, len(benchIncrementalRooms(benchRoomCount)))
+	benchDecode(b, benchIncrementalBody(), len(benchIncrementalRooms(benchRoomCount)), true)
 }
 
 func BenchmarkDecodeMergeIncremental5(b *testing.B) {
@@ -278,18 +274,7 @@ func BenchmarkDecodeMergeIncremental5(b *testing.B) {
 
 // The same five rooms with the SYNC op Synapse repeats on every response.
 func BenchmarkDecodeIncremental5WithSync(b *testing.B) {
-	body := benchIncrementalWithSyncBody()
-	b.SetBytes(int64(len(body)))
-	b.ReportAllocs()
-	start := mallocs()
-	for b.Loop() {
-		resp, err := DecodeResponse(body)
-		if err != nil {
-			b.Fatal(err)
-		}
-		benchSink = resp
-	}
-	reportPerRoom(b, start, len(benchIncrementalRooms(benchRoomCount)))
+	benchDecode(b, benchIncrementalWithSyncBody(), len(benchIncrementalRooms(benchRoomCount)), true)
 }
 
 func BenchmarkDecodeMergeIncremental5WithSync(b *testing.B) {
