@@ -139,17 +139,9 @@ func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("list outdated users: %w", err)
 	}
-	gens := make(map[id.UserID]int64)
-	rows, err := m.db.Query(ctx, selectGensQuery)
-	err = dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (struct{}, error) {
-		var u id.UserID
-		var gen int64
-		err := row.Scan(&u, &gen)
-		gens[u] = gen
-		return struct{}{}, err
-	}, err).Iter(func(struct{}) (bool, error) { return true, nil })
+	gens, err := m.generations(ctx)
 	if err != nil {
-		return false, fmt.Errorf("read generations: %w", err)
+		return false, err
 	}
 	set := make(map[id.UserID]struct{}, len(outdated)+len(gens))
 	for _, u := range outdated {
@@ -172,6 +164,24 @@ func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
 		again = again || changed
 	}
 	return again, nil
+}
+
+// generations reads the durable generation of every user changed since their last settled
+// query.
+func (m *Machine) generations(ctx context.Context) (map[id.UserID]int64, error) {
+	gens := make(map[id.UserID]int64)
+	rows, err := m.db.Query(ctx, selectGensQuery)
+	err = dbutil.NewRowIterWithError(rows, func(row dbutil.Scannable) (struct{}, error) {
+		var u id.UserID
+		var gen int64
+		err := row.Scan(&u, &gen)
+		gens[u] = gen
+		return struct{}{}, err
+	}, err).Iter(func(struct{}) (bool, error) { return true, nil })
+	if err != nil {
+		return nil, fmt.Errorf("read generations: %w", err)
+	}
+	return gens, nil
 }
 
 // queryChunkSize is how many users one key query asks for (a variable for tests).

@@ -79,6 +79,8 @@ type Machine struct {
 	otkLast    map[id.KeyAlgorithm]int // last counts committed
 	otkPending bool                    // otkLast still has to be acted on
 	otkSeq     uint64                  // bumped whenever otkLast changes
+
+	membersFresh map[id.RoomID]struct{} // rooms whose member list was fetched since the last limited timeline
 }
 
 var _ e2ee.Consumer = (*Machine)(nil)
@@ -128,6 +130,8 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		goolm:      gacc,
 		accountKey: cli.UserID.String() + "|" + cli.DeviceID.String(),
 		kick:       make(chan struct{}, 1),
+
+		membersFresh: make(map[id.RoomID]struct{}),
 	}, nil
 }
 
@@ -292,7 +296,9 @@ func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err err
 func (m *Machine) shareKeys(ctx context.Context) error {
 	m.mu.Lock()
 	seen, pending, seq := m.otkSeen, m.otkPending, m.otkSeq
-	count := m.otkLast[id.KeyAlgorithmSignedCurve25519]
+	// A negative count from a broken server must not make ShareKeys generate more keys than
+	// the account keeps.
+	count := max(m.otkLast[id.KeyAlgorithmSignedCurve25519], 0)
 	m.mu.Unlock()
 
 	m.acctMu.Lock()

@@ -1,11 +1,20 @@
-// Command e2eebot is the example bot of this SDK. With no -homeserver it starts an embedded
-// demo homeserver on loopback and shows, in readable lines, what the SDK does; with one it
-// syncs a real account.
+// Command e2eebot is the example bot of this SDK: an end-to-end encrypted echo bot on sliding
+// sync. With no -homeserver it starts an embedded demo homeserver on loopback and shows, in
+// readable lines, what the SDK does; with one it runs against a real account:
 //
-// The end-to-end encrypted echo (key upload, device lists, to-device room keys, encrypted
-// replies) arrives with the e2ee and crypto packages; today the bot runs the sliding sync core:
-// discovery, a window that grows in the background until every room is known, and live
-// updates.
+//	go run -tags goolm ./example/e2eebot [-homeserver URL] [-user @bot:example.org] [-password PW]
+//	     [-access-token TOKEN -device-id ID] [-db PATH_OR_POSTGRES_URI] [-protocol auto|msc4186|msc3575|v4]
+//	     [-conn-id ID]
+//
+// It logs in with the password once and stores the session in the database (SQLite by
+// default, PostgreSQL for a postgres:// URI), so a restart reuses the device and its identity.
+// It uploads its keys, syncs with the e2ee and to_device extensions, joins the rooms it is
+// invited to and answers every text message from others with "echo: <body>", encrypted in
+// encrypted rooms. Tasks (joins, replies) are queued in the transaction that commits the
+// response they came from and marked done after they happened: a crash repeats a task rather
+// than losing it, and a repeated reply carries the same transaction ID, which the homeserver
+// deduplicates. SIGINT and SIGTERM stop it cleanly; logs go to stderr, without secrets or
+// message contents.
 package main
 
 import (
@@ -70,7 +79,7 @@ func main() {
 	if o.homeserver == "" {
 		err = runDemo(ctx, o)
 	} else {
-		err = runReal(ctx, o)
+		err = runBot(ctx, o, botHooks{})
 	}
 	if err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintln(os.Stderr, "e2eebot:", err)
@@ -194,60 +203,6 @@ func openStore(ctx context.Context, target string) (*sqlstore.Store, func(), err
 		return nil, nil, fmt.Errorf("upgrade store: %w", err)
 	}
 	return store, func() { _ = db.Close() }, nil
-}
-
-// runReal logs in to a real homeserver and syncs until interrupted.
-func runReal(ctx context.Context, o options) error {
-	if o.user == "" {
-		return errors.New("-user is required with -homeserver")
-	}
-	cli, err := mautrix.NewClient(o.homeserver, id.UserID(o.user), o.accessToken)
-	if err != nil {
-		return err
-	}
-	cli.Log = *zerolog.Ctx(ctx)
-	switch {
-	case o.accessToken != "":
-		if o.deviceID == "" {
-			return errors.New("-access-token needs -device-id")
-		}
-		cli.DeviceID = id.DeviceID(o.deviceID)
-	case o.password != "":
-		_, err := cli.Login(ctx, &mautrix.ReqLogin{
-			Type:             mautrix.AuthTypePassword,
-			Identifier:       mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: o.user},
-			Password:         o.password,
-			StoreCredentials: true,
-		})
-		if err != nil {
-			return fmt.Errorf("login: %w", err)
-		}
-	default:
-		return errors.New("-password or -access-token is required with -homeserver")
-	}
-	store, closeStore, err := openStore(ctx, o.db)
-	if err != nil {
-		return err
-	}
-	defer closeStore()
-	conn, err := slidingsync.New(cli, slidingsync.Config{
-		Protocol: protocolOf(o.protocol),
-		ConnID:   o.connID,
-		Store:    store,
-		Lists:    map[string]slidingsync.ListConfig{"all": {GrowBatch: 500, TimelineLimit: 1}},
-
-		AllowInsecureHTTP: o.insecure,
-		OnResponse: func(ctx context.Context, res *slidingsync.Result) error {
-			if ls, ok := res.Lists["all"]; ok {
-				zerolog.Ctx(ctx).Info().Int("known", len(ls.Rooms)).Int("count", ls.Count).Msg("Rooms loaded")
-			}
-			return nil
-		},
-	})
-	if err != nil {
-		return err
-	}
-	return conn.Run(ctx)
 }
 
 // afterCommit is a client-side extension (it sends nothing) that runs fn after every commit.

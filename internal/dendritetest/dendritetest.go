@@ -324,12 +324,18 @@ func (s *Server) Client(t testing.TB) *mautrix.Client {
 // logged in as it, with user ID, device ID and access token set.
 func (s *Server) Register(t testing.TB, localpart string) *mautrix.Client {
 	t.Helper()
+	return s.RegisterWithPassword(t, localpart, "password-"+randomHex(8))
+}
+
+// RegisterWithPassword is Register with a known password, for tests that log in again.
+func (s *Server) RegisterWithPassword(t testing.TB, localpart, password string) *mautrix.Client {
+	t.Helper()
 	cli := s.Client(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	resp, err := cli.RegisterDummy(ctx, &mautrix.ReqRegister[any]{
 		Username:                 localpart,
-		Password:                 "password-" + randomHex(8),
+		Password:                 password,
 		InitialDeviceDisplayName: localpart + " test device",
 	})
 	if err != nil {
