@@ -44,9 +44,16 @@
 //     after an upload does not upload again. A new device uploads its device keys (and
 //     one-time keys) on the first Run, whatever the server reported.
 //
-//   - To-device: HandleToDevice passes every event to OlmMachine.HandleToDeviceEvent, which
-//     stores the room keys it decrypts before it returns; a re-delivered Olm message is
-//     recognised by mautrix's stored message hashes and decrypted once.
+//   - To-device: HandleToDevice decrypts each Olm message and stores what it carries in one
+//     transaction, which commits only if the room key it carried is in the crypto store. If
+//     not (a failing database), the hash that marks the message as seen and the Olm session
+//     state roll back and HandleToDevice returns an error, so the batch is not acknowledged
+//     and the re-delivered message decrypts again; mautrix alone would only log the failure
+//     and lose the key. A message from an acknowledged batch is recognised by mautrix's
+//     message hashes and skipped. A message that does not decrypt (bad ciphertext, unknown
+//     session) or carries an unusable key is logged and skipped, so one peer cannot block the
+//     queue. Each message is decrypted twice, once to learn which key it carries (mautrix
+//     does not return it), then for real.
 //
 //   - Fallback keys (mautrix has no support; this package drives goolm's account, so New
 //     fails with ErrFallbackNeedsGoolm on another backend unless Config.DisableFallbackKeys):

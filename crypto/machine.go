@@ -14,7 +14,6 @@ import (
 	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
 	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
-	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
@@ -193,30 +192,6 @@ func (m *Machine) Kick() {
 	case m.kick <- struct{}{}:
 	default:
 	}
-}
-
-// HandleToDevice is an e2ee.ToDeviceHandler: it runs every event through
-// OlmMachine.HandleToDeviceEvent, which decrypts Olm messages and stores the room keys they
-// carry before it returns. A re-delivered Olm message is recognised by mautrix's stored
-// message hashes and not handled twice. mautrix reports no errors from HandleToDeviceEvent,
-// so a failure to store a room key is only logged by mautrix; HandleToDevice returns an error
-// only when ctx is done.
-func (m *Machine) HandleToDevice(ctx context.Context, evts []*event.Event) error {
-	m.acctMu.Lock()
-	defer m.acctMu.Unlock()
-	for _, evt := range evts {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if evt.Content.Parsed == nil && evt.Content.VeryRaw != nil {
-			// The extension already tried; an unparsed event is dropped by mautrix anyway.
-			zerolog.Ctx(ctx).Debug().Stringer("type", evt.Type).Stringer("sender", evt.Sender).
-				Msg("Handing an unparsed to-device event to the OlmMachine")
-		}
-		m.olm.HandleToDeviceEvent(ctx, evt)
-	}
-	m.olm.MarkOlmHashSavePoint(ctx)
-	return nil
 }
 
 // Run does the Machine's network work until ctx is done: it uploads the device keys on the
