@@ -27,6 +27,19 @@
 // device-list delta on a request without pos; Dendrite and continuwuity never send fallback
 // types, so State.NeedsFallbackKey stays false there and no keys are churned.
 //
+// Server input is not trusted. A section of the wrong JSON shape (a string count, a count
+// that is not an integer, a list where an object belongs) is an error wrapping
+// [slidingsync.ErrInvalidResponse]: nothing is committed and the connection retries with
+// backoff. Well-formed but invalid entries are dropped or capped, with one warning per
+// response that counts them: a malformed algorithm (empty, longer than
+// [MaxKeyAlgorithmLength], or not printable ASCII) is dropped; a negative count is invalid
+// and dropped, so the algorithm counts 0 like an unlisted one; a count above
+// [MaxOneTimeKeyCount] is capped, as it still means "enough keys"; algorithms beyond
+// [MaxKeyAlgorithms] are dropped; a user ID that is malformed, longer than 255 bytes, has an
+// empty localpart or contains spaces or control characters is dropped. Valid users are never
+// capped, as dropping a real change would leave a stale device list: the consumer bounds the
+// work, since only users it tracks lead to key queries.
+//
 // A Delta has Gap set when device-list changes may have been missed: the request carried no
 // pos (first request, or after M_UNKNOWN_POS; Synapse then sends no device_lists at all), or
 // the restored state was never active although the connection has a pos (e2ee was switched on

@@ -23,6 +23,7 @@ func FuzzMerge(f *testing.F) {
 	f.Add([]byte(`{"device_unused_fallback_key_types":null,"device_one_time_keys_count":null}`), []byte(`{"active":true,"fallback_key_types_known":true,"fallback_key_types":["signed_curve25519"]}`), false)
 	f.Add([]byte(`{"device_one_time_keys_count":{"":1,"x":-3}}`), []byte(`null`), false)
 	f.Add([]byte(`[]`), []byte(`{}`), false)
+	f.Add([]byte(`{"device_one_time_keys_count":{"signed_curve25519":9223372036854775807,"a b":1},"device_lists":{"changed":["@:x","@a\u0000:x"],"left":[null]}}`), []byte(`{}`), false)
 	ctx := zerolog.Nop().WithContext(context.Background())
 	f.Fuzz(func(t *testing.T, section, prior []byte, initial bool) {
 		var old State
@@ -48,8 +49,11 @@ func FuzzMerge(f *testing.F) {
 		require.Equal(t, initial || !old.Active, d1.Gap)
 		if resp != nil && resp.DeviceOneTimeKeysCount.HasValue() {
 			require.True(t, once.OTKCountsKnown)
-			for _, n := range once.OTKCounts {
+			require.LessOrEqual(t, len(once.OTKCounts), MaxKeyAlgorithms)
+			for alg, n := range once.OTKCounts {
 				require.GreaterOrEqual(t, n, 0)
+				require.LessOrEqual(t, n, MaxOneTimeKeyCount)
+				require.True(t, validAlgorithm(alg), "%q", alg)
 			}
 		} else {
 			require.Equal(t, old.OTKCountsKnown, once.OTKCountsKnown)
@@ -59,12 +63,17 @@ func FuzzMerge(f *testing.F) {
 			require.True(t, once.FallbackKeyTypesKnown)
 			require.True(t, d1.FallbackKeyTypes.Set)
 			require.NotNil(t, d1.FallbackKeyTypes.Val, "present and empty must stay distinguishable")
+			require.LessOrEqual(t, len(once.FallbackKeyTypes), MaxKeyAlgorithms)
 		} else {
 			require.Equal(t, old.FallbackKeyTypesKnown, once.FallbackKeyTypesKnown)
 			require.True(t, slices.Equal(old.FallbackKeyTypes, once.FallbackKeyTypes))
 		}
 		for _, u := range d1.Left {
 			require.NotContains(t, d1.Changed, u)
+			require.True(t, validUser(u), "%q", u)
+		}
+		for _, u := range d1.Changed {
+			require.True(t, validUser(u), "%q", u)
 		}
 		raw, err := json.Marshal(once)
 		require.NoError(t, err)

@@ -3,6 +3,7 @@ package e2ee
 import (
 	"maps"
 	"slices"
+	"strconv"
 
 	"maunium.net/go/mautrix/id"
 
@@ -105,8 +106,10 @@ func (d *Delta) FallbackKeyUsed(alg id.KeyAlgorithm) bool {
 // Rules (MSC3884 as every known server implements it): a section or field that is absent or
 // null leaves the state unchanged; a present count map replaces the old one; present fallback
 // key types replace the old ones, [] included; device_lists are deltas passed through to the
-// consumer, never stored. Invalid entries (an empty algorithm, a negative count, a user ID
-// that is not one) are dropped or clamped to 0, as DecodeResponse does.
+// consumer, never stored. Invalid entries are dropped and absurd counts capped, as
+// DecodeResponse does: a malformed algorithm, a negative count or a malformed user ID is
+// dropped, a count above MaxOneTimeKeyCount is capped, algorithms beyond MaxKeyAlgorithms are
+// dropped.
 //
 // Merge is idempotent on the state: merging the same response twice gives the state of
 // merging it once, and the second delta repeats the first one's device-list changes, which
@@ -118,44 +121,145 @@ func Merge(old State, resp *Response, info Info) (State, Delta) {
 	if resp == nil {
 		return st, d
 	}
+	var rep report
 	if resp.DeviceOneTimeKeysCount.HasValue() {
-		counts := make(map[id.KeyAlgorithm]int, len(resp.DeviceOneTimeKeysCount.Val))
-		for alg, n := range resp.DeviceOneTimeKeysCount.Val {
-			if alg != "" {
-				counts[alg] = max(n, 0)
-			}
-		}
+		counts := cleanCounts(resp.DeviceOneTimeKeysCount.Val, &rep)
 		st.OTKCountsKnown, st.OTKCounts = true, counts
 		d.OTKCounts = slidingsync.Some(maps.Clone(counts))
 	}
 	if resp.DeviceUnusedFallbackKeyTypes.HasValue() {
-		types := make([]id.KeyAlgorithm, 0, len(resp.DeviceUnusedFallbackKeyTypes.Val))
-		for _, alg := range resp.DeviceUnusedFallbackKeyTypes.Val {
-			if alg != "" && !slices.Contains(types, alg) {
-				types = append(types, alg)
-			}
-		}
+		types := cleanTypes(resp.DeviceUnusedFallbackKeyTypes.Val, &rep)
 		st.FallbackKeyTypesKnown, st.FallbackKeyTypes = true, types
 		d.FallbackKeyTypes = slidingsync.Some(slices.Clone(types))
 	}
 	if resp.DeviceLists.HasValue() {
 		seen := make(map[id.UserID]struct{}, len(resp.DeviceLists.Val.Changed)+len(resp.DeviceLists.Val.Left))
-		d.Changed = uniqueUsers(resp.DeviceLists.Val.Changed, seen)
-		d.Left = uniqueUsers(resp.DeviceLists.Val.Left, seen)
+		d.Changed = uniqueUsers(resp.DeviceLists.Val.Changed, seen, &rep)
+		d.Left = uniqueUsers(resp.DeviceLists.Val.Left, seen, &rep)
 	}
 	return st, d
 }
 
+// Limits on what a response may carry; entries beyond them are dropped or capped.
+const (
+	// MaxOneTimeKeyCount caps a one-time key count. No client keeps more than a few hundred
+	// keys on the server, so a larger count is a server bug; capped, it still means "enough".
+	MaxOneTimeKeyCount = 10000
+	// MaxKeyAlgorithms is how many algorithms a count map or fallback key type list may
+	// name; the rest, in byte order, are dropped, so a hostile map cannot bloat the checkpoint.
+	MaxKeyAlgorithms = 32
+	// MaxKeyAlgorithmLength is the longest algorithm name kept, in bytes.
+	MaxKeyAlgorithmLength = 128
+)
+
+// validAlgorithm reports whether alg is a usable algorithm name: 1 to MaxKeyAlgorithmLength
+// printable ASCII characters without spaces. Unknown well-formed names are kept: consumers look
+// up only the algorithms they know.
+func validAlgorithm(alg id.KeyAlgorithm) bool {
+	if alg == "" || len(alg) > MaxKeyAlgorithmLength {
+		return false
+	}
+	for i := 0; i < len(alg); i++ {
+		if alg[i] <= ' ' || alg[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// validUser reports whether u is a user ID a device list can name: a relaxed Matrix user ID
+// (mautrix's rules, 255 bytes at most) with a non-empty localpart and no control characters
+// or spaces, which have no business in logs or key queries.
+func validUser(u id.UserID) bool {
+	local, _, err := u.ParseAndValidateRelaxed()
+	if err != nil || local == "" {
+		return false
+	}
+	for i := 0; i < len(u); i++ {
+		if u[i] <= ' ' || u[i] == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// report counts what the validation dropped or capped in one response, so that it is logged
+// in one warning, not one per entry.
+type report struct {
+	badAlgorithms, extraAlgorithms, negativeCounts, cappedCounts, badUsers int
+	example                                                                string // the first invalid value, shortened
+}
+
+func (r *report) note(n *int, v string) {
+	*n++
+	if r.example == "" {
+		const maxExample = 64
+		if len(v) > maxExample {
+			v = v[:maxExample] + "…"
+		}
+		r.example = strconv.Quote(v)
+	}
+}
+
+func (r *report) empty() bool {
+	return r.badAlgorithms+r.extraAlgorithms+r.negativeCounts+r.cappedCounts+r.badUsers == 0
+}
+
+// cleanCounts returns the usable entries of a count map: malformed algorithms and negative
+// counts are dropped (the algorithm then counts 0, as an unlisted one does), counts above
+// MaxOneTimeKeyCount are capped, and at most MaxKeyAlgorithms algorithms are kept.
+func cleanCounts(in map[id.KeyAlgorithm]int, rep *report) map[id.KeyAlgorithm]int {
+	algs := slices.Sorted(maps.Keys(in))
+	out := make(map[id.KeyAlgorithm]int, min(len(algs), MaxKeyAlgorithms))
+	for _, alg := range algs {
+		n := in[alg]
+		switch {
+		case !validAlgorithm(alg):
+			rep.note(&rep.badAlgorithms, string(alg))
+		case n < 0:
+			rep.note(&rep.negativeCounts, string(alg)+"="+strconv.Itoa(n))
+		case len(out) >= MaxKeyAlgorithms:
+			rep.note(&rep.extraAlgorithms, string(alg))
+		case n > MaxOneTimeKeyCount:
+			rep.note(&rep.cappedCounts, string(alg)+"="+strconv.Itoa(n))
+			out[alg] = MaxOneTimeKeyCount
+		default:
+			out[alg] = n
+		}
+	}
+	return out
+}
+
+// cleanTypes returns the usable fallback key types, without duplicates, in their first order:
+// malformed algorithms are dropped and at most MaxKeyAlgorithms are kept. It never returns
+// nil, as a present empty list means "used".
+func cleanTypes(in []id.KeyAlgorithm, rep *report) []id.KeyAlgorithm {
+	out := make([]id.KeyAlgorithm, 0, min(len(in), MaxKeyAlgorithms))
+	for _, alg := range in {
+		switch {
+		case !validAlgorithm(alg):
+			rep.note(&rep.badAlgorithms, string(alg))
+		case slices.Contains(out, alg):
+		case len(out) >= MaxKeyAlgorithms:
+			rep.note(&rep.extraAlgorithms, string(alg))
+		default:
+			out = append(out, alg)
+		}
+	}
+	return out
+}
+
 // uniqueUsers returns the valid users of in that are not in seen, without duplicates, in
 // their first order, and adds them to seen. It returns nil when none is left.
-func uniqueUsers(in []id.UserID, seen map[id.UserID]struct{}) []id.UserID {
+func uniqueUsers(in []id.UserID, seen map[id.UserID]struct{}, rep *report) []id.UserID {
 	var out []id.UserID
 	for _, u := range in {
 		if _, dup := seen[u]; dup {
 			continue
 		}
 		seen[u] = struct{}{}
-		if _, _, err := u.ParseAndValidateRelaxed(); err != nil {
+		if !validUser(u) {
+			rep.note(&rep.badUsers, string(u))
 			continue
 		}
 		out = append(out, u)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -138,11 +140,46 @@ func TestMerge(t *testing.T) {
 		wantState: active,
 		wantDelta: Delta{Gap: true, Changed: []id.UserID{"@a:x"}},
 	}, {
-		name:      "invalid entries are dropped and negative counts clamped",
+		name:      "invalid entries are dropped",
 		old:       active,
 		resp:      `{"device_one_time_keys_count":{"signed_curve25519":-4,"":3},"device_unused_fallback_key_types":["","signed_curve25519"],"device_lists":{"changed":["nobody","@a:x",""],"left":["#room:x"]}}`,
-		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: 0}, FallbackKeyTypesKnown: true, FallbackKeyTypes: []id.KeyAlgorithm{sc}},
-		wantDelta: Delta{OTKCounts: counts(sc, 0), FallbackKeyTypes: fallback(sc), Changed: []id.UserID{"@a:x"}},
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{}, FallbackKeyTypesKnown: true, FallbackKeyTypes: []id.KeyAlgorithm{sc}},
+		wantDelta: Delta{OTKCounts: counts(), FallbackKeyTypes: fallback(sc), Changed: []id.UserID{"@a:x"}},
+	}, {
+		name:      "a negative count is dropped and its algorithm counts 0",
+		old:       knownState,
+		resp:      `{"device_one_time_keys_count":{"signed_curve25519":-2147483648,"curve25519":4}}`,
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{c2: 4}, FallbackKeyTypesKnown: true, FallbackKeyTypes: []id.KeyAlgorithm{sc}},
+		wantDelta: Delta{OTKCounts: counts(c2, 4)},
+	}, {
+		name:      "an absurd count is capped",
+		old:       active,
+		resp:      `{"device_one_time_keys_count":{"signed_curve25519":9223372036854775807,"curve25519":10001,"x":10000}}`,
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: MaxOneTimeKeyCount, c2: MaxOneTimeKeyCount, "x": 10000}},
+		wantDelta: Delta{OTKCounts: counts(sc, MaxOneTimeKeyCount, c2, MaxOneTimeKeyCount, id.KeyAlgorithm("x"), 10000)},
+	}, {
+		name:      "malformed algorithm names are dropped, unknown well-formed ones kept",
+		old:       active,
+		resp:      `{"device_one_time_keys_count":{"signed_curve25519":5,"two words":1,"nul\u0000":1,"tab\t":1,"caf\u00e9":1,"` + strings.Repeat("a", MaxKeyAlgorithmLength+1) + `":1,"org.example.future_v2":3},"device_unused_fallback_key_types":["bad name","org.example.future_v2","org.example.future_v2"]}`,
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: 5, "org.example.future_v2": 3}, FallbackKeyTypesKnown: true, FallbackKeyTypes: []id.KeyAlgorithm{"org.example.future_v2"}},
+		wantDelta: Delta{OTKCounts: counts(sc, 5, id.KeyAlgorithm("org.example.future_v2"), 3), FallbackKeyTypes: fallback("org.example.future_v2")},
+	}, {
+		name:      "algorithms beyond the limit are dropped in byte order",
+		old:       active,
+		resp:      manyAlgorithms(MaxKeyAlgorithms + 8),
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: firstAlgorithms(MaxKeyAlgorithms)},
+		wantDelta: Delta{OTKCounts: slidingsync.Some(firstAlgorithms(MaxKeyAlgorithms))},
+	}, {
+		name:      "invalid user IDs are dropped",
+		old:       active,
+		resp:      `{"device_lists":{"changed":["@a:x","@:x","@a:","a:x","@a b:x","@a\u0000:x","@a\n:x","@` + strings.Repeat("l", id.UserIDMaxLength) + `:x","@b:bad host"],"left":["@c:x",null,"!room:x"]}}`,
+		wantState: active,
+		wantDelta: Delta{Changed: []id.UserID{"@a:x"}, Left: []id.UserID{"@c:x"}},
+	}, {
+		name:      "only invalid user IDs carry nothing",
+		old:       active,
+		resp:      `{"device_lists":{"changed":["nobody","@:x"],"left":["` + strings.Repeat("@", 1000) + `"]}}`,
+		wantState: active,
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -211,11 +248,20 @@ func TestStateHelpers(t *testing.T) {
 
 func TestDecodeResponseErrors(t *testing.T) {
 	for name, raw := range map[string]string{
-		"not an object":      `[1]`,
-		"count not a number": `{"device_one_time_keys_count":{"signed_curve25519":"5"}}`,
-		"fallback object":    `{"device_unused_fallback_key_types":{}}`,
-		"changed string":     `{"device_lists":{"changed":"@a:x"}}`,
-		"truncated":          `{"device_lists":`,
+		"not an object":         `[1]`,
+		"section a string":      `"e2ee"`,
+		"count not a number":    `{"device_one_time_keys_count":{"signed_curve25519":"5"}}`,
+		"count fractional":      `{"device_one_time_keys_count":{"signed_curve25519":1.5}}`,
+		"count beyond int64":    `{"device_one_time_keys_count":{"signed_curve25519":1e30}}`,
+		"counts an array":       `{"device_one_time_keys_count":[5]}`,
+		"fallback object":       `{"device_unused_fallback_key_types":{}}`,
+		"fallback numbers":      `{"device_unused_fallback_key_types":[1]}`,
+		"changed string":        `{"device_lists":{"changed":"@a:x"}}`,
+		"left numbers":          `{"device_lists":{"left":[1,2]}}`,
+		"device lists an array": `{"device_lists":["@a:x"]}`,
+		"truncated":             `{"device_lists":`,
+		"user ID an object":     `{"device_lists":{"changed":[{"user_id":"@a:x"}]}}`,
+		"trailing garbage":      `{"device_lists":{}} x`,
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := DecodeResponse(context.Background(), json.RawMessage(raw))
@@ -226,4 +272,22 @@ func TestDecodeResponseErrors(t *testing.T) {
 	resp, err := DecodeResponse(context.Background(), nil)
 	assert.NoError(t, err)
 	assert.Nil(t, resp)
+}
+
+// manyAlgorithms returns an e2ee section counting n well-formed algorithms alg00, alg01, ...
+func manyAlgorithms(n int) string {
+	parts := make([]string, n)
+	for i := range n {
+		parts[i] = fmt.Sprintf(`"alg%02d":%d`, n-1-i, n-1-i)
+	}
+	return `{"device_one_time_keys_count":{` + strings.Join(parts, ",") + `}}`
+}
+
+// firstAlgorithms is the count map manyAlgorithms keeps: the first n in byte order.
+func firstAlgorithms(n int) map[id.KeyAlgorithm]int {
+	m := make(map[id.KeyAlgorithm]int, n)
+	for i := range n {
+		m[id.KeyAlgorithm(fmt.Sprintf("alg%02d", i))] = i
+	}
+	return m
 }

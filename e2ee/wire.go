@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"slices"
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix/id"
@@ -56,9 +55,8 @@ type e2eeRequest struct {
 // DecodeResponse decodes the e2ee section of a response. raw nil (the section is absent)
 // returns nil and no error. A body of the wrong JSON shape returns an error wrapping
 // slidingsync.ErrInvalidResponse, so the connection retries without committing anything.
-// Entries that are well-formed JSON but invalid (a malformed user ID, an empty algorithm, a
-// negative count) are dropped or clamped to 0, with one warning per response logged to the
-// zerolog logger of ctx.
+// Entries that are well-formed JSON but invalid are dropped or capped as [Merge] describes,
+// with one warning per response, not one per entry, logged to the zerolog logger of ctx.
 func DecodeResponse(ctx context.Context, raw json.RawMessage) (*Response, error) {
 	if raw == nil {
 		return nil, nil
@@ -67,52 +65,44 @@ func DecodeResponse(ctx context.Context, raw json.RawMessage) (*Response, error)
 	if err := json.Unmarshal(raw, &resp); err != nil {
 		return nil, fmt.Errorf("%w: e2ee extension: %w", slidingsync.ErrInvalidResponse, err)
 	}
-	if problems := sanitize(&resp); len(problems) > 0 {
-		zerolog.Ctx(ctx).Warn().Strs("problems", problems).Msg("Ignored invalid entries in the e2ee extension response")
+	if rep := sanitize(&resp); !rep.empty() {
+		zerolog.Ctx(ctx).Warn().
+			Int("malformed_algorithms", rep.badAlgorithms).
+			Int("extra_algorithms", rep.extraAlgorithms).
+			Int("negative_counts", rep.negativeCounts).
+			Int("capped_counts", rep.cappedCounts).
+			Int("invalid_user_ids", rep.badUsers).
+			Str("example", rep.example).
+			Msg("Ignored invalid entries in the e2ee extension response")
 	}
 	return &resp, nil
 }
 
-// sanitize drops what cannot be used and clamps negative counts, and returns what it fixed.
-func sanitize(resp *Response) (problems []string) {
+// sanitize applies Merge's validation to the decoded section in place and reports what it
+// dropped or capped.
+func sanitize(resp *Response) (rep report) {
 	if resp.DeviceOneTimeKeysCount.HasValue() {
-		for alg, n := range resp.DeviceOneTimeKeysCount.Val {
-			if alg == "" {
-				delete(resp.DeviceOneTimeKeysCount.Val, alg)
-				problems = append(problems, "empty algorithm in device_one_time_keys_count")
-			} else if n < 0 {
-				resp.DeviceOneTimeKeysCount.Val[alg] = 0
-				problems = append(problems, fmt.Sprintf("negative count %d for %s", n, alg))
-			}
-		}
+		resp.DeviceOneTimeKeysCount.Val = cleanCounts(resp.DeviceOneTimeKeysCount.Val, &rep)
 	}
 	if resp.DeviceUnusedFallbackKeyTypes.HasValue() {
-		types := resp.DeviceUnusedFallbackKeyTypes.Val
-		kept := slices.DeleteFunc(slices.Clone(types), func(alg id.KeyAlgorithm) bool { return alg == "" })
-		if len(kept) != len(types) {
-			problems = append(problems, "empty algorithm in device_unused_fallback_key_types")
-		}
-		if kept == nil {
-			kept = []id.KeyAlgorithm{}
-		}
-		resp.DeviceUnusedFallbackKeyTypes.Val = kept
+		resp.DeviceUnusedFallbackKeyTypes.Val = cleanTypes(resp.DeviceUnusedFallbackKeyTypes.Val, &rep)
 	}
 	if resp.DeviceLists.HasValue() {
 		dl := &resp.DeviceLists.Val
-		dl.Changed, problems = validUsers(dl.Changed, "changed", problems)
-		dl.Left, problems = validUsers(dl.Left, "left", problems)
+		dl.Changed = validUsers(dl.Changed, &rep)
+		dl.Left = validUsers(dl.Left, &rep)
 	}
-	return problems
+	return rep
 }
 
-func validUsers(users []id.UserID, field string, problems []string) ([]id.UserID, []string) {
+func validUsers(users []id.UserID, rep *report) []id.UserID {
 	out := users[:0:0]
 	for _, u := range users {
-		if _, _, err := u.ParseAndValidateRelaxed(); err != nil {
-			problems = append(problems, fmt.Sprintf("invalid user ID %q in device_lists.%s", u, field))
+		if !validUser(u) {
+			rep.note(&rep.badUsers, string(u))
 			continue
 		}
 		out = append(out, u)
 	}
-	return out, problems
+	return out
 }
