@@ -19,6 +19,7 @@ import (
 
 	"github.com/sliding-e2ee/sdk/internal/dendritetest"
 	"github.com/sliding-e2ee/sdk/internal/dendritetest/ssfront"
+	"github.com/sliding-e2ee/sdk/internal/pgtest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -83,6 +84,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // translating sliding sync front, the bot run through the command's own code path (runBot
 // with the options of its flags), and a peer on mautrix's v2 sync with its own OlmMachine.
 // Keys, Olm and megolm sessions and messages are real.
+// It runs once with the bot on SQLite and once on PostgreSQL (-db postgres://...).
 func TestEncryptedEchoAgainstDendrite(t *testing.T) {
 	srv := dendritetest.Start(t)
 	upstream, err := url.Parse(srv.URL)
@@ -90,9 +92,19 @@ func TestEncryptedEchoAgainstDendrite(t *testing.T) {
 	front := httptest.NewServer(ssfront.New(upstream))
 	t.Cleanup(front.Close)
 
+	t.Run("sqlite", func(t *testing.T) {
+		acceptance(t, srv, front.URL, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
+	})
+	t.Run("postgres", func(t *testing.T) {
+		acceptance(t, srv, front.URL, "pg", pgtest.NewDatabase(t))
+	})
+}
+
+func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath string) {
 	const botPassword, peerPassword = "bot-password-1", "peer-password-1"
-	botReg := srv.RegisterWithPassword(t, "echobot", botPassword)
-	alice := srv.RegisterWithPassword(t, "alice", peerPassword)
+	botReg := srv.RegisterWithPassword(t, "echobot-"+name, botPassword)
+	alice := srv.RegisterWithPassword(t, "alice-"+name, peerPassword)
+	var err error
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -110,8 +122,7 @@ func TestEncryptedEchoAgainstDendrite(t *testing.T) {
 	require.NoError(t, err)
 	room := resp.RoomID
 
-	dbPath := filepath.Join(t.TempDir(), "bot.db")
-	opts := options{homeserver: front.URL, user: botReg.UserID.String(), password: botPassword, db: dbPath, protocol: "msc4186"}
+	opts := options{homeserver: frontURL, user: botReg.UserID.String(), password: botPassword, db: dbPath, protocol: "msc4186"}
 	startBot := func() (stop func()) {
 		botCtx, botCancel := context.WithCancel(zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).
 			With().Str("side", "bot").Logger().WithContext(context.Background()))

@@ -2,10 +2,17 @@ package main
 
 import (
 	"context"
+	"os"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/sliding-e2ee/sdk/internal/pgtest"
 )
+
+func TestMain(m *testing.M) {
+	os.Exit(pgtest.Main(m))
+}
 
 func TestDemoCompletes(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
