@@ -41,8 +41,13 @@
 //     because it logs failures instead of returning them, so they could not be retried); the
 //     server thus never holds more one-time keys than the account
 //     keeps private keys for. A count is acted on once: a stale repetition of the same counts
-//     after an upload does not upload again. A new device uploads its device keys (and
-//     one-time keys) on the first Run, whatever the server reported.
+//     after an upload does not upload again, and a count that a negative report would push
+//     below 0 is taken as 0. When the last upload came less than a minute before a low count,
+//     ShareKeys first asks the server for its real count with an empty /keys/upload. A new
+//     device uploads its device keys (and one-time keys) on the first Run, whatever the server
+//     reported. An upload that failed (a timeout after which the server may have stored it) is
+//     retried with exactly the same keys before any new key is generated, so the server never
+//     receives a key ID twice with different keys.
 //
 //   - To-device: HandleToDevice decrypts each Olm message and stores what it carries in one
 //     transaction, which commits only if the room key it carried is in the crypto store. If
@@ -73,7 +78,13 @@
 // # Room state
 //
 // mautrix's OlmMachine learns which rooms are encrypted and whom to share room keys with from
-// its state store. [UpdateStateStore] feeds the state events of a response into it; call it
-// from slidingsync.Config.OnResponse. [BotRequiredState] is the required state a bot should
-// ask for.
+// its state store. [Machine.HandleRooms] feeds the state events of a response into it (with
+// [UpdateStateStore]) and lets the OlmMachine discard a room's outbound session when the
+// timeline shows a membership or history visibility change; call it from
+// slidingsync.Config.OnResponse. [BotRequiredState] is the required state a bot should ask for.
+//
+// To send, [Machine.EncryptRoomEvent] makes sure of the recipients before sharing the room key:
+// it fetches the room's member list once per Machine and again after a limited timeline (which
+// may hide membership changes), and queries the members whose device lists are outdated, so a
+// device added since the last message receives the key.
 package crypto

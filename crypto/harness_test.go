@@ -41,6 +41,8 @@ type fakeHS struct {
 	fallback     map[string]json.RawMessage
 	queries      [][]id.UserID
 	failQueries  int                           // the next failQueries /keys/query answer 500
+	failUploads  int                           // the next failUploads non-empty /keys/upload are stored, then answered 504 (a timeout)
+	otkConflicts int                           // one-time key IDs uploaded again with another key (a server rejects them)
 	queryHook    func(users []id.UserID)       // runs inside /keys/query, may block
 	userDevices  map[id.UserID]json.RawMessage // device_keys answered per user; default {}
 
@@ -109,6 +111,9 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			hs.deviceKeys = req.DeviceKeys
 		}
 		for k, v := range req.OneTimeKeys {
+			if old, ok := hs.otks[k]; ok && !bytes.Equal(old, v) {
+				hs.otkConflicts++
+			}
 			hs.otks[k] = v
 		}
 		if len(req.FallbackKeys) > 0 {
@@ -120,7 +125,15 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				n++
 			}
 		}
+		fail := hs.failUploads > 0 && (len(req.DeviceKeys) > 0 || len(req.OneTimeKeys) > 0 || len(req.FallbackKeys) > 0)
+		if fail {
+			hs.failUploads--
+		}
 		hs.mu.Unlock()
+		if fail {
+			w.WriteHeader(http.StatusGatewayTimeout)
+			return
+		}
 		writeJSON(w, map[string]any{"one_time_key_counts": map[string]int{"signed_curve25519": n}})
 	case strings.HasSuffix(r.URL.Path, "/keys/query"):
 		var req struct {

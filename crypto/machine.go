@@ -13,6 +13,7 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/crypto/signatures"
 	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/id"
 
@@ -279,6 +280,24 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 	m.acctMu.Lock()
 	defer m.acctMu.Unlock()
 	acc := m.olm.GetAccount()
+	unpublished, err := acc.Internal.OneTimeKeys()
+	if err != nil {
+		return fmt.Errorf("read unpublished one-time keys: %w", err)
+	}
+	half := int(acc.Internal.MaxNumberOfOneTimeKeys() / 2)
+	if len(unpublished) > 0 {
+		// An earlier upload failed, perhaps after the server stored it (a timeout). Send
+		// exactly those keys again before anything new is generated, so the server never
+		// holds keys the account does not have, nor a key ID with two different keys.
+		if !acc.Shared {
+			count = half // ShareKeys then generates nothing and sends the saved keys
+		} else {
+			if count, err = m.retryUnpublished(ctx, unpublished); err != nil {
+				return err
+			}
+			seen, pending = true, true
+		}
+	}
 	switch {
 	case !acc.Shared:
 		if !seen {
@@ -292,7 +311,7 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 		}
 		zerolog.Ctx(ctx).Debug().Int("server_count", count).Bool("count_known", seen).
 			Msg("Uploading the device keys of a new device")
-	case pending && count < int(acc.Internal.MaxNumberOfOneTimeKeys()/2):
+	case pending && count < half:
 		zerolog.Ctx(ctx).Debug().Int("server_count", count).Msg("Topping up one-time keys")
 	default:
 		m.donePending(seq)
@@ -303,6 +322,33 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 	}
 	m.donePending(seq)
 	return nil
+}
+
+// retryUnpublished uploads the account's unpublished one-time keys, signed as ShareKeys signs
+// them (Ed25519 signatures are deterministic, so the bytes are those of the failed attempt),
+// marks them published and returns the server's count after the upload.
+func (m *Machine) retryUnpublished(ctx context.Context, keys map[string]id.Curve25519) (int, error) {
+	acc := m.olm.GetAccount()
+	req := &mautrix.ReqUploadKeys{OneTimeKeys: make(map[id.KeyID]mautrix.OneTimeKey, len(keys))}
+	for keyID, key := range keys {
+		otk := mautrix.OneTimeKey{Key: key, IsSigned: true}
+		sig, err := acc.SignJSON(&otk)
+		if err != nil {
+			return 0, fmt.Errorf("sign one-time key: %w", err)
+		}
+		otk.Signatures = signatures.NewSingleSignature(m.cli.UserID, id.KeyAlgorithmEd25519, m.cli.DeviceID.String(), sig)
+		req.OneTimeKeys[id.NewKeyID(id.KeyAlgorithmSignedCurve25519, keyID)] = otk
+	}
+	zerolog.Ctx(ctx).Debug().Int("count", len(keys)).Msg("Uploading the one-time keys of a failed upload again")
+	resp, err := m.cli.UploadKeys(ctx, req)
+	if err != nil {
+		return 0, err
+	}
+	acc.Internal.MarkKeysAsPublished()
+	if err := m.store.PutAccount(ctx, acc); err != nil {
+		return 0, fmt.Errorf("save account: %w", err)
+	}
+	return max(resp.OneTimeKeyCounts.SignedCurve25519, 0), nil
 }
 
 // donePending clears the pending one-time key counts if they are still those of seq.

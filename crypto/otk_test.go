@@ -99,6 +99,60 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 	assert.Equal(t, 2, len(uploads))
 }
 
+// An upload that the server stored but whose answer was lost (a timeout) is retried with the
+// very same keys, for a new device and for a top-up: the server never gets a key ID twice with
+// different keys, nor more keys than the account keeps.
+func TestRetriedUploadSendsIdenticalKeys(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, Config{DisableFallbackKeys: true})
+	otkSet := func(raw json.RawMessage) map[string]string {
+		out := map[string]string{}
+		for k, v := range decodeUpload(t, raw).OneTimeKeys {
+			out[k] = string(v)
+		}
+		return out
+	}
+
+	e.hs.failUploads = 1
+	e.m.E2EECommitted(ctx, counts(0))
+	require.Error(t, e.m.shareKeys(ctx))
+	require.NoError(t, e.m.shareKeys(ctx))
+	uploads, _ := e.hs.snapshot()
+	require.Len(t, uploads, 2)
+	assert.Len(t, otkSet(uploads[0]), 50)
+	assert.Equal(t, otkSet(uploads[0]), otkSet(uploads[1]), "the retry of the first upload")
+
+	// 40 keys are claimed; the top-up times out after the server stored it.
+	e.hs.mu.Lock()
+	n := 0
+	for k := range e.hs.otks {
+		if n == 40 {
+			break
+		}
+		delete(e.hs.otks, k)
+		n++
+	}
+	e.hs.failUploads = 1
+	e.hs.mu.Unlock()
+	e.m.E2EECommitted(ctx, counts(10))
+	require.Error(t, e.m.shareKeys(ctx))
+	require.NoError(t, e.m.shareKeys(ctx))
+	// Later reports of the old count change nothing.
+	e.m.E2EECommitted(ctx, counts(10))
+	require.NoError(t, e.m.shareKeys(ctx))
+	uploads, _ = e.hs.snapshot()
+	require.Len(t, uploads, 4)
+	assert.Len(t, otkSet(uploads[2]), 40)
+	assert.Equal(t, otkSet(uploads[2]), otkSet(uploads[3]), "the retry of the top-up")
+	for _, k := range decodeUpload(t, uploads[3]).OneTimeKeys {
+		e.verifySigned(k)
+	}
+	e.hs.mu.Lock()
+	defer e.hs.mu.Unlock()
+	assert.Zero(t, e.hs.otkConflicts)
+	assert.Len(t, e.hs.otks, 50)
+}
+
 // Run uploads the keys of a new device and queries outdated users, retrying a failed query
 // with backoff, and returns after its work stopped.
 func TestRunRetriesWithBackoff(t *testing.T) {
