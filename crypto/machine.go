@@ -13,8 +13,8 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
-	"maunium.net/go/mautrix/crypto/signatures"
 	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
+	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
