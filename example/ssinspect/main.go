@@ -1,7 +1,9 @@
 // Command ssinspect prints what a sliding sync database holds: every connection with its pos,
-// lists, rooms and extension checkpoints (e2ee knowledge, the to-device cursor), and the most
-// recently active rooms with their merged state. It only reads, apart from bringing the store's
-// tables up to date as every program using the store does.
+// lists, rooms and extension checkpoints (e2ee knowledge, the to-device cursor), the most
+// recently active rooms with their merged state, and, when the database also holds the crypto
+// layer's tables (package crypto, mautrix's crypto store) or the example bot's, the tracked and
+// outdated users, the fallback key state and the bot's task queue. It only reads, apart from
+// bringing the store's tables up to date as every program using the store does.
 //
 //	go run -tags goolm ./example/ssinspect -db e2eebot.db [-rooms 10]
 package main
@@ -18,6 +20,9 @@ import (
 	"slices"
 	"strings"
 	"text/tabwriter"
+	"time"
+
+	"go.mau.fi/util/dbutil"
 
 	"maunium.net/go/mautrix/event"
 
@@ -66,6 +71,80 @@ func run(ctx context.Context, out io.Writer, target string, maxRooms int) error 
 			return fmt.Errorf("load %v: %w", key, err)
 		}
 		printConn(out, key, cp, maxRooms)
+	}
+	return printCrypto(ctx, out, db, maxRooms)
+}
+
+// printCrypto prints the crypto layer's durable state and the example bot's task queue, for
+// the tables that exist.
+func printCrypto(ctx context.Context, out io.Writer, db *dbutil.Database, maxUsers int) error {
+	has := func(table string) bool {
+		ok, err := db.TableExists(ctx, table)
+		return err == nil && ok
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	defer tw.Flush()
+	if has("crypto_tracked_user") {
+		var tracked, outdated int
+		if err := db.QueryRow(ctx, `SELECT COUNT(*), COALESCE(SUM(CASE WHEN devices_outdated THEN 1 ELSE 0 END), 0) FROM crypto_tracked_user`).
+			Scan(&tracked, &outdated); err != nil {
+			return fmt.Errorf("count tracked users: %w", err)
+		}
+		fmt.Fprintln(tw, "crypto")
+		fmt.Fprintf(tw, "  tracked users\t%d, %d with outdated devices\n", tracked, outdated)
+	}
+	if has("sdkcrypto_outdated_user") {
+		rows, err := db.Query(ctx, `SELECT user_id, gen FROM sdkcrypto_outdated_user ORDER BY user_id`)
+		users, err := dbutil.NewRowIterWithError(rows, func(s dbutil.Scannable) (string, error) {
+			var u string
+			var gen int64
+			err := s.Scan(&u, &gen)
+			return fmt.Sprintf("%s (generation %d)", u, gen), err
+		}, err).AsList()
+		if err != nil {
+			return fmt.Errorf("read outdated users: %w", err)
+		}
+		fmt.Fprintf(tw, "  users to query\t%d\n", len(users))
+		for _, u := range users[:min(len(users), maxUsers)] {
+			fmt.Fprintf(tw, "    %s\n", u)
+		}
+	}
+	if has("sdkcrypto_fallback_key") {
+		rows, err := db.Query(ctx, `SELECT account_id, upload_pending, uploaded, rotated_at FROM sdkcrypto_fallback_key ORDER BY account_id`)
+		lines, err := dbutil.NewRowIterWithError(rows, func(s dbutil.Scannable) (string, error) {
+			var acc string
+			var pending, uploaded bool
+			var rotated int64
+			err := s.Scan(&acc, &pending, &uploaded, &rotated)
+			state := "uploaded"
+			switch {
+			case rotated == 0:
+				state = "none generated yet"
+			case !uploaded:
+				state = "generated, upload pending"
+			}
+			if pending {
+				state += ", the server reported it used"
+			}
+			if rotated != 0 {
+				state += ", last rotated " + time.UnixMilli(rotated).UTC().Format(time.RFC3339)
+			}
+			return fmt.Sprintf("  fallback key %s\t%s\n", acc, state), err
+		}, err).AsList()
+		if err != nil {
+			return fmt.Errorf("read fallback key state: %w", err)
+		}
+		for _, l := range lines {
+			fmt.Fprint(tw, l)
+		}
+	}
+	if has("e2eebot_task") {
+		var pending, done int
+		if err := db.QueryRow(ctx, `SELECT COALESCE(SUM(CASE WHEN done THEN 0 ELSE 1 END), 0), COALESCE(SUM(CASE WHEN done THEN 1 ELSE 0 END), 0) FROM e2eebot_task`).
+			Scan(&pending, &done); err != nil {
+			return fmt.Errorf("count bot tasks: %w", err)
+		}
+		fmt.Fprintf(tw, "bot tasks\t%d pending, %d done\n", pending, done)
 	}
 	return nil
 }

@@ -9,9 +9,11 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/crypto"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
@@ -65,4 +67,38 @@ func TestInspectMissingDatabase(t *testing.T) {
 	var out strings.Builder
 	err := run(context.Background(), &out, filepath.Join(t.TempDir(), "none.db"), 5)
 	require.Error(t, err)
+}
+
+func TestInspectPrintsCryptoState(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "bot.db")
+	db, err := dbopen.Open(path, dbopen.Config{})
+	require.NoError(t, err)
+	store := sqlstore.New(db, nil)
+	require.NoError(t, store.Upgrade(ctx))
+	require.NoError(t, store.Commit(ctx, slidingsync.ConnKey{UserID: "@bot:example.org", DeviceID: "BOT"}, &slidingsync.Update{Pos: "1"}))
+	cs := mcrypto.NewSQLCryptoStore(db, nil, "", "BOT", []byte("key"))
+	require.NoError(t, cs.DB.Upgrade(ctx))
+	require.NoError(t, db.Child(crypto.VersionTableName, crypto.UpgradeTable, nil).Upgrade(ctx))
+	for _, q := range []string{
+		`INSERT INTO crypto_tracked_user (user_id, devices_outdated) VALUES ('@alice:x', true), ('@bob:x', false)`,
+		`INSERT INTO sdkcrypto_outdated_user (user_id, gen) VALUES ('@alice:x', 3)`,
+		`INSERT INTO sdkcrypto_fallback_key (account_id, upload_pending, uploaded, rotated_at) VALUES ('@bot:example.org|BOT', true, false, 1700000000000)`,
+	} {
+		_, err := db.Exec(ctx, q)
+		require.NoError(t, err)
+	}
+	require.NoError(t, db.Close())
+
+	var out strings.Builder
+	require.NoError(t, run(ctx, &out, path, 5))
+	got := out.String()
+	for _, want := range []string{
+		"tracked users", "2, 1 with outdated devices",
+		"users to query", "@alice:x (generation 3)",
+		"fallback key @bot:example.org|BOT", "generated, upload pending, the server reported it used, last rotated 2023-11-14T22:13:20Z",
+	} {
+		assert.Contains(t, got, want)
+	}
+	assert.NotContains(t, got, "bot tasks", "no bot tables in this database")
 }
