@@ -3,6 +3,7 @@ package crypto_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 
 	"github.com/rs/zerolog"
@@ -88,4 +89,20 @@ func runBot(ctx context.Context, cli *mautrix.Client, dbPath string, pickleKey [
 // The Machine sits between the e2ee and to_device extensions and mautrix's OlmMachine.
 func Example() {
 	_ = runBot // see runBot: it needs a homeserver
+}
+
+// A bot that sends encrypted messages asks for every member; one that only decrypts can load
+// members lazily.
+func ExampleBotRequiredState() {
+	for _, all := range []bool{true, false} {
+		rs := crypto.BotRequiredState(all)
+		fmt.Printf("all members=%v: lazy members=%v, state:", all, rs.LazyMembers)
+		for _, f := range rs.Include {
+			fmt.Printf(" %s/%q", f.Type, f.StateKey)
+		}
+		fmt.Println()
+	}
+	// Output:
+	// all members=true: lazy members=false, state: m.room.encryption/"" m.room.history_visibility/"" m.room.create/"" m.room.name/"" m.room.member/"*"
+	// all members=false: lazy members=true, state: m.room.encryption/"" m.room.history_visibility/"" m.room.create/"" m.room.name/""
 }
