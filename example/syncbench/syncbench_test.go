@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestProcReaders(t *testing.T) {
+	before, err := cpuTime(os.Getpid())
+	require.NoError(t, err)
+	// Spin until the kernel's rusage says 30 ms of CPU went by; schedstat must agree.
+	rusage := func() time.Duration {
+		var ru syscall.Rusage
+		require.NoError(t, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	for r0 := rusage(); rusage()-r0 < 30*time.Millisecond; {
+	}
+	after, err := cpuTime(os.Getpid())
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, after-before, 25*time.Millisecond, "30 ms of CPU by rusage shows up in schedstat")
+	stat, err := statCPU(os.Getpid())
+	require.NoError(t, err)
+	assert.Greater(t, stat, time.Duration(0))
+	rss, err := peakRSS(os.Getpid())
+	require.NoError(t, err)
+	assert.Greater(t, rss, int64(1000), "a Go test binary uses more than 1 MB")
+}
+
+func TestTableRatiosAndTargets(t *testing.T) {
+	v2 := &result{name: "v2", ready: sample{at: 10 * time.Second, cpu: 8 * time.Second, in: 1000, out: 999000, measured: true}, peakRSSKB: 200 << 10}
+	sdk := &result{name: "sdk", ready: sample{at: 500 * time.Millisecond, cpu: 2 * time.Second, in: 1000, out: 9000, measured: true},
+		allKnown: sample{at: 11 * time.Second, measured: true}, peakRSSKB: 40 << 10}
+	var b strings.Builder
+	printTable(&b, v2, sdk)
+	out := b.String()
+	assert.Contains(t, out, "| time to ready | 10000 ms | 500 ms | 0.05 | ≤ 1/10 | yes |")
+	assert.Contains(t, out, "| CPU to ready | 8000 ms | 2000 ms | 0.25 | ≤ 1/10 | **no** |")
+	assert.Contains(t, out, "| bytes to ready (both directions) | 1000 KB | 10.0 KB | 0.01 | ≤ 1/20 | yes |")
+	assert.Contains(t, out, "| peak RSS (whole run) | 200 MB | 40.0 MB | 0.2 | ≤ 1/4 | yes |")
+	assert.Contains(t, out, "| every room known | 10000 ms | 11000 ms | 1.1 | SDK ≤ v2 ready | **no** |", "judged against v2's time to ready")
+	assert.Contains(t, out, "| idle cycle: CPU | — | — | — | ≤ 1 |  |", "unmeasured figures stay empty")
+}
+
+var (
+	buildOnce        sync.Once
+	sdkBin, v2BotBin string
+	buildErr         error
+)
+
+// BenchmarkSideBySide runs both bots at 1000 rooms per op (each as its own process, one after
+// the other) and reports the SDK/v2 ratios the targets are about.
+func BenchmarkSideBySide(b *testing.B) {
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "syncbench-bins")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		sdkBin, v2BotBin, buildErr = buildBots(context.Background(), dir)
+	})
+	require.NoError(b, buildErr)
+	acctCfg := options{rooms: 1000, seed: 1}
+	rc := runConfig{dbDir: defaultDBDir(), idleCycles: 20, idleHold: 150 * time.Millisecond, phaseLimit: 2 * time.Minute, churn: 20, logDir: b.TempDir()}
+	for b.Loop() {
+		v2, sdk, err := runPair(context.Background(), acctCfg, rc, v2BotBin, sdkBin)
+		require.NoError(b, err)
+		for _, r := range []*result{v2, sdk} {
+			for _, n := range r.notes {
+				b.Logf("%s: %s (log %s)", r.name, n, filepath.Join(rc.logDir, r.name+".log"))
+			}
+		}
+		for _, r := range rows(v2, sdk) {
+			if q, ok := r.ratio(); ok && r.maxRatio > 0 {
+				b.ReportMetric(q, metricName(r.name)+"-sdk/v2")
+			}
+		}
+		b.ReportMetric(ms(v2.ready.at), "v2-ready-ms")
+		b.ReportMetric(ms(sdk.ready.at), "sdk-ready-ms")
+		b.ReportMetric(ms(sdk.allKnown.at), "sdk-all-known-ms")
+	}
+}
+
+func metricName(s string) string {
+	s = strings.TrimSpace(s)
+	s = strings.NewReplacer("(both directions)", "", "(whole run)", "", ":", "", " ", "-").Replace(s)
+	return strings.Trim(strings.ReplaceAll(s, "--", "-"), "-")
+}
