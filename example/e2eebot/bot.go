@@ -88,7 +88,6 @@ type task struct {
 // runBot runs the echo bot with the options of the command line until ctx is done or the
 // connection fails.
 func runBot(ctx context.Context, o options, hooks botHooks) error {
-	log := zerolog.Ctx(ctx)
 	db, err := dbopen.Open(o.db, dbopen.Config{})
 	if err != nil {
 		return err
@@ -102,6 +101,24 @@ func runBot(ctx context.Context, o options, hooks botHooks) error {
 	if err != nil {
 		return err
 	}
+	store := sqlstore.New(db, nil)
+	if err := store.Upgrade(ctx); err != nil {
+		return fmt.Errorf("upgrade the sliding sync store: %w", err)
+	}
+	// One process at a time runs a device's e2ee connection: a second one waits in standby
+	// and takes over once the lease of the first expires. The account is loaded only once the
+	// lease is held, so it is never a copy older than what the previous holder saved.
+	leaseCfg := sqlstore.LeaseConfig{Duration: o.leaseDuration}
+	return store.RunWithLease(ctx, b.cli.UserID, b.cli.DeviceID, leaseCfg, func(ctx context.Context, l *sqlstore.Lease) error {
+		return b.run(ctx, o, l.Guard(store), pickleKey)
+	})
+}
+
+// run loads the crypto state and runs the bot while the lease is held.
+func (b *bot) run(ctx context.Context, o options, store slidingsync.Store, pickleKey []byte) error {
+	log := zerolog.Ctx(ctx)
+	db, hooks := b.db, b.hooks
+	var err error
 	b.state = sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db", "state").Logger()), false)
 	if err := b.state.Upgrade(ctx); err != nil {
 		return fmt.Errorf("upgrade the state store: %w", err)
@@ -121,10 +138,6 @@ func runBot(ctx context.Context, o options, hooks botHooks) error {
 	}
 	if err := b.mach.Upgrade(ctx); err != nil {
 		return err
-	}
-	store := sqlstore.New(db, nil)
-	if err := store.Upgrade(ctx); err != nil {
-		return fmt.Errorf("upgrade the sliding sync store: %w", err)
 	}
 	e2eeExt, err := e2ee.NewE2EE(b.cli.UserID, b.cli.DeviceID, e2ee.Config{Consumer: b.mach})
 	if err != nil {

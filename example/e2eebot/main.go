@@ -53,6 +53,8 @@ type options struct {
 	demoRooms   int
 	dbSet       bool // -db was given; the demo then keeps its database there
 	insecure    bool
+	// leaseDuration is how long a bot that died keeps others from taking over its device.
+	leaseDuration time.Duration
 }
 
 func main() {
@@ -67,6 +69,7 @@ func main() {
 	flag.StringVar(&o.connID, "conn-id", "", "sliding sync conn_id")
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
 	flag.BoolVar(&o.insecure, "allow-insecure-http", false, "allow plain http:// to a homeserver that is not on loopback")
+	flag.DurationVar(&o.leaseDuration, "lease", sqlstore.DefaultLeaseDuration, "how long a bot that died keeps another process from taking over its device")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) { o.dbSet = o.dbSet || f.Name == "db" })
 
