@@ -323,6 +323,7 @@ func (c *Conn) Run(ctx context.Context) error {
 		stalledPos  string
 		stalledSeen int
 		extStalls   int // consecutive responses after which an extension reported a stall
+		resets      int // M_UNKNOWN_POS resets since a request with pos last succeeded
 	)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -352,7 +353,18 @@ func (c *Conn) Run(ctx context.Context) error {
 			}
 			continue
 		case errors.Is(err, MUnknownPos):
-			log.Warn().Err(err).Msg("Server forgot the connection, starting afresh")
+			resets++
+			if resets > 1 {
+				// The pos the last reset gave was forgotten too: a server that forgets every
+				// connection must not make us reset in a tight loop.
+				wait := c.backoff(resets - 2)
+				log.Warn().Err(err).Dur("retry_in", wait).Int("resets", resets).Msg("Server keeps forgetting the connection")
+				if err := sleep(ctx, wait); err != nil {
+					return err
+				}
+			} else {
+				log.Warn().Err(err).Msg("Server forgot the connection, starting afresh")
+			}
 			if err := c.reset(ctx); err != nil {
 				return err
 			}
@@ -388,6 +400,9 @@ func (c *Conn) Run(ctx context.Context) error {
 		switch {
 		case err == nil:
 			failures = 0
+			if pos != "" {
+				resets = 0
+			}
 			noPoll = more
 			if c.stalled() {
 				extStalls++

@@ -177,9 +177,6 @@ func TestFaultFigures(t *testing.T) {
 		maxPerMin float64
 		// recoverWithin bounds the time from recovery to convergence.
 		recoverWithin time.Duration
-		// knownIssue, when set, names a defect of Conn.Run that this case exposes: the case
-		// then reports its figure and skips instead of failing, until the defect is fixed.
-		knownIssue string
 	}{{
 		name:          "502 storm",
 		fault:         matrixErr(http.StatusBadGateway, "M_UNKNOWN", "", nil),
@@ -267,7 +264,6 @@ func TestFaultFigures(t *testing.T) {
 		},
 		maxPerMin:     2 * backoffPerMin, // a reset costs two requests
 		recoverWithin: backoffRecovery,
-		knownIssue:    "Conn.Run restarts without pos at once after every M_UNKNOWN_POS, even when the previous restart was its last success",
 	}, {
 		name: "pos never advances",
 		fault: func(*http.Request, string) (*http.Response, error) {
@@ -332,9 +328,6 @@ func TestFaultFigures(t *testing.T) {
 				assert.NotContains(t, cp.Rooms, id.RoomID("!cut:x"), "nothing of a broken answer is applied")
 				assert.Len(t, cp.Rooms, 2)
 			})
-			if tt.knownIssue != "" && (spun || perMin > tt.maxPerMin) {
-				t.Skipf("KNOWN ISSUE, not a pass: %s", tt.knownIssue)
-			}
 			assert.False(t, spun, "the loop must wait between requests")
 			assert.LessOrEqual(t, perMin, tt.maxPerMin, "requests per minute after the first minute")
 		})
