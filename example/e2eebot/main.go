@@ -19,26 +19,18 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"net/http/httptest"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
-	"maunium.net/go/mautrix"
-	"maunium.net/go/mautrix/event"
-	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
-	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
-	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
 type options struct {
@@ -89,137 +81,6 @@ func main() {
 		os.Exit(1)
 	}
 }
-
-// runDemo serves a scripted account over loopback HTTP and syncs it until the script is done.
-func runDemo(ctx context.Context, o options) error {
-	world := newDemoWorld(o.demoRooms)
-	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: slidingsync.ProtocolMSC4186})
-	srv.SetResponder(world.respond)
-	hs := httptest.NewServer(srv)
-	defer hs.Close()
-	defer srv.Close()
-
-	cli, err := mautrix.NewClient(hs.URL, slidingsynctest.DefaultUserID, slidingsynctest.DefaultAccessToken)
-	if err != nil {
-		return err
-	}
-	cli.DeviceID = slidingsynctest.DefaultDeviceID
-	cli.Log = *zerolog.Ctx(ctx)
-	fmt.Printf("demo: embedded homeserver at %s with %d rooms, bot %s\n", hs.URL, o.demoRooms, cli.UserID)
-
-	dbTarget := o.db
-	if !o.dbSet {
-		dir, err := os.MkdirTemp("", "e2eebot-demo")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		dbTarget = filepath.Join(dir, "demo.db")
-	}
-	store, closeStore, err := openStore(ctx, dbTarget)
-	if err != nil {
-		return err
-	}
-	defer closeStore()
-
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	const peer = id.UserID("@alice:demo.invalid")
-	var (
-		started     = time.Now()
-		allKnownAt  time.Duration
-		responses   int
-		messageSeen bool
-	)
-	conn, err := slidingsync.New(cli, slidingsync.Config{
-		Protocol: protocolOf(o.protocol),
-		ConnID:   o.connID,
-		Store:    store,
-		Extensions: []slidingsync.Extension{afterCommit(func() {
-			if messageSeen {
-				cancel()
-			}
-		})},
-		Lists: map[string]slidingsync.ListConfig{"all": {
-			GrowBatch:     500,
-			TimelineLimit: 1,
-			RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{
-				{Type: "m.room.encryption"}, {Type: "m.room.name"}, {Type: "m.room.create"},
-			}},
-		}},
-		OnResponse: func(_ context.Context, res *slidingsync.Result) error {
-			responses++
-			if ls, ok := res.Lists["all"]; ok {
-				known := len(ls.Rooms)
-				fmt.Printf("sync: rooms loaded %d of %d\n", known, ls.Count)
-				if known == ls.Count && allKnownAt == 0 {
-					allKnownAt = time.Since(started)
-					fmt.Printf("sync: every room known after %s; a message arrives\n", allKnownAt.Round(time.Millisecond))
-					srv.Push(world.message(7, peer, "hello from the demo"))
-				}
-			}
-			for roomID, rs := range res.Rooms {
-				for _, evt := range res.Response.Rooms[roomID].Timeline {
-					if evt.Type == event.EventMessage && evt.Sender == peer {
-						fmt.Printf("message: %s in %q: %v\n", evt.Sender, rs.Name, evt.Content.Raw["body"])
-						messageSeen = true // stop once this response is committed
-					}
-				}
-			}
-			return nil
-		},
-	})
-	if err != nil {
-		return err
-	}
-	err = conn.Run(ctx)
-	if !messageSeen {
-		if err == nil || errors.Is(err, context.Canceled) {
-			err = errors.New("demo interrupted before the script finished")
-		}
-		return fmt.Errorf("demo failed: %w", err)
-	}
-	// Reopen what was committed, as a restarted bot would.
-	cp, err := store.Load(context.WithoutCancel(ctx), conn.Key())
-	if err != nil {
-		return fmt.Errorf("reload: %w", err)
-	}
-	if len(cp.Rooms) != o.demoRooms || cp.Pos != conn.Pos() {
-		return fmt.Errorf("reload: %d rooms at pos %q, want %d at %q", len(cp.Rooms), cp.Pos, o.demoRooms, conn.Pos())
-	}
-	fmt.Printf("summary: discovered %s, loaded all %d rooms in %d responses (%s) with a window growing by 500, "+
-		"then received a live message; each response was committed to SQLite in one transaction, "+
-		"and reloading the database gives back all %d rooms at pos %q.\n",
-		conn.Endpoint().Protocol, o.demoRooms, responses, allKnownAt.Round(time.Millisecond), len(cp.Rooms), cp.Pos)
-	return nil
-}
-
-// openStore opens the database and upgrades the sliding sync store on it.
-func openStore(ctx context.Context, target string) (*sqlstore.Store, func(), error) {
-	db, err := dbopen.Open(target, dbopen.Config{})
-	if err != nil {
-		return nil, nil, err
-	}
-	store := sqlstore.New(db, nil)
-	if err := store.Upgrade(ctx); err != nil {
-		_ = db.Close()
-		return nil, nil, fmt.Errorf("upgrade store: %w", err)
-	}
-	return store, func() { _ = db.Close() }, nil
-}
-
-// afterCommit is a client-side extension (it sends nothing) that runs fn after every commit.
-type afterCommit func()
-
-func (afterCommit) Name() string { return "demo_after_commit" }
-
-func (afterCommit) Request(context.Context, slidingsync.RequestInfo) (any, error) { return nil, nil }
-
-func (afterCommit) Process(context.Context, slidingsync.RequestInfo, json.RawMessage) error {
-	return nil
-}
-
-func (fn afterCommit) AfterCommit(context.Context) { fn() }
 
 func protocolOf(s string) slidingsync.Protocol {
 	p, err := slidingsync.ParseProtocol(s)

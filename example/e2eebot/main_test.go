@@ -1,27 +1,86 @@
 package main
 
 import (
+	"bytes"
 	"context"
-	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
 	"testing"
 
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/sliding-e2ee/sdk/internal/pgtest"
 )
 
-func TestMain(m *testing.M) {
-	os.Exit(pgtest.Main(m))
+// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// demoContext returns a context whose logger keeps the bot's logs, shown if the test fails.
+func demoContext(t *testing.T) context.Context {
+	t.Helper()
+	logs := &syncBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("bot logs:\n%s", logs.String())
+		}
+	})
+	log := zerolog.New(logs).Level(zerolog.DebugLevel).With().Timestamp().Logger()
+	return log.WithContext(t.Context())
 }
 
 func TestDemoCompletes(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	require.NoError(t, runDemo(ctx, options{protocol: "auto", demoRooms: 1234}))
+	var out syncBuffer
+	dbPath := filepath.Join(t.TempDir(), "demo.db")
+	err := runDemoTo(demoContext(t), options{demoRooms: 600, db: dbPath, dbSet: true}, &out)
+	require.NoError(t, err, out.String())
+	printed := out.String()
+	for _, want := range []string{
+		`sync: rooms loaded 500 of 601`,
+		`sync: rooms loaded 601 of 601`,
+		`sync: every room known after`,
+		`keys: bot uploaded device keys, 50 one-time keys and a fallback key`,
+		`bot: joined alice's encrypted room after the invite`,
+		`peer: alice sent an encrypted message`,
+		`bot: decrypted it and replied encrypted`,
+		`peer: alice decrypted the reply "echo: hello"`,
+		`keys: \d+ one-time keys claimed, server holds \d+ → bot topped up to 50`,
+		`keys: alice claimed every one-time key and then the fallback key`,
+		`keys: fallback key used by a claim → bot uploaded a new fallback key`,
+		`devices: alice added a device \(ALICEDEV2\)`,
+		`devices: the bot saw alice in device_lists.changed → re-queried alice's devices \(2\)`,
+		`peer: alice decrypted the reply "echo: are you there\?"`,
+		`peer: alice's new device decrypted the reply "echo: are you there\?"`,
+		`db: reloading the database gives back all 601 rooms`,
+		`(?m)^summary: .*all 601 rooms`,
+	} {
+		assert.Regexp(t, regexp.MustCompile(want), printed)
+	}
+	// The demo kept its database where -db said, and refuses to run again on it: the embedded
+	// homeserver starts empty, so a stored device would not match it.
+	assert.FileExists(t, dbPath)
+	err = runDemoTo(demoContext(t), options{demoRooms: 10, db: dbPath, dbSet: true}, &out)
+	assert.ErrorContains(t, err, "already exists")
 }
 
 func TestDemoFailsWhenInterrupted(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(demoContext(t))
 	cancel()
-	require.Error(t, runDemo(ctx, options{protocol: "auto", demoRooms: 10}))
+	var out syncBuffer
+	require.Error(t, runDemoTo(ctx, options{demoRooms: 10}, &out))
 }
