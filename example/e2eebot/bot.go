@@ -71,9 +71,10 @@ type bot struct {
 	hooks   botHooks
 	created time.Time // events older than the bot's first start are history, not echoed
 
-	staged []task // tasks of the response being processed, written by the commit
-	seq    int64
-	wake   chan struct{}
+	staged    []task              // tasks of the response being processed, written by the commit
+	stagedRes *slidingsync.Result // the response being processed, its state written by the commit
+	seq       int64
+	wake      chan struct{}
 }
 
 // task is something the bot has to do for one event: join a room it is invited to, or echo a
@@ -263,10 +264,10 @@ func (b *bot) pickleKey(stored []byte) []byte {
 	return stored
 }
 
-// onResponse feeds room state to the crypto layer and stages the tasks of the response; the
-// commit of the response writes them (taskQueue.CommitTxn).
+// onResponse stages the room state and the tasks of the response; the commit of the response
+// writes them (taskQueue.CommitTxn).
 func (b *bot) onResponse(ctx context.Context, res *slidingsync.Result) error {
-	b.mach.HandleRooms(ctx, b.state, res)
+	b.stagedRes = res
 	b.staged = b.staged[:0]
 	for roomID, room := range res.Response.Rooms {
 		if room == nil {
@@ -313,6 +314,11 @@ func (taskQueue) Process(context.Context, slidingsync.RequestInfo, json.RawMessa
 // CommitTxn writes the tasks; an event seen again (a timeline overlap after a restart) keeps
 // its first row, except that a new invite to a room makes its join pending again.
 func (q taskQueue) CommitTxn(ctx context.Context) error {
+	// Room state goes to mautrix's state store in the same transaction: one fsync instead of
+	// one per state event, and the state store never runs ahead of, or behind, pos.
+	if res := q.b.stagedRes; res != nil {
+		q.b.mach.HandleRooms(ctx, q.b.state, res)
+	}
 	for _, t := range q.b.staged {
 		q.b.seq++
 		_, err := q.b.db.Exec(ctx, `INSERT INTO e2eebot_task (event_id, kind, room_id, event, seq) VALUES ($1, $2, $3, $4, $5)
@@ -326,7 +332,7 @@ func (q taskQueue) CommitTxn(ctx context.Context) error {
 
 // AfterCommit wakes the replier.
 func (q taskQueue) AfterCommit(context.Context) {
-	q.b.staged = q.b.staged[:0]
+	q.b.staged, q.b.stagedRes = q.b.staged[:0], nil
 	select {
 	case q.b.wake <- struct{}{}:
 	default:
