@@ -48,7 +48,7 @@ func main() {
 	flag.Uint64Var(&o.seed, "seed", 1, "generator seed")
 	flag.IntVar(&o.idleCycles, "idle-cycles", 40, "idle long-poll cycles measured (after 3 of warm-up)")
 	flag.DurationVar(&o.idleHold, "idle-hold", 150*time.Millisecond, "how long the server holds a long-poll with nothing new")
-	flag.DurationVar(&o.phaseLimit, "phase-timeout", 3*time.Minute, "longest wait for one measured phase")
+	flag.DurationVar(&o.phaseLimit, "phase-timeout", 6*time.Minute, "longest wait for one measured phase")
 	flag.IntVar(&o.churn, "churn", 50, "untracked users changing devices together with the tracked one")
 	flag.StringVar(&o.dbDir, "db-dir", defaultDBDir(), "directory of the bots' SQLite databases (tmpfs by default, so the disk's fsync does not dominate)")
 	flag.StringVar(&o.only, "only", "both", "which bots to run: both, v2 or sdk")
