@@ -7,10 +7,13 @@ import (
 	"regexp"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/sliding-e2ee/sdk/internal/demohs"
 )
 
 // syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
@@ -83,4 +86,30 @@ func TestDemoFailsWhenInterrupted(t *testing.T) {
 	cancel()
 	var out syncBuffer
 	require.Error(t, runDemoTo(ctx, options{demoRooms: 10}, &out))
+}
+
+// TestBotDiscoversDemoServer runs the bot as a separate run would, with protocol discovery,
+// against the demo homeserver by URL.
+func TestBotDiscoversDemoServer(t *testing.T) {
+	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir()})
+	require.NoError(t, err)
+	defer srv.Close()
+	bot, dev, token := srv.Bot()
+	ctx, cancel := context.WithCancel(demoContext(t))
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- runBot(ctx, options{
+			homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
+			db: filepath.Join(t.TempDir(), "bot.db"), protocol: "auto",
+		}, botHooks{})
+	}()
+	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
+	defer wcancel()
+	require.NoError(t, srv.WaitFor(wctx, func() bool {
+		n, fb, unused := srv.KeyCounts(bot, dev)
+		return n == 50 && fb != "" && unused
+	}))
+	cancel()
+	assert.ErrorIs(t, <-done, context.Canceled)
 }

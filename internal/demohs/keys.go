@@ -73,7 +73,7 @@ type Upload struct {
 	Fallback id.KeyID
 	// Held is how many one-time keys the server held for the device afterwards.
 	Held int
-	At   time.Time
+	At   time.Time // when the server stored it
 }
 
 // Query is one user looked up by a /keys/query.
@@ -82,16 +82,16 @@ type Query struct {
 	User id.UserID // about whom
 	// Devices is how many devices with keys the answer listed.
 	Devices int
-	At      time.Time
+	At      time.Time // when the server answered
 }
 
 // Claim is one key handed out by /keys/claim.
 type Claim struct {
-	By       id.UserID
-	User     id.UserID
-	Device   id.DeviceID
-	KeyID    id.KeyID
-	Fallback bool
+	By       id.UserID   // who claimed
+	User     id.UserID   // whose key
+	Device   id.DeviceID // whose key
+	KeyID    id.KeyID    // the key handed out
+	Fallback bool        // it was the fallback key
 }
 
 func (s *Server) keysUpload(w http.ResponseWriter, r *http.Request, who devRef) {
@@ -327,7 +327,7 @@ func (s *Server) Uploads(user id.UserID, dev id.DeviceID) []Upload {
 	return out
 }
 
-// Queries returns the key queries that by made about user, oldest first.
+// Queries returns the lookups of user in the key queries of by, oldest first.
 func (s *Server) Queries(by, user id.UserID) []Query {
 	s.mu.Lock()
 	defer s.mu.Unlock()

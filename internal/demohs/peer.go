@@ -43,11 +43,11 @@ type Peer struct {
 
 // Decryption is a room message a peer decrypted.
 type Decryption struct {
-	User    id.UserID
-	Device  id.DeviceID
+	User    id.UserID   // the peer who decrypted it
+	Device  id.DeviceID // with which device
 	EventID id.EventID
 	Sender  id.UserID
-	Body    string
+	Body    string // the decrypted body
 }
 
 // NewPeer creates a user's first device and uploads its device keys and one-time keys.

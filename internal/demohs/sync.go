@@ -57,14 +57,16 @@ func (s *Server) parsePosLocked(pos string) (position, bool) {
 }
 
 // serveSync long-polls until the request has something new (or its timeout ends), then lets
-// the slidingsynctest server answer it through respond.
+// the slidingsynctest server answer it through respond. Requests it cannot read or that lack
+// the bot's token go straight to slidingsynctest, which refuses them.
 func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "M_BAD_JSON", "Unreadable body.")
 		return
 	}
-	if req, err := slidingsync.DecodeRequest(r.URL.Query(), body); err == nil {
+	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if req, err := slidingsync.DecodeRequest(r.URL.Query(), body); err == nil && token == s.opts.BotToken {
 		s.mu.Lock()
 		_, ok := s.parsePosLocked(req.Pos)
 		s.mu.Unlock()
