@@ -106,6 +106,12 @@ func (d *demo) echoed(roomID id.RoomID, body string) bool {
 
 // runDemoTo is runDemo writing to out.
 func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
+	defer func() {
+		if errors.Is(err, context.Canceled) {
+			// main exits 0 on context.Canceled, but a demo cut short did not succeed.
+			err = fmt.Errorf("demo interrupted before the script finished: %v", err)
+		}
+	}()
 	rooms := o.demoRooms
 	if rooms <= 0 {
 		rooms = -1 // demohs: no plain rooms

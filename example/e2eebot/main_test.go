@@ -85,7 +85,9 @@ func TestDemoFailsWhenInterrupted(t *testing.T) {
 	ctx, cancel := context.WithCancel(demoContext(t))
 	cancel()
 	var out syncBuffer
-	require.Error(t, runDemoTo(ctx, options{demoRooms: 10}, &out))
+	err := runDemoTo(ctx, options{demoRooms: 10}, &out)
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, context.Canceled, "main exits 0 on context.Canceled; an unfinished demo must not")
 }
 
 // TestBotDiscoversDemoServer runs the bot as a separate run would, with protocol discovery,

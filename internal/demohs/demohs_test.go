@@ -339,3 +339,35 @@ func TestPeersExchangeEncryptedMessages(t *testing.T) {
 	_, err = alice.NextMessage(short, roomID, bob.UserID)
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
 }
+
+// TestMalformedRequestsAreRefused sends bodies of the wrong shape to every endpoint: each gets
+// a 4xx answer (a panicking handler would drop the connection instead).
+func TestMalformedRequestsAreRefused(t *testing.T) {
+	s := newServer(t, 5)
+	for _, tc := range []struct {
+		method, path string
+		body         any
+	}{
+		{http.MethodPost, "/_matrix/client/v3/keys/upload", map[string]any{"one_time_keys": []int{1}}},
+		{http.MethodPost, "/_matrix/client/v3/keys/upload", map[string]any{"device_keys": map[string]any{"user_id": "@mallory:x", "device_id": "X"}}},
+		{http.MethodPost, "/_matrix/client/v3/keys/query", map[string]any{"device_keys": "all"}},
+		{http.MethodPost, "/_matrix/client/v3/keys/claim", map[string]any{"one_time_keys": map[string]any{"@a:b": "c"}}},
+		{http.MethodPut, "/_matrix/client/v3/sendToDevice/t/1", map[string]any{"messages": []any{}}},
+		{http.MethodPut, "/_matrix/client/v3/rooms/!nope:x/send/m.room.message/1", map[string]any{"body": "x"}},
+		{http.MethodPut, "/_matrix/client/v3/rooms/!nope:x/send/m.room.message/2", "text"},
+		{http.MethodPost, "/_matrix/client/v3/join/!nope:x", map[string]any{}},
+		{http.MethodGet, "/_matrix/client/v3/rooms/!nope:x/members", nil},
+		{http.MethodPost, syncPath + "?timeout=0", map[string]any{"lists": "all"}},
+		{http.MethodPost, syncPath + "?timeout=0&pos=1_2", map[string]any{}},
+		{http.MethodPost, syncPath + "?timeout=0&pos=-1_0_0", map[string]any{}},
+	} {
+		status, body := call(t, s, tc.method, tc.path, tc.body)
+		assert.True(t, status >= 400 && status < 500, "%s %s %v: %d %v", tc.method, tc.path, tc.body, status, body)
+	}
+	// Reversed ranges select nothing; ranges past the end are clamped.
+	resp := botSync(t, s, "", map[string]any{"lists": map[string]any{
+		"a": map[string]any{"ranges": [][]int{{4, 1}}},
+		"b": map[string]any{"ranges": [][]int{{3, 1 << 30}}, "timeline_limit": -1},
+	}})
+	assert.Len(t, resp["rooms"], 2)
+}
