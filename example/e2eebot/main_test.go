@@ -12,6 +12,8 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/demohs"
 )
@@ -114,4 +116,62 @@ func TestBotDiscoversDemoServer(t *testing.T) {
 	}))
 	cancel()
 	assert.ErrorIs(t, <-done, context.Canceled)
+}
+
+// TestBotRestartsAgainstDemoServer stops the bot and starts it again on the same database, as
+// a crash harness does: the restarted bot resumes from its committed pos and answers a message
+// sent while it was down.
+func TestBotRestartsAgainstDemoServer(t *testing.T) {
+	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir()})
+	require.NoError(t, err)
+	defer srv.Close()
+	bot, dev, token := srv.Bot()
+	alice, err := srv.NewPeer(t.Context(), demoPeer)
+	require.NoError(t, err)
+	roomID, err := alice.CreateEncryptedRoom(t.Context(), "Restarts", bot)
+	require.NoError(t, err)
+	o := options{
+		homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
+		db: filepath.Join(t.TempDir(), "bot.db"), protocol: "msc4186",
+	}
+	echoed := make(chan string, 4)
+	start := func() (stop func()) {
+		ctx, cancel := context.WithCancel(demoContext(t))
+		done := make(chan error, 1)
+		go func() {
+			done <- runBot(ctx, o, botHooks{onEcho: func(_ id.RoomID, body string, _ bool) { echoed <- body }})
+		}()
+		return func() {
+			cancel()
+			<-done // stopped: whatever it says, it must return
+		}
+	}
+	wctx, wcancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer wcancel()
+
+	stop := start()
+	// Alice can only share her room key with a device whose keys are on the server.
+	require.NoError(t, srv.WaitFor(wctx, func() bool {
+		_, fb, _ := srv.KeyCounts(bot, dev)
+		return srv.Membership(roomID, bot) == event.MembershipJoin && fb != ""
+	}))
+	stop()
+
+	_, err = alice.SendEncrypted(wctx, roomID, "while you were away")
+	require.NoError(t, err)
+	stop = start()
+	defer stop()
+	select {
+	case body := <-echoed:
+		assert.Equal(t, "echo: while you were away", body)
+	case <-wctx.Done():
+		t.Fatal("the restarted bot did not answer")
+	}
+	reply, err := alice.NextMessage(wctx, roomID, bot)
+	require.NoError(t, err)
+	assert.Equal(t, "echo: while you were away", reply.Content.AsMessage().Body)
+	assert.True(t, srv.Uploads(bot, dev)[0].DeviceKeys, "the device keys were uploaded once, by the first run")
+	for _, u := range srv.Uploads(bot, dev)[1:] {
+		assert.False(t, u.DeviceKeys, "the restarted bot keeps its device")
+	}
 }
