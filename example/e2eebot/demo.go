@@ -301,6 +301,12 @@ func (sc *script) run(ctx context.Context) error {
 	if err := sc.exchange(ctx, sc.alice, "hello"); err != nil {
 		return err
 	}
+	if err := sc.wait(ctx, "the acknowledgement of the room key", func() bool {
+		return srv.PendingToDevice(sc.bot, sc.botDevice) == 0
+	}); err != nil {
+		return err
+	}
+	d.printf("to-device: the bot's next request acknowledged alice's room key message, so the server deleted it")
 
 	// One-time keys claimed by others are topped up.
 	before, _, _ := srv.KeyCounts(sc.bot, sc.botDevice)

@@ -64,6 +64,7 @@ func TestDemoCompletes(t *testing.T) {
 		`peer: alice sent an encrypted message`,
 		`bot: decrypted it and replied encrypted`,
 		`peer: alice decrypted the reply "echo: hello"`,
+		`to-device: the bot's next request acknowledged alice's room key message`,
 		`keys: \d+ one-time keys claimed, server holds \d+ → bot topped up to 50`,
 		`keys: alice claimed every one-time key and then the fallback key`,
 		`keys: fallback key used by a claim → bot uploaded a new fallback key`,
