@@ -50,7 +50,11 @@ func (m *Machine) HandleRooms(ctx context.Context, store mautrix.StateStore, res
 			case event.StateMember:
 				m.olm.HandleMemberEvent(ctx, &cp)
 			case event.StateHistoryVisibility:
-				m.olm.HandleHistoryVisibility(ctx, &cp)
+				// mautrix dereferences the session even when reading it failed: only call it
+				// when there is a session to check.
+				if sess, err := m.olm.CryptoStore.GetOutboundGroupSession(ctx, roomID); err == nil && sess != nil {
+					m.olm.HandleHistoryVisibility(ctx, &cp)
+				}
 			}
 		}
 	}

@@ -110,9 +110,15 @@ func runBot(ctx context.Context, o options, hooks botHooks) error {
 	// and takes over once the lease of the first expires. The account is loaded only once the
 	// lease is held, so it is never a copy older than what the previous holder saved.
 	leaseCfg := sqlstore.LeaseConfig{Duration: o.leaseDuration}
-	return store.RunWithLease(ctx, b.cli.UserID, b.cli.DeviceID, leaseCfg, func(ctx context.Context, l *sqlstore.Lease) error {
+	err = store.RunWithLease(ctx, b.cli.UserID, b.cli.DeviceID, leaseCfg, func(ctx context.Context, l *sqlstore.Lease) error {
 		return b.run(ctx, o, l.Guard(store), pickleKey)
 	})
+	if ctx.Err() != nil {
+		// Asked to stop: what failed while stopping (a commit fenced by the released lease,
+		// a cancelled query) is part of stopping, not an error.
+		return context.Cause(ctx)
+	}
+	return err
 }
 
 // run loads the crypto state and runs the bot while the lease is held.
