@@ -139,6 +139,21 @@ func TestUploadedKeyIsNotCountedTwice(t *testing.T) {
 	require.Len(t, ups, 2)
 	assert.Equal(t, 1, ups[1].OTKs)
 	assert.Equal(t, 4, ups[1].Held)
+	assert.Zero(t, s.UploadRejections())
+}
+
+// A one-time key ID that comes again with another key rejects the upload, as Synapse does.
+func TestReusedKeyIDIsRejected(t *testing.T) {
+	s := newServer(t, -1)
+	bot, dev, token := s.Bot()
+	uploadBotKeys(t, s, 0, 2, "")
+	status, _ := callAs(t, s, token, http.MethodPost, "/_matrix/client/v3/keys/upload", map[string]any{
+		"one_time_keys": map[string]any{"signed_curve25519:K000": map[string]any{"key": "another key"}},
+	})
+	assert.Equal(t, http.StatusBadRequest, status)
+	assert.Equal(t, 1, s.UploadRejections())
+	otks, _, _ := s.KeyCounts(bot, dev)
+	assert.Equal(t, 2, otks)
 }
 
 func TestToDeviceDeletedOnlyWhenAcknowledged(t *testing.T) {
@@ -200,6 +215,7 @@ func TestRoomSendDeduplicatesTransactions(t *testing.T) {
 	before := len(s.RoomEvents(roomID))
 	_, second := callAs(t, s, token, http.MethodPut, path, body)
 	assert.Equal(t, first["event_id"], second["event_id"])
+	assert.Equal(t, 1, s.RepeatedSends())
 	assert.Len(t, s.RoomEvents(roomID), before, "a repeated transaction adds no event")
 
 	_, other := callAs(t, s, token, http.MethodPut, "/_matrix/client/v3/rooms/"+roomID.String()+"/send/m.room.message/txn-2", body)

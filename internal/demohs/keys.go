@@ -13,9 +13,9 @@ import (
 
 // device is one device's keys and to-device queue.
 type device struct {
-	keys     json.RawMessage // signed device keys, as uploaded
-	otks     []storedKey     // unclaimed one-time keys, in upload order
-	seen     map[id.KeyID]bool
+	keys     json.RawMessage     // signed device keys, as uploaded
+	otks     []storedKey         // unclaimed one-time keys, in upload order
+	seen     map[id.KeyID]string // every one-time key ID ever uploaded, with its public key
 	fallback *storedKey
 	used     bool // the fallback key was handed out by a claim
 	toDevice []toDeviceMsg
@@ -55,7 +55,7 @@ func (s *Server) addDevice(user id.UserID, dev id.DeviceID) *device {
 	if s.devices[user] == nil {
 		s.devices[user] = map[id.DeviceID]*device{}
 	}
-	d := &device{seen: map[id.KeyID]bool{}}
+	d := &device{seen: map[id.KeyID]string{}}
 	s.devices[user][dev] = d
 	s.devOrder[user] = append(s.devOrder[user], dev)
 	return d
@@ -131,11 +131,28 @@ func (s *Server) keysUpload(w http.ResponseWriter, r *http.Request, who devRef) 
 		}
 		d.keys = slices.Clone(req.DeviceKeys)
 	}
+	// A one-time key ID uploaded again with another key rejects the whole upload, as
+	// Synapse does ("already exists"); the same key again is accepted and ignored.
+	for keyID, raw := range req.OneTimeKeys {
+		var k struct {
+			Key string `json:"key"`
+		}
+		_ = json.Unmarshal(raw, &k)
+		if old, ok := d.seen[id.KeyID(keyID)]; ok && old != k.Key {
+			s.uploadRejections++
+			writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "One time key "+keyID+" already exists.")
+			return
+		}
+	}
 	for _, keyID := range sortedKeys(req.OneTimeKeys) {
-		if d.seen[keyID] || !strings.HasPrefix(string(keyID), string(id.KeyAlgorithmSignedCurve25519)+":") {
+		if _, ok := d.seen[keyID]; ok || !strings.HasPrefix(string(keyID), string(id.KeyAlgorithmSignedCurve25519)+":") {
 			continue
 		}
-		d.seen[keyID] = true
+		var k struct {
+			Key string `json:"key"`
+		}
+		_ = json.Unmarshal(req.OneTimeKeys[string(keyID)], &k)
+		d.seen[keyID] = k.Key
 		d.otks = append(d.otks, storedKey{id: keyID, raw: slices.Clone(req.OneTimeKeys[string(keyID)])})
 		up.OTKs++
 		changed = true
@@ -297,6 +314,22 @@ func (s *Server) sendToDevice(w http.ResponseWriter, r *http.Request, who devRef
 	}
 	s.notifyLocked()
 	writeJSON(w, http.StatusOK, map[string]any{})
+}
+
+// UploadRejections returns how many key uploads were rejected because a one-time key ID
+// came again with another key.
+func (s *Server) UploadRejections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.uploadRejections
+}
+
+// RepeatedSends returns how many room sends repeated a transaction ID already used by the
+// same device (answered with the first event, adding nothing).
+func (s *Server) RepeatedSends() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.repeatedSends
 }
 
 // KeyCounts returns how many one-time keys the server holds for a device and its fallback

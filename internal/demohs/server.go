@@ -145,6 +145,9 @@ type Server struct {
 	peerDBs   []*dbutil.Database
 	closed    bool
 
+	uploadRejections int // uploads rejected for a one-time key ID reused with another key
+	repeatedSends    int // room sends that repeated a transaction ID
+
 	uploads   []Upload
 	queries   []Query
 	claims    []Claim
@@ -430,6 +433,7 @@ func (s *Server) roomSend(w http.ResponseWriter, r *http.Request, who devRef) {
 	defer s.mu.Unlock()
 	txnKey := fmt.Sprintf("%s\x00%s\x00%s", who.user, who.device, r.PathValue("txn"))
 	if evtID, ok := s.txns[txnKey]; ok {
+		s.repeatedSends++
 		writeJSON(w, http.StatusOK, map[string]any{"event_id": evtID})
 		return
 	}
