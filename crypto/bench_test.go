@@ -15,6 +15,7 @@ import (
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
@@ -146,4 +147,89 @@ func outdatedOf(b *testing.B, m *Machine) []id.UserID {
 	users, err := m.store.GetOutdatedTrackedUsers(context.Background())
 	require.NoError(b, err)
 	return users
+}
+
+// benchDevice is newEnvAs for benchmarks: a device with uploaded keys on a fresh SQLite
+// database (the default, durable dbopen settings).
+func benchDevice(b *testing.B, user id.UserID, device id.DeviceID) *env {
+	b.Helper()
+	ctx := context.Background()
+	hs := &fakeHS{otks: map[string]json.RawMessage{}, fallback: map[string]json.RawMessage{}, self: user, selfDevice: device}
+	db, err := dbopen.Open(filepath.Join(b.TempDir(), "bench.db"), dbopen.Config{})
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = db.Close() })
+	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
+	require.NoError(b, err)
+	cli.DeviceID = device
+	cli.Client = &http.Client{Transport: handlerTransport{hs}}
+	log := zerolog.Nop()
+	cli.Log = log
+	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))
+	require.NoError(b, cs.DB.Upgrade(ctx))
+	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
+	require.NoError(b, olm.Load(ctx))
+	m, err := New(cli, olm, Config{})
+	require.NoError(b, err)
+	require.NoError(b, m.Upgrade(ctx))
+	return &env{hs: hs, db: db, cli: cli, olm: olm, store: cs, m: m}
+}
+
+// BenchmarkHandleRoomKey handles one Olm-encrypted m.room_key from a device the bot already
+// has an Olm session with: through HandleToDevice (two decryptions, one transaction, the
+// check that the key was stored), and through mautrix's OlmMachine.HandleToDeviceEvent alone
+// (one decryption, autocommitted writes, a store failure only logged).
+func BenchmarkHandleRoomKey(b *testing.B) {
+	ctx := zerolog.Nop().WithContext(context.Background())
+	for _, name := range []string{"sdk", "mautrix"} {
+		b.Run(name, func(b *testing.B) {
+			bot := benchDevice(b, testUser, testDevice)
+			sender := benchDevice(b, "@sender:example.org", "SENDERDEV")
+			link(bot, sender)
+			require.NoError(b, bot.m.shareKeys(ctx))
+			require.NoError(b, sender.m.shareKeys(ctx))
+			device, err := sender.olm.GetOrFetchDevice(ctx, testUser, testDevice)
+			require.NoError(b, err)
+			const room id.RoomID = "!room:example.org"
+			// One room key per iteration, made before the clock runs; the Olm session exists
+			// after the first.
+			message := func() (*event.Event, id.SessionID) {
+				ogs, err := mcrypto.NewOutboundGroupSession(room, nil, nil)
+				require.NoError(b, err)
+				require.NoError(b, sender.olm.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, ogs.ShareContent()))
+				var body struct {
+					Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
+				}
+				require.NoError(b, json.Unmarshal(sender.hs.sent[len(sender.hs.sent)-1], &body))
+				evt := &event.Event{Sender: sender.cli.UserID, Type: event.ToDeviceEncrypted}
+				evt.Type.Class = event.ToDeviceEventType
+				require.NoError(b, json.Unmarshal(body.Messages[testUser][testDevice], &evt.Content))
+				require.NoError(b, evt.Content.ParseRaw(evt.Type))
+				return evt, ogs.ID()
+			}
+			first, _ := message()
+			require.NoError(b, bot.m.HandleToDevice(ctx, []*event.Event{first}))
+			evts := make([]*event.Event, b.N)
+			ids := make([]id.SessionID, b.N)
+			for i := range evts {
+				evts[i], ids[i] = message()
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				if name == "sdk" {
+					if err := bot.m.HandleToDevice(ctx, evts[i:i+1]); err != nil {
+						b.Fatal(err)
+					}
+				} else {
+					bot.olm.HandleToDeviceEvent(ctx, evts[i])
+				}
+			}
+			b.StopTimer()
+			for _, s := range ids {
+				igs, err := bot.store.GetGroupSession(ctx, room, s)
+				require.NoError(b, err)
+				require.NotNil(b, igs)
+			}
+		})
+	}
 }

@@ -26,7 +26,8 @@
 //     and Left users are untracked (their row in crypto_tracked_user is deleted; their devices
 //     stay stored, and the next ShareGroupSession that needs them queries them again, as
 //     mautrix does for any untracked user). So a device-list change is recorded if and only if
-//     pos advances past it.
+//     pos advances past it. The transaction gets two statements per 500 changed users and one
+//     per tracked one, and no query: those run later, in Run.
 //
 //   - Run queries outdated users with OlmMachine.FetchKeys, retrying failures with
 //     exponential backoff. A change that arrives while a user's query is in flight is not lost
