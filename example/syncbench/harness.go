@@ -154,6 +154,9 @@ func (t *tracker) observe(ev minihs.Event) {
 		}
 		if !ev.Idle {
 			t.idleRun = 0
+			if !t.idleT.measured {
+				t.idleFrom = sample{} // the cycles measured must all be idle: start over
+			}
 			break
 		}
 		t.idleRun++

@@ -12,6 +12,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 )
 
 func TestProcReaders(t *testing.T) {
@@ -94,4 +96,43 @@ func metricName(s string) string {
 	s = strings.TrimSpace(s)
 	s = strings.NewReplacer("(both directions)", "", "(whole run)", "", ":", "", " ", "-").Replace(s)
 	return strings.Trim(strings.ReplaceAll(s, "--", "-"), "-")
+}
+
+func TestTrackerPhases(t *testing.T) {
+	tr := newTracker()
+	t0 := time.Now()
+	tr.start = t0
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	ev := func(e minihs.Event) { tr.observe(e) }
+
+	ev(minihs.Event{Kind: minihs.KindSyncRequest, At: at(1)})
+	ev(minihs.Event{Kind: minihs.KindSyncResponse, At: at(2), Token: "1/s1", BytesOut: 100})
+	ev(minihs.Event{Kind: minihs.KindSyncRequest, At: at(3), Token: "1/s1"})
+	assert.False(t, tr.ready.measured, "persisted, but no keys yet")
+	ev(minihs.Event{Kind: minihs.KindKeysUpload, At: at(5), OTKs: 50})
+	assert.False(t, tr.ready.measured, "one-time keys without device keys are not the upload")
+	ev(minihs.Event{Kind: minihs.KindKeysUpload, At: at(6), DeviceKeys: true, BytesIn: 40, BytesOut: 120})
+	require.True(t, tr.ready.measured)
+	assert.Equal(t, 6*time.Millisecond, tr.ready.at, "ready is the later of the two conditions")
+	assert.Equal(t, int64(160), tr.ready.in+tr.ready.out)
+
+	ev(minihs.Event{Kind: minihs.KindSyncResponse, At: at(7), Token: "2/s1", AllKnown: true})
+	ev(minihs.Event{Kind: minihs.KindSyncResponse, At: at(8), Token: "3/s1", AllKnown: true})
+	assert.False(t, tr.allKnown.measured)
+	ev(minihs.Event{Kind: minihs.KindSyncRequest, At: at(9), Token: "2/s1"})
+	require.True(t, tr.allKnown.measured)
+	assert.Equal(t, 9*time.Millisecond, tr.allKnown.at)
+
+	tr.idleMeasure, tr.idleWant = true, 2
+	for i := range 6 {
+		idle := i != 3 // a busy response restarts the count
+		ev(minihs.Event{Kind: minihs.KindSyncResponse, At: at(10 + i), Idle: idle, BytesOut: int64(1000 * i)})
+	}
+	assert.False(t, tr.idleFrom.measured, "three idle cycles in a row make the warm-up")
+	for i := 6; i < 11; i++ {
+		ev(minihs.Event{Kind: minihs.KindSyncResponse, At: at(10 + i), Idle: true, BytesOut: int64(1000 * i)})
+	}
+	require.True(t, tr.idleFrom.measured)
+	require.True(t, tr.idleT.measured)
+	assert.Equal(t, int64(2000), tr.idleT.out-tr.idleFrom.out, "two cycles measured after the warm-up")
 }
