@@ -31,6 +31,10 @@ var errPeek = errors.New("crypto: peek only")
 // device, already decrypted in an acknowledged batch) is logged by mautrix and skipped, so one
 // peer cannot block the queue. m.room_key.withheld is stored here and its storage errors are
 // returned; other events go to OlmMachine.HandleToDeviceEvent.
+//
+// Restoring the Olm state of a message also undoes any step another goroutine made meanwhile
+// on the sessions with its sender, so Olm encryption (ShareGroupSession) must hold the
+// Machine's account lock, as HandleToDevice does.
 func (m *Machine) HandleToDevice(ctx context.Context, evts []*event.Event) error {
 	m.acctMu.Lock()
 	defer m.acctMu.Unlock()
