@@ -109,7 +109,7 @@ func runBot(ctx context.Context, o options, hooks botHooks) error {
 	// One process at a time runs a device's e2ee connection: a second one waits in standby
 	// and takes over once the lease of the first expires. The account is loaded only once the
 	// lease is held, so it is never a copy older than what the previous holder saved.
-	leaseCfg := sqlstore.LeaseConfig{Duration: o.leaseDuration}
+	leaseCfg := sqlstore.LeaseConfig{Duration: o.leaseDuration, Holder: o.leaseHolder}
 	err = store.RunWithLease(ctx, b.cli.UserID, b.cli.DeviceID, leaseCfg, func(ctx context.Context, l *sqlstore.Lease) error {
 		return b.run(ctx, o, l.Guard(store), pickleKey)
 	})

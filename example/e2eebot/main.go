@@ -47,6 +47,9 @@ type options struct {
 	insecure    bool
 	// leaseDuration is how long a bot that died keeps others from taking over its device.
 	leaseDuration time.Duration
+	// leaseHolder names this bot in the lease; a restart with the same name takes the lease
+	// back at once. Empty: a name unique to the process.
+	leaseHolder string
 }
 
 func main() {
@@ -62,6 +65,7 @@ func main() {
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
 	flag.BoolVar(&o.insecure, "allow-insecure-http", false, "allow plain http:// to a homeserver that is not on loopback")
 	flag.DurationVar(&o.leaseDuration, "lease", sqlstore.DefaultLeaseDuration, "how long a bot that died keeps another process from taking over its device")
+	flag.StringVar(&o.leaseHolder, "lease-holder", "", "a stable name for this bot in the lease, so that a restart takes it back at once; only when a supervisor guarantees one process at a time")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) { o.dbSet = o.dbSet || f.Name == "db" })
 

@@ -1,0 +1,295 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/pgtest"
+)
+
+// Environment of the crash harness.
+const (
+	// crashChildEnv carries the command-line arguments (JSON) of a child that runs the bot.
+	crashChildEnv = "E2EEBOT_CRASH_CHILD"
+	// crashSeedEnv replays a run: the seed drives the kill moments and the scripted stream.
+	crashSeedEnv = "E2EEBOT_CRASH_SEED"
+	// crashKillsEnv overrides the number of kills (200).
+	crashKillsEnv = "E2EEBOT_CRASH_KILLS"
+)
+
+func TestMain(m *testing.M) {
+	if args := os.Getenv(crashChildEnv); args != "" {
+		// A child of the crash harness: run the command itself, as a user would.
+		var a []string
+		if err := json.Unmarshal([]byte(args), &a); err != nil {
+			fmt.Fprintln(os.Stderr, "bad", crashChildEnv, err)
+			os.Exit(2)
+		}
+		os.Args = append([]string{"e2eebot"}, a...)
+		main()
+		os.Exit(0)
+	}
+	os.Exit(pgtest.Main(m))
+}
+
+// crashStream is the scripted traffic of a crash run: encrypted messages (with room key
+// rotations, so room keys keep arriving over to-device), new peer devices (device-list
+// changes), and claims of the bot's keys until the fallback key is used. It records what it
+// did for the final checks.
+type crashStream struct {
+	srv   *demohs.Server
+	room  id.RoomID
+	alice *demohs.Peer
+
+	mu        sync.Mutex
+	devices   []*demohs.Peer // alice's devices after the first
+	sent      []string       // bodies of the messages sent
+	changes   []time.Time    // when each new device finished uploading its keys
+	rotations int
+	claimed   int
+	fallbacks int
+}
+
+func (s *crashStream) step(ctx context.Context, rng *rand.Rand) error {
+	switch r := rng.IntN(100); {
+	case r < 45:
+		s.mu.Lock()
+		body := fmt.Sprintf("message %d", len(s.sent)+1)
+		s.mu.Unlock()
+		if _, err := s.alice.SendEncrypted(ctx, s.room, body); err != nil {
+			return fmt.Errorf("send %q: %w", body, err)
+		}
+		s.mu.Lock()
+		s.sent = append(s.sent, body)
+		s.mu.Unlock()
+	case r < 60:
+		// The next message goes out under a new session, whose key reaches the bot over
+		// to-device (after a claim of one of its one-time keys).
+		if err := s.alice.Olm.CryptoStore.RemoveOutboundGroupSession(ctx, s.room); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.rotations++
+		s.mu.Unlock()
+	case r < 70:
+		s.mu.Lock()
+		n := len(s.devices)
+		s.mu.Unlock()
+		if n >= 6 {
+			return nil
+		}
+		dev, err := s.alice.AddDevice(ctx)
+		if err != nil {
+			return fmt.Errorf("add device: %w", err)
+		}
+		s.mu.Lock()
+		s.devices = append(s.devices, dev)
+		s.changes = append(s.changes, time.Now())
+		s.mu.Unlock()
+	default:
+		otks, fallbacks, err := s.alice.ClaimBotKeys(ctx, 1+rng.IntN(20))
+		if err != nil {
+			return fmt.Errorf("claim: %w", err)
+		}
+		s.mu.Lock()
+		s.claimed += otks
+		s.fallbacks += fallbacks
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// The crash harness: the example bot runs as a child process (this test binary running the
+// command's main) against an in-process homeserver with a scripted stream, and is SIGKILLed
+// at random moments. Afterwards a last run must catch up with everything: every message
+// decrypted and answered (no room key lost), every device-list change followed by a key
+// query, no key upload rejected for a reused key ID.
+func TestCrashHarness(t *testing.T) {
+	if testing.Short() {
+		t.Skip("the crash harness takes minutes")
+	}
+	kills := 200
+	if v := os.Getenv(crashKillsEnv); v != "" {
+		var err error
+		kills, err = strconv.Atoi(v)
+		require.NoError(t, err)
+	}
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv(crashSeedEnv); v != "" {
+		var err error
+		seed, err = strconv.ParseUint(v, 10, 64)
+		require.NoError(t, err)
+	}
+	t.Logf("seed %d (replay with %s=%d)", seed, crashSeedEnv, seed)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	streamRng := rand.New(rand.NewPCG(seed, 2))
+
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Minute)
+	defer cancel()
+	srv, err := demohs.NewServer(demohs.Options{Rooms: 40, Seed: seed, Dir: t.TempDir()})
+	require.NoError(t, err)
+	defer srv.Close()
+	bot, dev, token := srv.Bot()
+	alice, err := srv.NewPeer(ctx, "@alice:demo.invalid")
+	require.NoError(t, err)
+	room, err := alice.CreateEncryptedRoom(ctx, "crash room", bot)
+	require.NoError(t, err)
+
+	dir := t.TempDir()
+	args, err := json.Marshal([]string{
+		"-homeserver", srv.URL(), "-user", bot.String(), "-access-token", token, "-device-id", dev.String(),
+		"-db", filepath.Join(dir, "bot.db"), "-protocol", "msc4186", "-lease-holder", "crash-harness",
+	})
+	require.NoError(t, err)
+	logPath := filepath.Join(dir, "bot.log")
+	logFile, err := os.Create(logPath)
+	require.NoError(t, err)
+	defer logFile.Close()
+	start := func() *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), crashChildEnv+"="+string(args))
+		cmd.Stdout, cmd.Stderr = logFile, logFile
+		require.NoError(t, cmd.Start())
+		return cmd
+	}
+	defer func() {
+		if t.Failed() {
+			if b, err := os.ReadFile(logPath); err == nil {
+				t.Logf("bot log (last 6 KiB):\n%s", b[max(0, len(b)-6<<10):])
+			}
+		}
+	}()
+
+	// The stream starts once the bot has its keys up and has joined: before that, messages
+	// could not reach it whatever it did.
+	first := start()
+	require.NoError(t, srv.WaitFor(ctx, func() bool {
+		return len(srv.Uploads(bot, dev)) > 0 && srv.Membership(room, bot) == "join"
+	}), "the bot uploads its keys and joins")
+
+	stream := &crashStream{srv: srv, room: room, alice: alice}
+	streamCtx, stopStream := context.WithCancel(ctx)
+	var streamErr error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for streamCtx.Err() == nil {
+			if err := stream.step(streamCtx, streamRng); err != nil && streamCtx.Err() == nil {
+				streamErr = err
+				return
+			}
+			select {
+			case <-streamCtx.Done():
+			case <-time.After(time.Duration(100+streamRng.IntN(300)) * time.Millisecond):
+			}
+		}
+	})
+
+	// Kill at random moments: right after the start (during upgrades, the lease, the first
+	// request), in the middle of processing, or while idle in a long-poll.
+	cmd := first
+	began := time.Now()
+	for i := range kills {
+		if i > 0 {
+			cmd = start()
+		}
+		time.Sleep(time.Duration(rng.IntN(900)) * time.Millisecond)
+		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+		_ = cmd.Wait()
+	}
+	killTime := time.Since(began)
+	stopStream()
+	wg.Wait()
+	require.NoError(t, streamErr)
+
+	// A last message every device of alice must decrypt the answer to, then a clean run
+	// until everything is answered.
+	_, err = alice.SendEncrypted(ctx, room, "final")
+	require.NoError(t, err)
+	stream.sent = append(stream.sent, "final")
+	cmd = start()
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+	}()
+	want := map[string]bool{}
+	for _, body := range stream.sent {
+		want["echo: "+body] = true
+	}
+	catchUp := time.Now()
+	answered := map[string]bool{}
+	readers := append([]*demohs.Peer{alice}, stream.devices...)
+	for len(answered) < len(want) {
+		readCtx, done := context.WithTimeout(ctx, 90*time.Second)
+		evt, err := alice.NextMessage(readCtx, room, bot)
+		done()
+		if err != nil {
+			break
+		}
+		if body := evt.Content.AsMessage().Body; want[body] {
+			answered[body] = true
+		}
+	}
+	var lost []string
+	for body := range want {
+		if !answered[body] {
+			lost = append(lost, body)
+		}
+	}
+	// Every device of alice can read the answer to the last message.
+	for _, p := range readers[1:] {
+		readCtx, done := context.WithTimeout(ctx, 60*time.Second)
+		var got bool
+		for !got {
+			evt, err := p.NextMessage(readCtx, room, bot)
+			if err != nil {
+				break
+			}
+			got = evt.Content.AsMessage().Body == "echo: final"
+		}
+		done()
+		assert.True(t, got, "alice's device %s decrypts the answer to the last message", p.DeviceID)
+	}
+
+	// Device-list changes: each must be followed by a key query of alice by the bot.
+	queries := srv.Queries(bot, alice.UserID)
+	changesLost := 0
+	for _, at := range stream.changes {
+		if len(queries) == 0 || queries[len(queries)-1].At.Before(at) {
+			changesLost++
+		}
+	}
+	var uploads, otksUploaded, fallbackUploads int
+	for _, u := range srv.Uploads(bot, dev) {
+		uploads++
+		otksUploaded += u.OTKs
+		if u.Fallback != "" {
+			fallbackUploads++
+		}
+	}
+	t.Logf("%d kills in %s (seed %d); stream: %d messages, %d room key rotations, %d new devices, %d one-time keys and %d fallback keys claimed",
+		kills, killTime.Round(time.Second), seed, len(stream.sent), stream.rotations, len(stream.devices), stream.claimed, stream.fallbacks)
+	t.Logf("bot: %d key uploads (%d one-time keys, %d fallback keys), %d key queries of alice; caught up in %s",
+		uploads, otksUploaded, fallbackUploads, len(queries), time.Since(catchUp).Round(time.Millisecond))
+	t.Logf("figures: device-list changes lost %d, messages left unanswered (room key lost or undecryptable) %d, key uploads rejected for a reused key ID %d, replies repeated after a crash (deduplicated by transaction ID) %d",
+		changesLost, len(lost), srv.UploadRejections(), srv.RepeatedSends())
+	assert.Zero(t, changesLost, "device-list changes lost")
+	assert.Empty(t, lost, "messages left unanswered: %s", strings.Join(lost, ", "))
+	assert.Zero(t, srv.UploadRejections(), "key uploads rejected for a reused key ID")
+	assert.Greater(t, len(stream.sent), 10, "the stream sent messages")
+}
