@@ -39,6 +39,7 @@ type options struct {
 	keep       bool
 	allowBig   bool
 	v2Profile  string
+	v2Idle     int
 	progress   io.Writer // where runPair reports what it does; nil for none
 }
 
@@ -57,6 +58,7 @@ func main() {
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (binaries, bot logs)")
 	flag.BoolVar(&o.allowBig, "large", false, "allow more than 10000 rooms (50000 takes several minutes and over a GB of memory)")
 	flag.StringVar(&o.v2Profile, "v2-cpuprofile", "", "write a CPU profile of the v2 bot to this file")
+	flag.IntVar(&o.v2Idle, "v2-max-idle-conns", 2, "idle SQLite connections of the v2 bot (0 is what dbopen configures)")
 	flag.Parse()
 	if o.rooms > 10000 && !o.allowBig {
 		fmt.Fprintln(os.Stderr, "syncbench: more than 10000 rooms needs -large")
@@ -143,9 +145,9 @@ func runPair(ctx context.Context, o options, rc runConfig, v2Bin, sdkBin string)
 		len(acct.Rooms), (len(acct.Rooms)+1)/2, len(acct.Users), len(acct.Peers), len(acct.ToDevice), time.Since(start).Round(time.Millisecond))
 	if v2Bin != "" {
 		say("running the v2 /sync bot ...")
-		spec := botSpec{name: "v2", bin: v2Bin, api: minihs.APIV2}
+		spec := botSpec{name: "v2", bin: v2Bin, api: minihs.APIV2, extra: []string{"-max-idle-conns", fmt.Sprint(o.v2Idle)}}
 		if o.v2Profile != "" {
-			spec.extra = []string{"-cpuprofile", o.v2Profile}
+			spec.extra = append(spec.extra, "-cpuprofile", o.v2Profile)
 		}
 		if v2, err = runBot(ctx, spec, acct, rc); err != nil {
 			return nil, nil, err
