@@ -93,6 +93,10 @@ func (m *Machine) EncryptRoomEvent(ctx context.Context, roomID id.RoomID, evtTyp
 	if err := m.refreshMembersDevices(ctx, members); err != nil {
 		return nil, fmt.Errorf("crypto: refresh the devices of %s's members: %w", roomID, err)
 	}
+	// Olm encryption ratchets the sessions HandleToDevice may restore after a failed batch:
+	// both run under the account lock.
+	m.acctMu.Lock()
+	defer m.acctMu.Unlock()
 	if err := m.olm.ShareGroupSession(ctx, roomID, members); err != nil {
 		return nil, fmt.Errorf("crypto: share the room key of %s: %w", roomID, err)
 	}

@@ -53,6 +53,9 @@ type fakeHS struct {
 	selfDevice id.DeviceID
 	peers      []*fakeHS
 	sent       []json.RawMessage // /sendToDevice bodies
+
+	members       map[id.RoomID][]id.UserID // joined members answered by /rooms/{id}/members
+	memberFetches int
 }
 
 func newFakeHS(t *testing.T) *fakeHS {
@@ -67,6 +70,17 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		hs.sent = append(hs.sent, json.RawMessage(body))
 		hs.mu.Unlock()
 		writeJSON(w, map[string]any{})
+	case strings.HasSuffix(r.URL.Path, "/members"):
+		roomID := id.RoomID(strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/_matrix/client/v3/rooms/"), "/members"))
+		hs.mu.Lock()
+		hs.memberFetches++
+		var chunk []map[string]any
+		for _, u := range hs.members[roomID] {
+			chunk = append(chunk, map[string]any{"type": "m.room.member", "state_key": u, "sender": u, "room_id": roomID,
+				"event_id": "$" + string(u), "content": map[string]any{"membership": "join"}})
+		}
+		hs.mu.Unlock()
+		writeJSON(w, map[string]any{"chunk": chunk})
 	case strings.HasSuffix(r.URL.Path, "/keys/claim"):
 		var req struct {
 			OneTimeKeys map[id.UserID]map[id.DeviceID]string `json:"one_time_keys"`
