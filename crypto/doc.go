@@ -72,9 +72,11 @@
 //     previous private key is kept for Config.FallbackKeyGrace after a rotation, then
 //     forgotten. A server that never sends the field gets the first key and no other.
 //
-//   - The Olm account is used under one lock by HandleToDevice and Run's uploads, which
-//     mautrix would otherwise run on two goroutines without a common lock. An upload thus
-//     delays the handling of to-device events until it returns.
+//   - The Olm account and sessions are used under one lock by HandleToDevice, Run's uploads
+//     and EncryptRoomEvent, which mautrix would otherwise run on several goroutines without a
+//     common lock. An upload or a key share thus delays the handling of to-device events
+//     until it returns. Share room keys through EncryptRoomEvent, not the OlmMachine's
+//     ShareGroupSession, which would bypass the lock.
 //
 // # Room state
 //

@@ -33,8 +33,9 @@ var errPeek = errors.New("crypto: peek only")
 // returned; other events go to OlmMachine.HandleToDeviceEvent.
 //
 // Restoring the Olm state of a message also undoes any step another goroutine made meanwhile
-// on the sessions with its sender, so Olm encryption (ShareGroupSession) must hold the
-// Machine's account lock, as HandleToDevice does.
+// on the sessions with its sender, so Olm encryption must hold the Machine's account lock:
+// send with [Machine.EncryptRoomEvent], which does, rather than calling the OlmMachine's
+// ShareGroupSession directly.
 func (m *Machine) HandleToDevice(ctx context.Context, evts []*event.Event) error {
 	m.acctMu.Lock()
 	defer m.acctMu.Unlock()
