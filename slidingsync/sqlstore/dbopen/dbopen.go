@@ -43,6 +43,10 @@ type Config struct {
 	SQLiteDriver string
 	// MaxOpenConns limits open connections; zero means no limit.
 	MaxOpenConns int
+	// MaxIdleConns is how many idle connections are kept for reuse; zero means
+	// DefaultMaxIdleConns. Without idle connections every statement opens a connection
+	// (for SQLite: opening the file, running the pragmas, reading the schema) and closes it.
+	MaxIdleConns int
 	// Owner is recorded by dbutil to stop two programs from sharing one database by mistake;
 	// empty records none.
 	Owner string
@@ -55,6 +59,9 @@ type Config struct {
 	// false unless the disk has a battery-backed cache or the data is disposable.
 	RelaxedSync bool
 }
+
+// DefaultMaxIdleConns is Config.MaxIdleConns when it is zero.
+const DefaultMaxIdleConns = 4
 
 // driverCgoFullSync is mautrix's variant of DriverCgo with synchronous=FULL.
 const driverCgoFullSync = "sqlite3-fk-wal-fullsync"
@@ -88,6 +95,10 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 		}
 	}
 	dc.MaxOpenConns = cfg.MaxOpenConns
+	dc.MaxIdleConns = cfg.MaxIdleConns
+	if dc.MaxIdleConns <= 0 {
+		dc.MaxIdleConns = DefaultMaxIdleConns
+	}
 	db, err := dbutil.NewFromConfig(cfg.Owner, dc, cfg.Log)
 	if err != nil {
 		return nil, fmt.Errorf("dbopen: open %s database: %w", dc.Type, err)

@@ -103,3 +103,21 @@ func TestExistingSQLiteFileKeepsItsMode(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o640), st.Mode().Perm(), "the operator's choice is kept")
 }
+
+// Statements reuse idle connections instead of opening (and configuring) a new one each.
+func TestConnectionsAreReused(t *testing.T) {
+	db, err := dbopen.Open(filepath.Join(t.TempDir(), "pool.db"), dbopen.Config{})
+	require.NoError(t, err)
+	defer db.Close()
+	ctx := context.Background()
+	_, err = db.Exec(ctx, `CREATE TABLE t (x INTEGER)`)
+	require.NoError(t, err)
+	for i := range 50 {
+		_, err := db.Exec(ctx, `INSERT INTO t (x) VALUES ($1)`, i)
+		require.NoError(t, err)
+	}
+	st := db.RawDB.Stats()
+	assert.LessOrEqual(t, st.OpenConnections, dbopen.DefaultMaxIdleConns)
+	assert.GreaterOrEqual(t, st.Idle, 1, "a connection stays open for the next statement")
+	assert.Zero(t, st.MaxIdleClosed, "no connection was closed for lack of idle room")
+}
