@@ -33,6 +33,9 @@ type runConfig struct {
 	phaseLimit time.Duration // longest wait for one phase
 	churn      int           // untracked users in the device-list change
 	logDir     string        // where the bots' output goes
+	// keyGrace is how long after persisting its first response a bot may take to upload
+	// keys; zero means a minute.
+	keyGrace time.Duration
 }
 
 // sample is the bot's cost at one moment.
@@ -259,9 +262,34 @@ func runBot(ctx context.Context, spec botSpec, acct *minihs.Account, rc runConfi
 		return true
 	}
 
-	okReady := phase("ready (keys uploaded and first response persisted)", func() bool { return tr.ready.measured })
+	// A bot that persists responses but never uploads keys is reported after keyGrace rather
+	// than waited for until the phase limit.
+	keyGrace := rc.keyGrace
+	if keyGrace <= 0 {
+		keyGrace = time.Minute
+	}
+	var persistedAt time.Time
+	okReady := phase("ready (keys uploaded and first response persisted)", func() bool {
+		if tr.persisted && persistedAt.IsZero() {
+			persistedAt = time.Now()
+		}
+		return tr.ready.measured || (!persistedAt.IsZero() && time.Since(persistedAt) > keyGrace)
+	})
+	if okReady && !tr.ready.measured {
+		okReady = false
+		note("ready: the first response was persisted but no device keys were uploaded within %s", keyGrace)
+	}
 	okKnown := phase("every room known", func() bool { return tr.allKnown.measured })
-	if okReady || okKnown {
+	tr.mu.Lock()
+	hasKeys := tr.keysUploaded
+	tr.mu.Unlock()
+	if !hasKeys {
+		note("no device keys uploaded: the echo and device-list measurements are skipped")
+	}
+	if okKnown && !hasKeys {
+		measureIdle(ctx, tr, exited, rc, res, note)
+	}
+	if hasKeys && (okReady || okKnown) {
 		// Let start-up work (key uploads, the last window growth) finish: one idle cycle.
 		_ = tr.waitFor(ctx, exited, rc.phaseLimit, func() bool { return tr.idleRun >= 1 })
 		room, peer := acct.Rooms[0], acct.Peers[0]
@@ -284,17 +312,7 @@ func runBot(ctx context.Context, spec botSpec, acct *minihs.Account, rc runConfi
 				res.deviceListLatency = tr.queriedAt.Sub(tr.changeAt)
 			}
 		}
-		tr.mu.Lock()
-		tr.idleMeasure, tr.idleRun, tr.idleWant = true, 0, rc.idleCycles
-		tr.mu.Unlock()
-		if phase("idle cycles", func() bool { return tr.idleT.measured }) {
-			n := float64(rc.idleCycles)
-			res.idleCycles = rc.idleCycles
-			res.idleCPU = time.Duration(float64(tr.idleT.cpu-tr.idleFrom.cpu) / n)
-			res.idleIn = float64(tr.idleT.in-tr.idleFrom.in) / n
-			res.idleOut = float64(tr.idleT.out-tr.idleFrom.out) / n
-			res.idleWall = time.Duration(float64(tr.idleT.at-tr.idleFrom.at) / n)
-		}
+		measureIdle(ctx, tr, exited, rc, res, note)
 	}
 
 	rss, _ := peakRSS(tr.pid)
@@ -324,6 +342,26 @@ func runBot(ctx context.Context, spec botSpec, acct *minihs.Account, rc runConfi
 	slices.Sort(res.unknown)
 	res.totalIn, res.totalOut = srv.Bytes()
 	return res, nil
+}
+
+// measureIdle measures rc.idleCycles idle long-poll cycles after a warm-up.
+func measureIdle(ctx context.Context, tr *tracker, exited <-chan struct{}, rc runConfig, res *result, note func(string, ...any)) {
+	tr.mu.Lock()
+	tr.idleMeasure, tr.idleRun, tr.idleWant = true, 0, rc.idleCycles
+	tr.idleFrom, tr.idleT = sample{}, sample{}
+	tr.mu.Unlock()
+	if err := tr.waitFor(ctx, exited, rc.phaseLimit, func() bool { return tr.idleT.measured }); err != nil {
+		note("idle cycles: %v", err)
+		return
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	n := float64(rc.idleCycles)
+	res.idleCycles = rc.idleCycles
+	res.idleCPU = time.Duration(float64(tr.idleT.cpu-tr.idleFrom.cpu) / n)
+	res.idleIn = float64(tr.idleT.in-tr.idleFrom.in) / n
+	res.idleOut = float64(tr.idleT.out-tr.idleFrom.out) / n
+	res.idleWall = time.Duration(float64(tr.idleT.at-tr.idleFrom.at) / n)
 }
 
 func isSignalExit(err error) bool {

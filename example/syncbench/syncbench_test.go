@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -135,4 +138,65 @@ func TestTrackerPhases(t *testing.T) {
 	require.True(t, tr.idleFrom.measured)
 	require.True(t, tr.idleT.measured)
 	assert.Equal(t, int64(2000), tr.idleT.out-tr.idleFrom.out, "two cycles measured after the warm-up")
+}
+
+// TestMain turns the test binary into a bot that syncs v2 and never uploads keys when
+// SYNCBENCH_KEYLESS_BOT is set, for TestKeylessBotIsReported.
+func TestMain(m *testing.M) {
+	if os.Getenv("SYNCBENCH_KEYLESS_BOT") == "1" {
+		keylessBot()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+func keylessBot() {
+	var hs, token string
+	for i, a := range os.Args {
+		switch {
+		case a == "-homeserver" && i+1 < len(os.Args):
+			hs = os.Args[i+1]
+		case a == "-access-token" && i+1 < len(os.Args):
+			token = os.Args[i+1]
+		}
+	}
+	since := ""
+	for {
+		req, err := http.NewRequest(http.MethodGet, hs+"/_matrix/client/v3/sync?timeout=30000&since="+url.QueryEscape(since), nil)
+		if err != nil {
+			os.Exit(1)
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			os.Exit(1)
+		}
+		var body struct {
+			NextBatch string `json:"next_batch"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if err != nil {
+			os.Exit(1)
+		}
+		since = body.NextBatch
+	}
+}
+
+func TestKeylessBotIsReported(t *testing.T) {
+	acct, err := minihs.Generate(minihs.GenConfig{Rooms: 20, Seed: 1})
+	require.NoError(t, err)
+	t.Setenv("SYNCBENCH_KEYLESS_BOT", "1")
+	bin, err := os.Executable()
+	require.NoError(t, err)
+	rc := runConfig{dbDir: t.TempDir(), logDir: t.TempDir(), idleCycles: 3, idleHold: 20 * time.Millisecond,
+		phaseLimit: 20 * time.Second, keyGrace: 200 * time.Millisecond}
+	began := time.Now()
+	res, err := runBot(context.Background(), botSpec{name: "keyless", bin: bin, api: minihs.APIV2}, acct, rc)
+	require.NoError(t, err)
+	assert.Less(t, time.Since(began), 15*time.Second, "reported, not waited for until the phase limit")
+	assert.False(t, res.ready.measured)
+	assert.True(t, res.allKnown.measured, "every room is known after the first v2 response")
+	assert.Equal(t, 3, res.idleCycles, "idle cycles are still measured")
+	assert.Contains(t, strings.Join(res.notes, "\n"), "no device keys were uploaded")
 }
