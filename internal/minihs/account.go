@@ -5,11 +5,10 @@ import (
 	"fmt"
 	"math/rand/v2"
 
+	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/id"
-
-	"maunium.net/go/mautrix"
 )
 
 // Server name and bot identity of every generated account.
@@ -54,18 +53,18 @@ func (c GenConfig) withDefaults() GenConfig {
 
 // StoredEvent is one pre-encoded event and what the server filters on.
 type StoredEvent struct {
-	Type     string
-	StateKey *string // nil for a message event
-	Sender   id.UserID
-	JSON     json.RawMessage
+	Type     string          // event type
+	StateKey *string         // nil for a message event
+	Sender   id.UserID       // who sent it
+	JSON     json.RawMessage // the whole event as served
 }
 
 // Room is one generated room. Rooms are generated in order of recent activity: index 0 is the
 // most recent.
 type Room struct {
 	ID        id.RoomID
-	Name      string
-	Encrypted bool
+	Name      string        // also in its m.room.name state
+	Encrypted bool          // every even-numbered room
 	Members   []id.UserID   // joined members, the bot first
 	State     []StoredEvent // state before the timeline
 	Timeline  []StoredEvent // the recent event(s)
@@ -84,10 +83,10 @@ type Peer struct {
 
 // Account is a generated account.
 type Account struct {
-	Config   GenConfig
-	Rooms    []Room
-	Users    []id.UserID // the pool, peers included
-	Peers    []*Peer
+	Config   GenConfig         // with defaults applied
+	Rooms    []Room            // most recent activity first
+	Users    []id.UserID       // the pool, peers included
+	Peers    []*Peer           // users with real device keys
 	ToDevice []json.RawMessage // queued to-device events for the bot
 }
 
