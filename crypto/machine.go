@@ -80,6 +80,12 @@ type Machine struct {
 	otkPending bool                    // otkLast still has to be acted on
 	otkSeq     uint64                  // bumped whenever otkLast changes
 
+	// marksStaged is set by HandleE2EE when it marked users outdated, and turned into
+	// outdatedDirty once the commit is done: Run reads the outdated users only then (and on
+	// its first pass), not after every commit.
+	marksStaged   atomic.Bool
+	outdatedDirty atomic.Bool
+
 	membersFresh map[id.RoomID]struct{} // rooms whose member list was fetched since the last limited timeline
 }
 
@@ -121,7 +127,7 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 			return nil, ErrFallbackNeedsGoolm
 		}
 	}
-	return &Machine{
+	m := &Machine{
 		cli:        cli,
 		olm:        olm,
 		store:      store,
@@ -132,7 +138,9 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		kick:       make(chan struct{}, 1),
 
 		membersFresh: make(map[id.RoomID]struct{}),
-	}, nil
+	}
+	m.outdatedDirty.Store(true) // rows left by an earlier run are queried on the first pass
+	return m, nil
 }
 
 // Upgrade creates or upgrades the Machine's own tables. The crypto store's tables must exist
@@ -151,6 +159,9 @@ func (m *Machine) OlmMachine() *mcrypto.OlmMachine { return m.olm }
 // again by the next OlmMachine.ShareGroupSession that needs them. When the response carried
 // the unused fallback key types, whether an upload is pending is recorded as well.
 func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
+	if d.Gap || len(d.Changed) > 0 {
+		m.marksStaged.Store(true) // a rolled-back commit only makes Run look once for nothing
+	}
 	if d.Gap {
 		if err := m.markAllOutdated(ctx); err != nil {
 			return fmt.Errorf("crypto: mark every tracked user outdated: %w", err)
@@ -183,12 +194,20 @@ func (m *Machine) E2EECommitted(ctx context.Context, st e2ee.State) {
 		m.otkSeq++
 	}
 	m.mu.Unlock()
-	m.Kick()
+	if m.marksStaged.Swap(false) {
+		m.outdatedDirty.Store(true)
+	}
+	m.wake()
 }
 
 // Kick wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
 // upload). It never blocks.
 func (m *Machine) Kick() {
+	m.outdatedDirty.Store(true)
+	m.wake()
+}
+
+func (m *Machine) wake() {
 	select {
 	case m.kick <- struct{}{}:
 	default:
@@ -258,9 +277,14 @@ func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err err
 	if err != nil {
 		return false, time.Time{}, fmt.Errorf("fallback key: %w", err)
 	}
-	again, err = m.refreshOutdated(ctx)
-	if err != nil {
-		return false, time.Time{}, fmt.Errorf("refresh device lists: %w", err)
+	if m.outdatedDirty.Swap(false) {
+		again, err = m.refreshOutdated(ctx)
+		if err != nil || again {
+			m.outdatedDirty.Store(true)
+		}
+		if err != nil {
+			return false, time.Time{}, fmt.Errorf("refresh device lists: %w", err)
+		}
 	}
 	return again, next, nil
 }
