@@ -58,7 +58,7 @@ func main() {
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (binaries, bot logs)")
 	flag.BoolVar(&o.allowBig, "large", false, "allow more than 10000 rooms (50000 takes several minutes and over a GB of memory)")
 	flag.StringVar(&o.v2Profile, "v2-cpuprofile", "", "write a CPU profile of the v2 bot to this file")
-	flag.IntVar(&o.v2Idle, "v2-max-idle-conns", 2, "idle SQLite connections of the v2 bot (0 is what dbopen configures)")
+	flag.IntVar(&o.v2Idle, "v2-max-idle-conns", 0, "idle SQLite connections of the v2 bot: 0 is dbopen's default, as for the SDK's bot; negative keeps none")
 	flag.Parse()
 	if o.rooms > 10000 && !o.allowBig {
 		fmt.Fprintln(os.Stderr, "syncbench: more than 10000 rooms needs -large")

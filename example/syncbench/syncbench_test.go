@@ -74,7 +74,7 @@ func BenchmarkSideBySide(b *testing.B) {
 		sdkBin, v2BotBin, buildErr = buildBots(context.Background(), dir)
 	})
 	require.NoError(b, buildErr)
-	acctCfg := options{rooms: 1000, seed: 1, v2Idle: 2}
+	acctCfg := options{rooms: 1000, seed: 1}
 	rc := runConfig{dbDir: defaultDBDir(), idleCycles: 20, idleHold: 150 * time.Millisecond, phaseLimit: 2 * time.Minute, churn: 20, logDir: b.TempDir()}
 	for b.Loop() {
 		v2, sdk, err := runPair(context.Background(), acctCfg, rc, v2BotBin, sdkBin)

@@ -32,7 +32,7 @@ func main() {
 	deviceID := flag.String("device-id", "", "device ID of the access token")
 	dbPath := flag.String("db", "v2bot.db", "SQLite path or postgres:// URI")
 	verbose := flag.Bool("v", false, "log at debug level")
-	idleConns := flag.Int("max-idle-conns", 2, "idle SQLite connections kept open (database/sql's default, which mautrix gets when it opens a database itself; 0 opens a connection per statement)")
+	idleConns := flag.Int("max-idle-conns", 0, "idle SQLite connections kept open; 0 is dbopen's default, negative keeps none (a connection is opened for every statement)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
 	if *cpuProfile != "" {
@@ -72,15 +72,14 @@ func run(ctx context.Context, homeserver string, userID id.UserID, token string,
 	}
 	cli.DeviceID = deviceID
 	cli.Log = *zerolog.Ctx(ctx)
-	db, err := dbopen.Open(dbPath, dbopen.Config{})
+	db, err := dbopen.Open(dbPath, dbopen.Config{MaxIdleConns: max(idleConns, 0)})
 	if err != nil {
 		return err
 	}
 	defer db.Close()
-	// dbopen leaves dbutil's pool at zero idle connections; a SQLite connection then is opened
-	// (pragmas, schema read) and closed for every statement, which is not what a mautrix bot
-	// pays. Keep the baseline at database/sql's default unless told otherwise.
-	db.RawDB.SetMaxIdleConns(idleConns)
+	if idleConns < 0 {
+		db.RawDB.SetMaxIdleConns(0)
+	}
 	helper, err := cryptohelper.NewCryptoHelper(cli, []byte("syncbench v2bot pickle key"), db)
 	if err != nil {
 		return err
