@@ -98,7 +98,8 @@ type Conn struct {
 	unsubs   []id.RoomID
 	dellists []string // lists removed since the last processed response (MSC3575 keeps lists)
 	gen      uint64
-	growEnd  map[string]int // window end of each growing list
+	growEnd  map[string]int  // window end of each growing list
+	shrunk   map[string]bool // growing lists whose window was shrunk to ShrinkTo
 	cancelRq context.CancelFunc
 	endpoint Endpoint
 
@@ -765,6 +766,9 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			c.stateMu.RUnlock()
 			return false, fmt.Errorf("%w: list %q: %w", ErrInvalidResponse, name, err)
 		}
+		if end, ok := c.shrunkEnd(name); ok && len(ls.Rooms) > end+1 {
+			ls.Rooms = slices.Clip(ls.Rooms[:end+1])
+		}
 		res.Lists[name] = ls
 	}
 	for roomID, rr := range resp.Rooms {
@@ -829,22 +833,39 @@ func (c *Conn) growWindows(lists map[string]ListState) bool {
 	grew := false
 	for name, ls := range lists {
 		lc, ok := c.lists[name]
-		if !ok || lc.GrowBatch <= 0 {
+		if !ok || lc.GrowBatch <= 0 || c.shrunk[name] {
 			continue
 		}
 		end, ok := c.growEnd[name]
 		if !ok {
 			end = lc.GrowBatch - 1
 		}
-		if ls.Count-1 > end {
-			if c.growEnd == nil {
-				c.growEnd = make(map[string]int)
-			}
+		if c.growEnd == nil {
+			c.growEnd = make(map[string]int)
+		}
+		switch {
+		case ls.Count-1 > end:
 			c.growEnd[name] = min(end+lc.GrowBatch, ls.Count-1)
 			grew = true
+		case lc.ShrinkTo > 0 && ls.Count > lc.ShrinkTo:
+			// Every room is known: keep only the top of the list in the window.
+			c.growEnd[name] = lc.ShrinkTo - 1
+			if c.shrunk == nil {
+				c.shrunk = make(map[string]bool)
+			}
+			c.shrunk[name] = true
 		}
 	}
 	return grew
+}
+
+// shrunkEnd returns the window end of a list whose window was shrunk. Caller holds c.mu or
+// runs on Run's goroutine (the only writer).
+func (c *Conn) shrunkEnd(name string) (int, bool) {
+	if !c.shrunk[name] {
+		return 0, false
+	}
+	return c.growEnd[name], true
 }
 
 func (c *Conn) stalled() bool {

@@ -667,6 +667,62 @@ func TestGrowingWindowCoversEveryRoom(t *testing.T) {
 	})
 }
 
+// With ShrinkTo, the window shrinks to the top of the list once every room is known: later
+// requests ask for the small range, the list keeps only those positions, and every room stays
+// known.
+func TestGrownWindowShrinks(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const total = 23
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		var served []slidingsync.Range
+		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
+			lc := req.Lists["all"]
+			if len(lc.Ranges) != 1 || (len(served) > 0 && served[len(served)-1] == lc.Ranges[0]) {
+				return nil // nothing new: long-poll
+			}
+			served = append(served, lc.Ranges[0])
+			end := min(lc.Ranges[0].End, total-1)
+			ids := make([]id.RoomID, 0, end+1)
+			for i := 0; i <= end; i++ {
+				ids = append(ids, id.RoomID("!r"+strconv.Itoa(i)+":x"))
+			}
+			resp := roomResp("", ids...)
+			resp.Lists = map[string]slidingsync.ListResponse{"all": {
+				Count: slidingsync.Some(total),
+				Ops:   []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: 0, End: end}, RoomIDs: ids}},
+			}}
+			return resp
+		})
+		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
+			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 10, ShrinkTo: 5, TimelineLimit: 1}},
+		})
+		h.run()
+		for i := 0; ; i++ {
+			if ls, ok := h.conn.List("all"); ok && len(ls.Rooms) == 5 {
+				break
+			}
+			require.Less(t, i, 100, "the window never shrank")
+			time.Sleep(time.Second)
+		}
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		reqs := srv.Requests()
+		require.GreaterOrEqual(t, len(reqs), 5)
+		var ranges []slidingsync.Range
+		for _, r := range reqs {
+			ranges = append(ranges, r.Parsed.Lists["all"].Ranges[0])
+		}
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 9}, {Start: 0, End: 19}, {Start: 0, End: 22}, {Start: 0, End: 4}}, ranges[:4])
+		for _, r := range ranges[4:] {
+			assert.Equal(t, slidingsync.Range{Start: 0, End: 4}, r, "the window stays small")
+		}
+		ls, _ := h.conn.List("all")
+		assert.Equal(t, total, ls.Count)
+		assert.Equal(t, []id.RoomID{"!r0:x", "!r1:x", "!r2:x", "!r3:x", "!r4:x"}, ls.Rooms)
+		assert.Len(t, h.conn.Rooms(), total, "every room stays known")
+	})
+}
+
 func TestStalledExtensionBacksOff(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ext := &recordingExt{}

@@ -135,6 +135,13 @@ type ListConfig struct {
 	// long-polling in between, until it covers every room of the list; then it follows the
 	// count. Ranges is ignored. It is a client setting and is never sent.
 	GrowBatch int
+	// ShrinkTo, when positive with GrowBatch, shrinks the window to [0, ShrinkTo-1] once it
+	// has covered every room: every room is then known (and stored), and servers that repeat
+	// the window's room IDs in every response (Synapse) no longer send them all on every
+	// long-poll. With an activity order, a room with anything new moves to the top of the list
+	// and so into the window. Positions past the window are dropped from ListState.Rooms. It
+	// is a client setting and is never sent.
+	ShrinkTo int
 }
 
 // RoomSubscription asks for one room regardless of lists.
