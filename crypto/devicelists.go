@@ -166,6 +166,22 @@ func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
 	return again, nil
 }
 
+// discardSessionsWith discards the outbound megolm sessions of the encrypted rooms shared with
+// user, so that the next message in each goes out under a session shared with their current
+// devices.
+func (m *Machine) discardSessionsWith(ctx context.Context, user id.UserID) error {
+	rooms, err := m.olm.StateStore.FindSharedRooms(ctx, user)
+	if err != nil {
+		return fmt.Errorf("find rooms shared with %s: %w", user, err)
+	}
+	for _, roomID := range rooms {
+		if err := m.store.RemoveOutboundGroupSession(ctx, roomID); err != nil {
+			return fmt.Errorf("discard the outbound session of %s: %w", roomID, err)
+		}
+	}
+	return nil
+}
+
 // generations reads the durable generation of every user changed since their last settled
 // query.
 func (m *Machine) generations(ctx context.Context) (map[id.UserID]int64, error) {
@@ -192,6 +208,18 @@ var queryChunkSize = 1000
 func (m *Machine) queryChunk(ctx context.Context, users []id.UserID, gens map[id.UserID]int64) (again bool, err error) {
 	if _, err := m.olm.FetchKeys(ctx, users, false); err != nil {
 		return false, err
+	}
+	// mautrix discards the outbound sessions shared with a user only when this query finds
+	// their devices changed. After a crash between storing the devices and discarding the
+	// sessions, the repeated query finds nothing new and a new device would never receive
+	// room keys: so the sessions of every user whose change is being settled are discarded
+	// here, before the settle, and a crash repeats it.
+	for _, u := range users {
+		if _, ok := gens[u]; ok {
+			if err := m.discardSessionsWith(ctx, u); err != nil {
+				return false, err
+			}
+		}
 	}
 	var changed []id.UserID
 	err = m.db.DoTxn(ctx, nil, func(ctx context.Context) error {

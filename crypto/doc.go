@@ -33,7 +33,10 @@
 //     exponential backoff. A change that arrives while a user's query is in flight is not lost
 //     although FetchKeys clears the outdated flag when it stores the answer: every mark bumps a
 //     durable generation, and a user whose generation moved during the query is marked again
-//     and queried again.
+//     and queried again. Before a change is settled, the outbound megolm sessions of the
+//     rooms shared with the user are discarded (mautrix does it only when the query finds
+//     new devices, which a query repeated after a crash does not), so a new device always
+//     receives the next room key.
 //
 //   - One-time keys: counts are acted on only once a response carried them; unknown counts
 //     are never taken for 0. Run uploads keys when the committed count of signed_curve25519

@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix"
+	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -114,4 +115,32 @@ func TestEncryptRoomEvent(t *testing.T) {
 	assert.Contains(t, queries[len(queriesBefore):], []id.UserID{alice}, "alice's devices are queried again first")
 	assert.Equal(t, 2, sent(), "a new session went out after the membership change")
 	decrypts(c, "four")
+}
+
+// A crash after mautrix stored a user's new devices but before it discarded the sessions
+// shared with them leaves a query that finds nothing new: the settle of the user's change
+// still discards the room's outbound session, so the new device gets the next room key.
+func TestSettledChangeDiscardsSharedSessions(t *testing.T) {
+	ctx := context.Background()
+	const room id.RoomID = "!shared:example.org"
+	bot := newEnv(t, Config{})
+	ss := bot.olm.StateStore.(mautrix.StateStore)
+	require.NoError(t, ss.SetEncryptionEvent(ctx, room, &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}))
+	require.NoError(t, ss.SetMembership(ctx, room, alice, event.MembershipJoin))
+	require.NoError(t, ss.SetMembership(ctx, room, testUser, event.MembershipJoin))
+	// alice's devices are already stored as the server will answer them (none): the query
+	// after the "crash" finds no change.
+	bot.track(alice)
+	sess, err := mcrypto.NewOutboundGroupSession(room, nil, nil)
+	require.NoError(t, err)
+	sess.Shared = true
+	require.NoError(t, bot.store.AddOutboundGroupSession(ctx, sess))
+
+	require.NoError(t, bot.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+	_, err = bot.m.refreshOutdated(ctx)
+	require.NoError(t, err)
+	got, err := bot.store.GetOutboundGroupSession(ctx, room)
+	require.NoError(t, err)
+	assert.Nil(t, got, "the session shared with alice is discarded")
+	assert.Empty(t, bot.outdated())
 }
