@@ -336,3 +336,30 @@ func TestBenchmarkBodies(t *testing.T) {
 		assert.Len(t, next.rooms[benchRoomID(17)].Timeline, 3, "1 initial message and 2 new ones")
 	}
 }
+
+// BenchmarkStateHeap10k reports the live heap the state model of a 10 000-room initial
+// response keeps, per room, with decoded events and with CompactState.
+func BenchmarkStateHeap10k(b *testing.B) {
+	body := benchInitialBody()
+	for _, compact := range []bool{false, true} {
+		b.Run(fmt.Sprintf("compact=%v", compact), func(b *testing.B) {
+			var perRoom float64
+			for b.Loop() {
+				runtime.GC()
+				var before, after runtime.MemStats
+				runtime.ReadMemStats(&before)
+				st := mustDecodeMerge(b, body, emptyBenchState)
+				if compact {
+					for roomID, rs := range st.rooms {
+						st.rooms[roomID] = CompactRoom(rs)
+					}
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				perRoom = float64(after.HeapAlloc-before.HeapAlloc) / float64(len(st.rooms))
+				runtime.KeepAlive(st)
+			}
+			b.ReportMetric(perRoom, "live-B/room")
+		})
+	}
+}

@@ -64,6 +64,13 @@ type Config struct {
 	TimelineCap int
 	// MaxResponseSize bounds a response body. Zero means DefaultMaxResponseSize.
 	MaxResponseSize int64
+	// CompactState keeps the events of the state model (RoomState.State, Timeline and
+	// InviteState) with their content as raw JSON only: Content.VeryRaw is set, Raw and Parsed
+	// are nil. Read one by parsing a copy of its content (c := evt.Content;
+	// c.ParseRaw(evt.Type)), as the state is shared. It roughly halves the memory the state
+	// model takes and makes commits cheaper; the events of Result.Response are not affected.
+	// False keeps them decoded.
+	CompactState bool
 	// AllowInsecureHTTP allows plain http:// to a homeserver or proxy that is not on a
 	// loopback address. False (the default) makes Run refuse before sending the access token.
 	AllowInsecureHTTP bool
@@ -457,6 +464,11 @@ func (c *Conn) load(ctx context.Context) error {
 	}
 	c.pos = cp.Pos
 	c.rooms = cp.Rooms
+	if c.cfg.CompactState {
+		for roomID, rs := range c.rooms {
+			c.rooms[roomID] = CompactRoom(rs)
+		}
+	}
 	c.listStates = cp.Lists
 	c.checkpts = cp.Extensions
 	if c.rooms == nil {
@@ -772,7 +784,11 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		res.Lists[name] = ls
 	}
 	for roomID, rr := range resp.Rooms {
-		res.Rooms[roomID] = MergeRoom(c.rooms[roomID], roomID, rr, c.cfg.TimelineCap)
+		rs := MergeRoom(c.rooms[roomID], roomID, rr, c.cfg.TimelineCap)
+		if c.cfg.CompactState {
+			rs = CompactRoom(rs)
+		}
+		res.Rooms[roomID] = rs
 	}
 	c.stateMu.RUnlock()
 

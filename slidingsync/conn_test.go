@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -904,4 +905,48 @@ func TestRemovedListsAndSubscriptionsAreUndoneOnStickyServers(t *testing.T) {
 			})
 		})
 	}
+}
+
+// With CompactState the state model keeps raw content only, while OnResponse still sees the
+// response's decoded events; a restart loads compact state too.
+func TestCompactStateOnConnection(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		store := slidingsync.NewMemoryStore()
+		var seen []*event.Event
+		cfg := slidingsync.Config{Store: store, CompactState: true, OnResponse: func(_ context.Context, res *slidingsync.Result) error {
+			for _, rr := range res.Response.Rooms {
+				seen = append(seen, rr.Timeline...)
+			}
+			return nil
+		}}
+		h := start(t, slidingsync.ProtocolMSC4186, cfg)
+		h.srv.PushJSON(http.StatusOK, `{"pos":"p1","rooms":{"!a:x":{"initial":true,
+			"required_state":[{"type":"m.room.name","state_key":"","sender":"@a:x","event_id":"$n","content":{"name":"N"}}],
+			"timeline":[{"type":"m.room.message","sender":"@a:x","event_id":"$t","content":{"body":"hi"}}]}}}`)
+		h.run()
+		_, err := h.srv.WaitRequests(context.Background(), 2)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		require.Len(t, seen, 1)
+		assert.Equal(t, "hi", seen[0].Content.Raw["body"], "the response keeps decoded events")
+		rs, ok := h.conn.Room("!a:x")
+		require.True(t, ok)
+		assert.Nil(t, rs.Timeline[0].Content.Raw)
+		assert.Nil(t, rs.StateEvent(event.StateRoomName, "").Content.Raw)
+		assert.JSONEq(t, `{"body":"hi"}`, string(rs.Timeline[0].Content.VeryRaw))
+
+		// A new Conn on the same store loads compact state.
+		h2 := startWith(t, h.srv, h.srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store, CompactState: true})
+		h2.srv.Push(roomResp("p2"))
+		h2.run()
+		_, err = h2.srv.WaitRequests(context.Background(), 4)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h2.stop(t), context.Canceled)
+		rs, ok = h2.conn.Room("!a:x")
+		require.True(t, ok)
+		assert.Nil(t, rs.Timeline[0].Content.Raw)
+		assert.JSONEq(t, `{"name":"N"}`, string(rs.StateEvent(event.StateRoomName, "").Content.VeryRaw))
+	})
 }

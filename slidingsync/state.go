@@ -154,6 +154,77 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	return next
 }
 
+// CompactRoom returns rs with every event whose content is decoded replaced by a copy that
+// keeps the content as raw JSON only (Content.VeryRaw; Raw and Parsed nil), or rs itself when
+// nothing needs it. rs and its events are not modified. Events without raw JSON (built in
+// code) are kept as they are. See Config.CompactState.
+func CompactRoom(rs *RoomState) *RoomState {
+	if rs == nil {
+		return nil
+	}
+	var cp *RoomState
+	var state, timeline, invite bool // the copy has its own map / slices
+	for key, evt := range rs.State {
+		if small, ok := compactEvent(evt); ok {
+			if cp == nil {
+				c := *rs
+				cp = &c
+			}
+			if !state {
+				cp.State, state = maps.Clone(rs.State), true
+			}
+			cp.State[key] = small
+		}
+	}
+	for i, evt := range rs.Timeline {
+		if small, ok := compactEvent(evt); ok {
+			if cp == nil {
+				c := *rs
+				cp = &c
+			}
+			if !timeline {
+				cp.Timeline, timeline = slices.Clone(rs.Timeline), true
+			}
+			cp.Timeline[i] = small
+		}
+	}
+	for i, evt := range rs.InviteState {
+		if small, ok := compactEvent(evt); ok {
+			if cp == nil {
+				c := *rs
+				cp = &c
+			}
+			if !invite {
+				cp.InviteState, invite = slices.Clone(rs.InviteState), true
+			}
+			cp.InviteState[i] = small
+		}
+	}
+	if cp == nil {
+		return rs
+	}
+	return cp
+}
+
+// compactEvent returns a copy of evt without decoded content, and false when evt has none
+// to drop or no raw JSON to keep.
+func compactEvent(evt *event.Event) (*event.Event, bool) {
+	if evt == nil || len(evt.Content.VeryRaw) == 0 {
+		return nil, false
+	}
+	prev := evt.Unsigned.PrevContent
+	prevDecoded := prev != nil && len(prev.VeryRaw) > 0 && (prev.Raw != nil || prev.Parsed != nil)
+	if evt.Content.Raw == nil && evt.Content.Parsed == nil && !prevDecoded {
+		return nil, false
+	}
+	cp := *evt
+	cp.Content = event.Content{VeryRaw: evt.Content.VeryRaw}
+	if prevDecoded {
+		cp.Unsigned.PrevContent = &event.Content{VeryRaw: prev.VeryRaw}
+	}
+	return &cp, true
+}
+
 func lastN(evts []*event.Event, n int) []*event.Event {
 	if len(evts) > n {
 		evts = evts[len(evts)-n:]

@@ -169,6 +169,9 @@ func (b *bot) run(ctx context.Context, o options, store slidingsync.Store, pickl
 		}},
 		AllowInsecureHTTP: o.insecure,
 		OnResponse:        b.onResponse,
+		// The bot reads events from the responses only: keep the state model small.
+		CompactState: true,
+		TimelineCap:  5,
 	})
 	if err != nil {
 		return err
