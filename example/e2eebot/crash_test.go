@@ -223,9 +223,27 @@ func TestCrashHarness(t *testing.T) {
 	require.NoError(t, err)
 	stream.sent = append(stream.sent, "final")
 	cmd = start()
+	// The catch-up ends early if the bot exits on its own: that is a failure.
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	catchCtx, stopCatch := context.WithCancelCause(ctx)
+	defer stopCatch(nil)
+	go func() {
+		select {
+		case err := <-exited:
+			stopCatch(fmt.Errorf("the bot exited during the catch-up: %v", err))
+			exited <- err
+		case <-catchCtx.Done():
+		}
+	}()
 	defer func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
-		_ = cmd.Wait()
+		select {
+		case <-exited:
+		case <-time.After(30 * time.Second):
+			t.Error("the bot did not stop within 30 s of SIGTERM")
+			_ = cmd.Process.Kill()
+		}
 	}()
 	want := map[string]bool{}
 	for _, body := range stream.sent {
@@ -235,7 +253,7 @@ func TestCrashHarness(t *testing.T) {
 	answered := map[string]bool{}
 	readers := append([]*demohs.Peer{alice}, stream.devices...)
 	for len(answered) < len(want) {
-		readCtx, done := context.WithTimeout(ctx, 90*time.Second)
+		readCtx, done := context.WithTimeout(catchCtx, 90*time.Second)
 		evt, err := alice.NextMessage(readCtx, room, bot)
 		done()
 		if err != nil {
@@ -245,6 +263,7 @@ func TestCrashHarness(t *testing.T) {
 			answered[body] = true
 		}
 	}
+	require.NoError(t, context.Cause(catchCtx))
 	var lost []string
 	for body := range want {
 		if !answered[body] {
@@ -253,7 +272,7 @@ func TestCrashHarness(t *testing.T) {
 	}
 	// Every device of alice can read the answer to the last message.
 	for _, p := range readers[1:] {
-		readCtx, done := context.WithTimeout(ctx, 60*time.Second)
+		readCtx, done := context.WithTimeout(catchCtx, 60*time.Second)
 		var got bool
 		for !got {
 			evt, err := p.NextMessage(readCtx, room, bot)
