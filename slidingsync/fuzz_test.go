@@ -1,6 +1,7 @@
 package slidingsync
 
 import (
+	"encoding/json"
 	"maps"
 	"net/url"
 	"os"
@@ -128,6 +129,12 @@ func FuzzDecodeResponse(f *testing.F) {
 		for roomID, r := range resp.Rooms {
 			fresh := MergeRoom(nil, roomID, r, fuzzTimelineCap)
 			checkMergedRoom(t, nil, fresh, roomID, r)
+			// Compacting changes the representation, never the state.
+			full, err := json.Marshal(fresh)
+			require.NoError(t, err)
+			small, err := json.Marshal(CompactRoom(fresh))
+			require.NoError(t, err)
+			require.JSONEq(t, string(full), string(small))
 
 			merged := MergeRoom(prev, roomID, r, fuzzTimelineCap)
 			checkMergedRoom(t, prev, merged, roomID, r)
