@@ -1,6 +1,7 @@
 package slidingsync
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -797,17 +798,34 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			return false, fmt.Errorf("response handler: %w", err)
 		}
 	}
-	upd := &Update{Pos: resp.Pos, Lists: res.Lists, Rooms: res.Rooms}
+	// Only what changed is written: Synapse repeats every list (and the extensions their
+	// state) in every response, and an idle long-poll would otherwise rewrite them all.
+	upd := &Update{Pos: resp.Pos, Rooms: res.Rooms}
+	c.stateMu.RLock()
+	for name, ls := range res.Lists {
+		if old, ok := c.listStates[name]; !ok || old.Count != ls.Count || !slices.Equal(old.Rooms, ls.Rooms) {
+			if upd.Lists == nil {
+				upd.Lists = make(map[string]ListState, len(res.Lists))
+			}
+			upd.Lists[name] = ls
+		}
+	}
+	c.stateMu.RUnlock()
 	for _, ext := range c.exts {
 		if ck, ok := ext.(Checkpointer); ok {
 			raw, err := ck.Checkpoint(ctx)
 			if err != nil {
 				return false, fmt.Errorf("extension %s checkpoint: %w", ext.Name(), err)
 			}
-			if upd.Extensions == nil {
-				upd.Extensions = make(map[string]json.RawMessage)
+			c.stateMu.RLock()
+			old, had := c.checkpts[ext.Name()]
+			c.stateMu.RUnlock()
+			if !had || !bytes.Equal(old, raw) {
+				if upd.Extensions == nil {
+					upd.Extensions = make(map[string]json.RawMessage)
+				}
+				upd.Extensions[ext.Name()] = raw
 			}
-			upd.Extensions[ext.Name()] = raw
 		}
 		if tc, ok := ext.(TxnCommitter); ok {
 			upd.TxnHooks = append(upd.TxnHooks, tc.CommitTxn)

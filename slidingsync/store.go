@@ -31,11 +31,13 @@ type Checkpoint struct {
 type Update struct {
 	// Pos is the new position.
 	Pos string
-	// Lists holds every list the response touched, in full.
+	// Lists holds every list the response changed, in full; a list it left as it was is not
+	// written again.
 	Lists map[string]ListState
 	// Rooms holds every room the response touched, merged, in full.
 	Rooms map[id.RoomID]*RoomState
-	// Extensions holds the checkpoint of every checkpointing extension.
+	// Extensions holds the checkpoint of every checkpointing extension whose checkpoint
+	// changed; a store keeps the last one written for the others.
 	Extensions map[string]json.RawMessage
 	// TxnHooks run inside the commit's transaction, before it commits; a SQL store passes
 	// them the transaction's context so that writes to other tables of the same database
