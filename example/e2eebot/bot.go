@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -286,7 +287,19 @@ func (b *bot) onResponse(ctx context.Context, res *slidingsync.Result) error {
 		if inv := room.InviteState; inv.HasValue() && len(inv.Val) > 0 {
 			b.staged = append(b.staged, task{EventID: id.EventID("join:" + roomID.String()), Kind: "join", RoomID: roomID, Event: json.RawMessage("{}")})
 		}
-		for _, evt := range room.Timeline {
+		timeline := room.Timeline
+		if room.Limited && room.PrevBatch.HasValue() && len(timeline) > 0 && timeline[0] != nil &&
+			!time.UnixMilli(timeline[0].Timestamp).Before(b.created) {
+			// More happened than the timeline holds, since the bot exists: fetch what was left
+			// out, so that no message goes unanswered (history older than the bot is not). A
+			// failure fails the cycle, which is retried.
+			older, err := b.backfill(ctx, roomID, room.PrevBatch.Val)
+			if err != nil {
+				return fmt.Errorf("fetch the events a limited timeline left out in %s: %w", roomID, err)
+			}
+			timeline = append(older, timeline...)
+		}
+		for _, evt := range timeline {
 			if evt == nil || evt.Sender == b.cli.UserID || evt.StateKey != nil || evt.ID == "" {
 				continue
 			}
@@ -307,6 +320,50 @@ func (b *bot) onResponse(ctx context.Context, res *slidingsync.Result) error {
 		b.hooks.onResponse(ctx, res)
 	}
 	return nil
+}
+
+// maxBackfillPages bounds how far back a limited timeline is filled (pages of 100 events).
+const maxBackfillPages = 20
+
+// backfill pages back from a limited timeline's prev_batch until an event the bot already
+// queued, or one from before the bot existed, and returns the events in between, oldest first.
+func (b *bot) backfill(ctx context.Context, roomID id.RoomID, from string) ([]*event.Event, error) {
+	var newestFirst []*event.Event
+	for page := 0; from != ""; page++ {
+		if page == maxBackfillPages {
+			zerolog.Ctx(ctx).Warn().Stringer("room_id", roomID).Int("events", len(newestFirst)).
+				Msg("Stopped filling a timeline gap: older events are not answered")
+			break
+		}
+		resp, err := b.cli.Messages(ctx, roomID, from, "", mautrix.DirectionBackward, nil, 100)
+		if err != nil {
+			return nil, err
+		}
+		for _, evt := range resp.Chunk {
+			if evt == nil {
+				continue
+			}
+			if time.UnixMilli(evt.Timestamp).Before(b.created) {
+				return reversed(newestFirst), nil
+			}
+			var known bool
+			err := b.db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM e2eebot_task WHERE event_id=$1)`, evt.ID).Scan(&known)
+			if err != nil {
+				return nil, fmt.Errorf("look up %s: %w", evt.ID, err)
+			}
+			if known {
+				return reversed(newestFirst), nil
+			}
+			newestFirst = append(newestFirst, evt)
+		}
+		from = resp.End
+	}
+	return reversed(newestFirst), nil
+}
+
+func reversed(evts []*event.Event) []*event.Event {
+	slices.Reverse(evts)
+	return evts
 }
 
 // taskQueue is a client-side extension (it sends nothing) that writes the staged tasks in the

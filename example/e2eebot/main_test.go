@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"path/filepath"
 	"regexp"
 	"sync"
@@ -135,7 +136,7 @@ func TestBotRestartsAgainstDemoServer(t *testing.T) {
 		homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
 		db: filepath.Join(t.TempDir(), "bot.db"), protocol: "msc4186",
 	}
-	echoed := make(chan string, 4)
+	echoed := make(chan string, 32)
 	start := func() (stop func()) {
 		ctx, cancel := context.WithCancel(demoContext(t))
 		done := make(chan error, 1)
@@ -158,19 +159,30 @@ func TestBotRestartsAgainstDemoServer(t *testing.T) {
 	}))
 	stop()
 
-	_, err = alice.SendEncrypted(wctx, roomID, "while you were away")
-	require.NoError(t, err)
+	// More messages than the bot's timeline limit (5): the response is limited, and the bot
+	// fetches the ones it left out.
+	const missed = 12
+	for i := range missed {
+		_, err = alice.SendEncrypted(wctx, roomID, fmt.Sprintf("while you were away %d", i))
+		require.NoError(t, err)
+	}
 	stop = start()
 	defer stop()
-	select {
-	case body := <-echoed:
-		assert.Equal(t, "echo: while you were away", body)
-	case <-wctx.Done():
-		t.Fatal("the restarted bot did not answer")
+	got := map[string]bool{}
+	for len(got) < missed {
+		select {
+		case body := <-echoed:
+			got[body] = true
+		case <-wctx.Done():
+			t.Fatalf("the restarted bot answered %d of %d messages", len(got), missed)
+		}
+	}
+	for i := range missed {
+		assert.True(t, got[fmt.Sprintf("echo: while you were away %d", i)], "message %d answered", i)
 	}
 	reply, err := alice.NextMessage(wctx, roomID, bot)
 	require.NoError(t, err)
-	assert.Equal(t, "echo: while you were away", reply.Content.AsMessage().Body)
+	assert.Contains(t, reply.Content.AsMessage().Body, "echo: while you were away")
 	assert.True(t, srv.Uploads(bot, dev)[0].DeviceKeys, "the device keys were uploaded once, by the first run")
 	for _, u := range srv.Uploads(bot, dev)[1:] {
 		assert.False(t, u.DeviceKeys, "the restarted bot keeps its device")

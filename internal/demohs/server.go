@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -395,6 +396,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("POST "+v3+"/join/{room}", s.auth(s.join))
 	mux.HandleFunc("POST "+v3+"/rooms/{room}/join", s.auth(s.join))
 	mux.HandleFunc("GET "+v3+"/rooms/{room}/members", s.auth(s.members))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/messages", s.auth(s.messages))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "M_UNRECOGNIZED", "Unrecognized request")
 	})
@@ -487,6 +489,43 @@ func (s *Server) members(w http.ResponseWriter, r *http.Request, who devRef) {
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"chunk": chunk})
+}
+
+// messages pages backwards through a room's timeline (dir=b only): from "s<stream>" (a
+// prev_batch of a limited sync timeline, or the end of an earlier page) it returns up to limit
+// events older than that position, newest first.
+func (s *Server) messages(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
+	q := r.URL.Query()
+	var from int64
+	if _, err := fmt.Sscanf(q.Get("from"), "s%d", &from); err != nil || q.Get("dir") != "b" {
+		writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "Only dir=b from a token of this server.")
+		return
+	}
+	limit, err := strconv.Atoi(q.Get("limit"))
+	if err != nil || limit <= 0 || limit > 1000 {
+		limit = 10
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rm := s.rooms[roomID]
+	if rm == nil || rm.membership(who.user) != event.MembershipJoin {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
+		return
+	}
+	chunk := []*event.Event{}
+	end := ""
+	for i := len(rm.timeline) - 1; i >= 0 && len(chunk) < limit; i-- {
+		if e := rm.timeline[i]; e.stream < from {
+			chunk = append(chunk, e.evt)
+			end = fmt.Sprintf("s%d", e.stream)
+		}
+	}
+	resp := map[string]any{"start": q.Get("from"), "chunk": chunk}
+	if len(chunk) == limit {
+		resp["end"] = end
+	}
+	writeJSON(w, http.StatusOK, resp)
 }
 
 // RoomEvents returns a copy of the timeline of roomID, oldest first.

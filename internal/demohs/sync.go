@@ -230,6 +230,10 @@ func (s *Server) roomEntryLocked(rm *room, lc slidingsync.ListConfig, base posit
 	if len(events) > limit {
 		rr.Limited = true
 		events = events[len(events)-limit:]
+		if len(events) > 0 {
+			// Back-pagination (/messages) from here reaches the events left out.
+			rr.PrevBatch = slidingsync.Some(fmt.Sprintf("s%d", events[0].stream))
+		}
 	}
 	senders := map[string]bool{} // $LAZY: the members of the timeline's senders, as Synapse sends them
 	for _, e := range events {
