@@ -29,6 +29,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/internal/crashtest"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
@@ -437,15 +438,7 @@ func TestMachineCrash(t *testing.T) {
 	if testing.Short() {
 		t.Skip("kills child processes")
 	}
-	kills := 32
-	if v, err := strconv.Atoi(os.Getenv(envCrashKills)); err == nil && v > 0 {
-		kills = v
-	}
-	seed := uint64(time.Now().UnixNano())
-	if v, err := strconv.ParseUint(os.Getenv(envCrashSeed), 10, 64); err == nil {
-		seed = v
-	}
-	t.Logf("%s=%d (%d kills)", envCrashSeed, seed, kills)
+	seed, kills := crashtest.Plan(t, envCrashSeed, envCrashKills, 32)
 	rng := rand.New(rand.NewPCG(seed, seed))
 	ctx := context.Background()
 	dbPath := filepath.Join(t.TempDir(), "crash.db")
@@ -464,17 +457,7 @@ func TestMachineCrash(t *testing.T) {
 			cmd.Env = append(cmd.Env, envCrashFinal+"=1")
 		}
 		cmd.Stderr = os.Stderr
-		stdout, err := cmd.StdoutPipe()
-		require.NoError(t, err)
-		require.NoError(t, cmd.Start())
-		lines := bufio.NewReader(stdout)
-		line, err := lines.ReadString('\n')
-		if err != nil || strings.TrimSpace(line) != "ready" {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			t.Fatalf("child did not start (seed %d): %q %v", seed, line, err)
-		}
-		return cmd, lines
+		return cmd, crashtest.StartReady(t, cmd, seed)
 	}
 
 	byPlace := map[string]int{}

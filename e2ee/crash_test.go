@@ -26,6 +26,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/internal/crashtest"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
@@ -248,15 +249,7 @@ func TestCrashLosesNoDeviceListChange(t *testing.T) {
 	if testing.Short() {
 		t.Skip("kills child processes")
 	}
-	kills := 100
-	if v, err := strconv.Atoi(os.Getenv(envCrashKills)); err == nil && v > 0 {
-		kills = v
-	}
-	seed := uint64(time.Now().UnixNano())
-	if v, err := strconv.ParseUint(os.Getenv(envCrashSeed), 10, 64); err == nil {
-		seed = v
-	}
-	t.Logf("%s=%d (%d kills)", envCrashSeed, seed, kills)
+	seed, kills := crashtest.Plan(t, envCrashSeed, envCrashKills, 100)
 	rng := rand.New(rand.NewPCG(seed, seed))
 
 	dbPath := filepath.Join(t.TempDir(), "crash.db")
@@ -282,17 +275,7 @@ func TestCrashLosesNoDeviceListChange(t *testing.T) {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), envHelper+"=crash", envDB+"="+dbPath, envURL+"="+hs.URL, envUntil+"="+strconv.Itoa(until))
 		cmd.Stderr = os.Stderr
-		stdout, err := cmd.StdoutPipe()
-		require.NoError(t, err)
-		require.NoError(t, cmd.Start())
-		lines := bufio.NewReader(stdout)
-		line, err := lines.ReadString('\n')
-		if err != nil || strings.TrimSpace(line) != "ready" {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			t.Fatalf("child did not start (seed %d): %q %v", seed, line, err)
-		}
-		return cmd, lines
+		return cmd, crashtest.StartReady(t, cmd, seed)
 	}
 
 	lastLine := map[string]int{}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -19,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/internal/crashtest"
 	"github.com/sliding-e2ee/sdk/internal/demohs"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
 )
@@ -124,19 +124,7 @@ func TestCrashHarness(t *testing.T) {
 	if testing.Short() {
 		t.Skip("the crash harness takes minutes")
 	}
-	kills := 200
-	if v := os.Getenv(crashKillsEnv); v != "" {
-		var err error
-		kills, err = strconv.Atoi(v)
-		require.NoError(t, err)
-	}
-	seed := uint64(time.Now().UnixNano())
-	if v := os.Getenv(crashSeedEnv); v != "" {
-		var err error
-		seed, err = strconv.ParseUint(v, 10, 64)
-		require.NoError(t, err)
-	}
-	t.Logf("seed %d (replay with %s=%d)", seed, crashSeedEnv, seed)
+	seed, kills := crashtest.Plan(t, crashSeedEnv, crashKillsEnv, 200)
 	rng := rand.New(rand.NewPCG(seed, 1))
 	streamRng := rand.New(rand.NewPCG(seed, 2))
 

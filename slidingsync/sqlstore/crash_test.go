@@ -18,6 +18,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/internal/crashtest"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 	"github.com/sliding-e2ee/sdk/slidingsync/storetest"
@@ -127,15 +128,7 @@ func crashChild() int {
 }
 
 func crashTest(t *testing.T, b backend) {
-	kills := 100
-	if v, err := strconv.Atoi(os.Getenv(envCrashKills)); err == nil && v > 0 {
-		kills = v
-	}
-	seed := uint64(time.Now().UnixNano())
-	if v, err := strconv.ParseUint(os.Getenv(envCrashSeed), 10, 64); err == nil {
-		seed = v
-	}
-	t.Logf("%s=%d (%d kills)", envCrashSeed, seed, kills)
+	seed, kills := crashtest.Plan(t, envCrashSeed, envCrashKills, 100)
 	rng := rand.New(rand.NewPCG(seed, seed))
 	target := b.newTarget(t)
 	ctx := context.Background()
