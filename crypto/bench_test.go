@@ -47,23 +47,9 @@ func (hs *emptyKeysHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func benchMachine(b *testing.B, users []id.UserID) (*dbutil.Database, *Machine, *emptyKeysHS) {
 	b.Helper()
 	ctx := context.Background()
-	db, err := dbopen.Open(filepath.Join(b.TempDir(), "bench.db"), dbopen.Config{})
-	require.NoError(b, err)
-	b.Cleanup(func() { _ = db.Close() })
-	cli, err := mautrix.NewClient("https://hs.example.org", testUser, "token")
-	require.NoError(b, err)
-	cli.DeviceID = testDevice
 	hs := &emptyKeysHS{}
-	cli.Client = &http.Client{Transport: handlerTransport{hs}}
-	log := zerolog.Nop()
-	cli.Log = log
-	cs := mcrypto.NewSQLCryptoStore(db, nil, "", testDevice, []byte("pickle key"))
-	require.NoError(b, cs.DB.Upgrade(ctx))
-	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
-	require.NoError(b, olm.Load(ctx))
-	m, err := New(cli, olm, Config{})
-	require.NoError(b, err)
-	require.NoError(b, m.Upgrade(ctx))
+	e := newDevice(b, Config{}, testUser, testDevice, filepath.Join(b.TempDir(), "bench.db"), dbopen.Config{}, hs)
+	db, m, cs := e.db, e.m, e.store
 	require.NoError(b, db.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for _, u := range users {
 			if err := cs.PutDevices(ctx, u, map[id.DeviceID]*id.Device{}); err != nil {
@@ -153,25 +139,10 @@ func outdatedOf(b *testing.B, m *Machine) []id.UserID {
 // database (the default, durable dbopen settings).
 func benchDevice(b *testing.B, user id.UserID, device id.DeviceID) *env {
 	b.Helper()
-	ctx := context.Background()
 	hs := &fakeHS{otks: map[string]json.RawMessage{}, fallback: map[string]json.RawMessage{}, self: user, selfDevice: device}
-	db, err := dbopen.Open(filepath.Join(b.TempDir(), "bench.db"), dbopen.Config{})
-	require.NoError(b, err)
-	b.Cleanup(func() { _ = db.Close() })
-	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
-	require.NoError(b, err)
-	cli.DeviceID = device
-	cli.Client = &http.Client{Transport: handlerTransport{hs}}
-	log := zerolog.Nop()
-	cli.Log = log
-	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))
-	require.NoError(b, cs.DB.Upgrade(ctx))
-	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
-	require.NoError(b, olm.Load(ctx))
-	m, err := New(cli, olm, Config{})
-	require.NoError(b, err)
-	require.NoError(b, m.Upgrade(ctx))
-	return &env{hs: hs, db: db, cli: cli, olm: olm, store: cs, m: m}
+	e := newDevice(b, Config{}, user, device, filepath.Join(b.TempDir(), "bench.db"), dbopen.Config{}, hs)
+	e.hs = hs
+	return e
 }
 
 // BenchmarkHandleRoomKey handles one Olm-encrypted m.room_key from a device the bot already

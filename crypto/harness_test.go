@@ -271,26 +271,36 @@ func newEnvAs(t *testing.T, cfg Config, user id.UserID, device id.DeviceID) *env
 // newEnvOn builds a device on the database target: a SQLite path or a postgres:// URI.
 func newEnvOn(t *testing.T, cfg Config, user id.UserID, device id.DeviceID, target string) *env {
 	t.Helper()
-	ctx := context.Background()
 	hs := newFakeHS(t)
 	hs.self, hs.selfDevice = user, device
-	db, err := dbopen.Open(target, dbopen.Config{RelaxedSync: true})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = db.Close() })
+	e := newDevice(t, cfg, user, device, target, dbopen.Config{RelaxedSync: true}, hs)
+	e.t, e.hs = t, hs
+	return e
+}
+
+// newDevice builds a device: a client whose requests go to handler in-process, a goolm
+// OlmMachine on a crypto store in the database target, and a Machine. The env's t and hs are
+// left for the caller.
+func newDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, target string, dbCfg dbopen.Config, handler http.Handler) *env {
+	tb.Helper()
+	ctx := context.Background()
+	db, err := dbopen.Open(target, dbCfg)
+	require.NoError(tb, err)
+	tb.Cleanup(func() { _ = db.Close() })
 	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
-	require.NoError(t, err)
+	require.NoError(tb, err)
 	cli.DeviceID = device
-	cli.Client = &http.Client{Transport: handlerTransport{hs}}
+	cli.Client = &http.Client{Transport: handlerTransport{handler}}
 	log := zerolog.Nop()
 	cli.Log = log
 	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))
-	require.NoError(t, cs.DB.Upgrade(ctx))
+	require.NoError(tb, cs.DB.Upgrade(ctx))
 	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
-	require.NoError(t, olm.Load(ctx))
+	require.NoError(tb, olm.Load(ctx))
 	m, err := New(cli, olm, cfg)
-	require.NoError(t, err)
-	require.NoError(t, m.Upgrade(ctx))
-	return &env{t: t, hs: hs, db: db, cli: cli, olm: olm, store: cs, m: m}
+	require.NoError(tb, err)
+	require.NoError(tb, m.Upgrade(ctx))
+	return &env{db: db, cli: cli, olm: olm, store: cs, m: m}
 }
 
 // track makes mautrix track users (as if their devices had been fetched).
