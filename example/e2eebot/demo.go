@@ -43,6 +43,7 @@ type demo struct {
 	known     int
 	count     int
 	allKnown  time.Duration
+	shrunk    bool // the window was shrunk once every room was known
 	echoes    []echo
 	conn      *slidingsync.Conn
 }
@@ -79,6 +80,13 @@ func (d *demo) onResponse(_ context.Context, res *slidingsync.Result) {
 		return
 	}
 	d.known, d.count = known, ls.Count
+	if d.allKnown != 0 {
+		if !d.shrunk && known < ls.Count {
+			d.shrunk = true
+			fmt.Fprintf(d.out, "sync: window shrunk to the top %d rooms of the list; all %d stay known and stored\n", known, ls.Count)
+		}
+		return
+	}
 	fmt.Fprintf(d.out, "sync: rooms loaded %d of %d\n", known, ls.Count)
 	if known == ls.Count && d.allKnown == 0 {
 		d.allKnown = time.Since(d.started)
