@@ -86,7 +86,9 @@
 // mautrix's OlmMachine learns which rooms are encrypted and whom to share room keys with from
 // its state store. [Machine.HandleRooms] feeds the state events of a response into it (with
 // [UpdateStateStore]) and lets the OlmMachine discard a room's outbound session when the
-// timeline shows a membership or history visibility change; call it from
+// timeline shows a membership or history visibility change. Call it with the response from
+// an extension's CommitTxn (a slidingsync.TxnCommitter), so that the state commits or rolls
+// back with pos in one transaction, as the example bot does, or from
 // slidingsync.Config.OnResponse. [BotRequiredState] is the required state a bot should ask for.
 //
 // To send, [Machine.EncryptRoomEvent] makes sure of the recipients before sharing the room key:

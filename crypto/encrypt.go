@@ -22,8 +22,8 @@ import (
 // in an encrypted room discards the room's outbound megolm session, so that the next message
 // goes out under a new session shared with the current members. A limited timeline may hide
 // membership changes, so the room's member list is fetched again before the next
-// encryption. Call it from slidingsync.Config.OnResponse with the state store that the
-// OlmMachine and the client use.
+// encryption. Call it with the state store that the OlmMachine and the client use, from an
+// extension's CommitTxn (the writes then commit with pos) or from slidingsync.Config.OnResponse.
 func (m *Machine) HandleRooms(ctx context.Context, store mautrix.StateStore, res *slidingsync.Result) {
 	if res == nil || res.Response == nil {
 		return
