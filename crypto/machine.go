@@ -74,6 +74,9 @@ type Machine struct {
 	kick    chan struct{}
 	running atomic.Bool
 
+	keysUp     chan struct{} // closed once the device keys are on the server
+	keysUpOnce sync.Once
+
 	mu         sync.Mutex
 	otkSeen    bool                    // otkLast holds counts of a committed State
 	otkLast    map[id.KeyAlgorithm]int // last counts committed
@@ -138,8 +141,12 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		kick:       make(chan struct{}, 1),
 
 		membersFresh: make(map[id.RoomID]struct{}),
+		keysUp:       make(chan struct{}),
 	}
 	m.outdatedDirty.Store(true) // rows left by an earlier run are queried on the first pass
+	if olm.GetAccount().Shared {
+		m.keysUpOnce.Do(func() { close(m.keysUp) })
+	}
 	return m, nil
 }
 
@@ -344,8 +351,17 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 	if err := m.olm.ShareKeys(ctx, count); err != nil {
 		return err
 	}
+	m.keysUpOnce.Do(func() { close(m.keysUp) })
 	m.donePending(seq)
 	return nil
+}
+
+// KeysUploaded returns a channel that is closed once the device's identity keys are on the
+// server (at once for a device set up earlier). Until then no one can encrypt for the device:
+// a bot should not join rooms or answer before it, or the first messages sent to it are
+// encrypted for its other devices only.
+func (m *Machine) KeysUploaded() <-chan struct{} {
+	return m.keysUp
 }
 
 // retryUnpublished uploads the account's unpublished one-time keys, signed as ShareKeys signs

@@ -196,3 +196,28 @@ func TestRunRetriesWithBackoff(t *testing.T) {
 		require.NoError(t, e.db.Close())
 	})
 }
+
+// KeysUploaded is closed by the first upload of a new device, and at once for a device whose
+// keys are already on the server.
+func TestKeysUploaded(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, Config{DisableFallbackKeys: true})
+	select {
+	case <-e.m.KeysUploaded():
+		t.Fatal("closed before any upload")
+	default:
+	}
+	require.NoError(t, e.m.shareKeys(ctx))
+	select {
+	case <-e.m.KeysUploaded():
+	default:
+		t.Fatal("still open after the upload")
+	}
+	again, err := New(e.cli, e.olm, Config{DisableFallbackKeys: true})
+	require.NoError(t, err)
+	select {
+	case <-again.KeysUploaded():
+	default:
+		t.Fatal("a Machine for a device set up earlier waits for nothing")
+	}
+}

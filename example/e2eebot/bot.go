@@ -411,6 +411,13 @@ func (q taskQueue) AfterCommit(context.Context) {
 // the same transaction ID, which the homeserver deduplicates.
 func (b *bot) replier(ctx context.Context) error {
 	log := zerolog.Ctx(ctx)
+	// Joining or answering before the device keys are on the server would let others
+	// encrypt without this device.
+	select {
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	case <-b.mach.KeysUploaded():
+	}
 	for {
 		next, err := b.runTasks(ctx)
 		if ctx.Err() != nil {
