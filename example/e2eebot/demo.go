@@ -340,6 +340,10 @@ func (sc *script) run(ctx context.Context) error {
 	_, oldFallback, _ := srv.KeyCounts(sc.bot, sc.botDevice)
 	actx, cancel = stepCtx(ctx)
 	fallbackUsed := false
+	// The bot would top up after every claim it hears of: it hears of none until the claims
+	// are done, as if they all came while it was busy.
+	release := srv.HoldSync()
+	defer release()
 	for range 4 * full {
 		_, fb, err := sc.alice.ClaimBotKeys(actx, 1)
 		if err != nil {
@@ -352,6 +356,7 @@ func (sc *script) run(ctx context.Context) error {
 		}
 	}
 	cancel()
+	release()
 	if !fallbackUsed {
 		return errors.New("the bot's one-time keys never ran out, so no claim used its fallback key")
 	}

@@ -146,6 +146,7 @@ type Server struct {
 	peerDBs   []*dbutil.Database
 	closed    bool
 
+	held             int // HoldSync calls not released yet
 	uploadRejections int // uploads rejected for a one-time key ID reused with another key
 	repeatedSends    int // room sends that repeated a transaction ID
 
@@ -526,6 +527,24 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, who devRef) {
 		resp["end"] = end
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// HoldSync makes the bot's long-polls wait whatever changes (until their timeout) until
+// release is called, so that a script can act several times before the bot hears of any of
+// it, as when a bot is slow or briefly offline.
+func (s *Server) HoldSync() (release func()) {
+	s.mu.Lock()
+	s.held++
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.held--
+			s.notifyLocked()
+			s.mu.Unlock()
+		})
+	}
 }
 
 // RoomEvents returns a copy of the timeline of roomID, oldest first.

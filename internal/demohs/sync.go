@@ -95,9 +95,9 @@ func (s *Server) longPoll(r *http.Request, req *slidingsync.Request) bool {
 	for {
 		s.mu.Lock()
 		_, news := s.buildLocked(req)
-		ch, closed := s.changed, s.closed
+		ch, closed, held := s.changed, s.closed, s.held > 0
 		s.mu.Unlock()
-		if news || closed {
+		if (news && !held) || closed {
 			return true
 		}
 		select {
