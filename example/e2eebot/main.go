@@ -9,8 +9,9 @@
 // It logs in with the password once and stores the session in the database (SQLite by
 // default, PostgreSQL for a postgres:// URI), so a restart reuses the device and its identity.
 // It uploads its keys, syncs with the e2ee and to_device extensions, joins the rooms it is
-// invited to and answers every text message from others with "echo: <body>", encrypted in
-// encrypted rooms. Tasks (joins, replies) are queued in the transaction that commits the
+// invited to (once its keys are on the server) and answers every text message from others
+// with "echo: <body>", encrypted in encrypted rooms, fetching the events a limited timeline
+// left out. Tasks (joins, replies) are queued in the transaction that commits the
 // response they came from and marked done after they happened: a crash repeats a task rather
 // than losing it, and a repeated reply carries the same transaction ID, which the homeserver
 // deduplicates. SIGINT and SIGTERM stop it cleanly; logs go to stderr, without secrets or
