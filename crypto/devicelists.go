@@ -135,13 +135,25 @@ func (m *Machine) untrack(ctx context.Context, users []id.UserID) error {
 // refreshOutdated queries the devices of every outdated user once. again is true when a user
 // was marked outdated again while the query was in flight.
 func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
+	owed, gens, err := m.owed(ctx)
+	if err != nil || len(owed) == 0 {
+		return false, err
+	}
+	users := slices.Sorted(maps.Keys(owed))
+	zerolog.Ctx(ctx).Debug().Int("count", len(users)).Msg("Querying the devices of outdated users")
+	return m.queryInChunks(ctx, users, gens)
+}
+
+// owed returns the users whose devices must be queried (marked outdated in mautrix's table,
+// or with a generation row left by a change not settled yet) and the generations.
+func (m *Machine) owed(ctx context.Context) (map[id.UserID]struct{}, map[id.UserID]int64, error) {
 	outdated, err := m.store.GetOutdatedTrackedUsers(ctx)
 	if err != nil {
-		return false, fmt.Errorf("list outdated users: %w", err)
+		return nil, nil, fmt.Errorf("list outdated users: %w", err)
 	}
 	gens, err := m.generations(ctx)
 	if err != nil {
-		return false, err
+		return nil, nil, err
 	}
 	set := make(map[id.UserID]struct{}, len(outdated)+len(gens))
 	for _, u := range outdated {
@@ -150,12 +162,12 @@ func (m *Machine) refreshOutdated(ctx context.Context) (again bool, err error) {
 	for u := range gens {
 		set[u] = struct{}{}
 	}
-	if len(set) == 0 {
-		return false, nil
-	}
-	users := slices.Sorted(maps.Keys(set))
-	zerolog.Ctx(ctx).Debug().Int("count", len(users)).Msg("Querying the devices of outdated users")
-	// In chunks: mautrix filters the users with one IN list, which SQLite bounds.
+	return set, gens, nil
+}
+
+// queryInChunks queries users in chunks (mautrix filters them with one IN list, which SQLite
+// bounds) and settles them; again is true when some changed during their query.
+func (m *Machine) queryInChunks(ctx context.Context, users []id.UserID, gens map[id.UserID]int64) (again bool, err error) {
 	for chunk := range slices.Chunk(users, queryChunkSize) {
 		changed, err := m.queryChunk(ctx, chunk, gens)
 		if err != nil {

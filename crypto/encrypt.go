@@ -147,30 +147,22 @@ func (m *Machine) roomMembers(ctx context.Context, roomID id.RoomID) ([]id.UserI
 // refreshMembersDevices queries the devices of the users among members that are marked
 // outdated, or were changed during a query that has not settled yet.
 func (m *Machine) refreshMembersDevices(ctx context.Context, members []id.UserID) error {
-	outdated, err := m.store.GetOutdatedTrackedUsers(ctx)
-	if err != nil {
-		return fmt.Errorf("list outdated users: %w", err)
-	}
-	gens, err := m.generations(ctx)
+	owed, gens, err := m.owed(ctx)
 	if err != nil {
 		return err
 	}
 	var users []id.UserID
 	for _, u := range members {
-		if _, ok := gens[u]; ok || slices.Contains(outdated, u) {
+		if _, ok := owed[u]; ok {
 			users = append(users, u)
 		}
 	}
 	// A member whose devices keep changing while they are queried is given three rounds; the
 	// background fetcher goes on with them.
 	for round := 0; len(users) > 0 && round < 3; round++ {
-		var again bool
-		for chunk := range slices.Chunk(users, queryChunkSize) {
-			changed, err := m.queryChunk(ctx, chunk, gens)
-			if err != nil {
-				return err
-			}
-			again = again || changed
+		again, err := m.queryInChunks(ctx, users, gens)
+		if err != nil {
+			return err
 		}
 		if !again {
 			break
