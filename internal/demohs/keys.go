@@ -351,10 +351,15 @@ func (s *Server) KeyCounts(user id.UserID, dev id.DeviceID) (otks int, fallback 
 func (s *Server) Uploads(user id.UserID, dev id.DeviceID) []Upload {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var out []Upload
-	for _, u := range s.uploads {
-		if u.User == user && u.Device == dev {
-			out = append(out, u)
+	return matching(s.uploads, func(u Upload) bool { return u.User == user && u.Device == dev })
+}
+
+// matching returns the items keep accepts, in order. Caller holds s.mu.
+func matching[T any](items []T, keep func(T) bool) []T {
+	var out []T
+	for _, it := range items {
+		if keep(it) {
+			out = append(out, it)
 		}
 	}
 	return out
@@ -364,26 +369,14 @@ func (s *Server) Uploads(user id.UserID, dev id.DeviceID) []Upload {
 func (s *Server) Queries(by, user id.UserID) []Query {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var out []Query
-	for _, q := range s.queries {
-		if q.By == by && q.User == user {
-			out = append(out, q)
-		}
-	}
-	return out
+	return matching(s.queries, func(q Query) bool { return q.By == by && q.User == user })
 }
 
 // Claims returns the keys of a device handed out by claims, oldest first.
 func (s *Server) Claims(user id.UserID, dev id.DeviceID) []Claim {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var out []Claim
-	for _, c := range s.claims {
-		if c.User == user && c.Device == dev {
-			out = append(out, c)
-		}
-	}
-	return out
+	return matching(s.claims, func(c Claim) bool { return c.User == user && c.Device == dev })
 }
 
 // Devices returns the devices of user, in order of creation.
