@@ -2,6 +2,7 @@ package slidingsync
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -72,6 +73,13 @@ type Config struct {
 	// model takes and makes commits cheaper; the events of Result.Response are not affected.
 	// False keeps them decoded.
 	CompactState bool
+	// RoomCache bounds how many rooms' merged state the Conn keeps in memory. Zero keeps every
+	// room. A positive value keeps at most that many, those most recently touched by a
+	// response; the Store must then implement RoomLoader: Run loads the checkpoint without its
+	// rooms and reads a room from the store when a response touches it and it is not in
+	// memory. Room and Rooms then see only the rooms in memory; LoadRoom reads any. Use it
+	// when the state model of every room would cost too much memory (about 4 to 7 KB a room).
+	RoomCache int
 	// AllowInsecureHTTP allows plain http:// to a homeserver or proxy that is not on a
 	// loopback address. False (the default) makes Run refuse before sending the access token.
 	AllowInsecureHTTP bool
@@ -114,6 +122,8 @@ type Conn struct {
 	stateMu    sync.RWMutex
 	pos        string
 	rooms      map[id.RoomID]*RoomState
+	roomUsed   map[id.RoomID]uint64 // when a response last touched a room in rooms; RoomCache only
+	roomTick   uint64
 	listStates map[string]ListState
 	loaded     bool
 	checkpts   map[string]json.RawMessage
@@ -155,6 +165,12 @@ func New(cli *mautrix.Client, cfg Config) (*Conn, error) {
 	}
 	if c.store == nil {
 		c.store = NewMemoryStore()
+	}
+	if cfg.RoomCache < 0 {
+		return nil, fmt.Errorf("slidingsync: negative RoomCache %d", cfg.RoomCache)
+	}
+	if _, ok := c.store.(RoomLoader); cfg.RoomCache > 0 && !ok {
+		return nil, errors.New("slidingsync: RoomCache needs a Store that implements RoomLoader")
 	}
 	if c.lists == nil {
 		c.lists = make(map[string]ListConfig)
@@ -233,7 +249,8 @@ func (c *Conn) Pos() string {
 	return c.pos
 }
 
-// Room returns the merged state of a room. The returned value must not be modified.
+// Room returns the merged state of a room in memory (every known room unless
+// Config.RoomCache is set). The returned value must not be modified.
 func (c *Conn) Room(roomID id.RoomID) (*RoomState, bool) {
 	c.stateMu.RLock()
 	defer c.stateMu.RUnlock()
@@ -241,12 +258,32 @@ func (c *Conn) Room(roomID id.RoomID) (*RoomState, bool) {
 	return rs, ok
 }
 
-// Rooms returns a copy of the map of every known room. The RoomState values must not be
-// modified.
+// Rooms returns a copy of the map of the rooms in memory: every known room unless
+// Config.RoomCache is set. The RoomState values must not be modified.
 func (c *Conn) Rooms() map[id.RoomID]*RoomState {
 	c.stateMu.RLock()
 	defer c.stateMu.RUnlock()
 	return maps.Clone(c.rooms)
+}
+
+// LoadRoom returns the merged state of a known room, from memory or, with Config.RoomCache
+// set, from the store. The returned value must not be modified.
+func (c *Conn) LoadRoom(ctx context.Context, roomID id.RoomID) (*RoomState, bool, error) {
+	c.stateMu.RLock()
+	rs, ok := c.rooms[roomID]
+	c.stateMu.RUnlock()
+	if ok || c.cfg.RoomCache == 0 {
+		return rs, ok, nil
+	}
+	loaded, err := c.store.(RoomLoader).LoadRooms(ctx, c.key, []id.RoomID{roomID})
+	if err != nil {
+		return nil, false, fmt.Errorf("slidingsync: load room %s: %w", roomID, err)
+	}
+	rs, ok = loaded[roomID]
+	if ok && c.cfg.CompactState {
+		rs = CompactRoom(rs)
+	}
+	return rs, ok, nil
 }
 
 // List returns the merged state of a list.
@@ -452,7 +489,13 @@ func (c *Conn) load(ctx context.Context) error {
 	if c.loaded {
 		return nil
 	}
-	cp, err := c.store.Load(ctx, c.key)
+	var cp *Checkpoint
+	var err error
+	if c.cfg.RoomCache > 0 {
+		cp, err = c.store.(RoomLoader).LoadHead(ctx, c.key)
+	} else {
+		cp, err = c.store.Load(ctx, c.key)
+	}
 	if err != nil {
 		return fmt.Errorf("slidingsync: load state: %w", err)
 	}
@@ -784,8 +827,22 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		}
 		res.Lists[name] = ls
 	}
+	missing := c.missingRooms(resp.Rooms)
+	c.stateMu.RUnlock()
+	var stored map[id.RoomID]*RoomState
+	if len(missing) > 0 {
+		stored, err = c.store.(RoomLoader).LoadRooms(ctx, c.key, missing)
+		if err != nil {
+			return false, fmt.Errorf("load rooms: %w", err)
+		}
+	}
+	c.stateMu.RLock()
 	for roomID, rr := range resp.Rooms {
-		rs := MergeRoom(c.rooms[roomID], roomID, rr, c.cfg.TimelineCap)
+		old, ok := c.rooms[roomID]
+		if !ok {
+			old = stored[roomID]
+		}
+		rs := MergeRoom(old, roomID, rr, c.cfg.TimelineCap)
 		if c.cfg.CompactState {
 			rs = CompactRoom(rs)
 		}
@@ -841,6 +898,7 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 	c.pos = resp.Pos
 	maps.Copy(c.listStates, res.Lists)
 	maps.Copy(c.rooms, res.Rooms)
+	c.evictRooms(res.Rooms)
 	maps.Copy(c.checkpts, upd.Extensions)
 	c.stateMu.Unlock()
 	c.mu.Lock()
@@ -859,6 +917,55 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		}
 	}
 	return more, nil
+}
+
+// missingRooms returns the rooms of a response that are not in memory but may be in the store
+// (RoomCache only). Caller holds stateMu.
+func (c *Conn) missingRooms(rooms map[id.RoomID]*RoomResponse) []id.RoomID {
+	if c.cfg.RoomCache == 0 {
+		return nil
+	}
+	var missing []id.RoomID
+	for roomID := range rooms {
+		if _, ok := c.rooms[roomID]; !ok {
+			missing = append(missing, roomID)
+		}
+	}
+	return missing
+}
+
+// evictRooms marks the rooms of a processed response as used and, once more than RoomCache
+// rooms are in memory, drops the least recently used down to 7/8 of it (so that eviction is
+// not paid on every response). Caller holds stateMu for writing.
+func (c *Conn) evictRooms(touched map[id.RoomID]*RoomState) {
+	limit := c.cfg.RoomCache
+	if limit == 0 {
+		return
+	}
+	if c.roomUsed == nil {
+		c.roomUsed = make(map[id.RoomID]uint64, limit)
+	}
+	c.roomTick++
+	for roomID := range touched {
+		c.roomUsed[roomID] = c.roomTick
+	}
+	if len(c.rooms) <= limit {
+		return
+	}
+	type used struct {
+		id   id.RoomID
+		tick uint64
+	}
+	all := make([]used, 0, len(c.rooms))
+	for roomID := range c.rooms {
+		all = append(all, used{roomID, c.roomUsed[roomID]})
+	}
+	slices.SortFunc(all, func(a, b used) int { return cmp.Compare(a.tick, b.tick) })
+	keep := max(limit-limit/8, 1)
+	for _, u := range all[:len(all)-keep] {
+		delete(c.rooms, u.id)
+		delete(c.roomUsed, u.id)
+	}
 }
 
 // growWindows extends growing lists that do not yet cover their count and reports whether

@@ -56,6 +56,19 @@ type Store interface {
 	Commit(ctx context.Context, key ConnKey, upd *Update) error
 }
 
+// RoomLoader is a Store that reads rooms one by one. A Conn with Config.RoomCache set needs it:
+// it loads the checkpoint without its rooms and reads a room only when a response touches it
+// and it is not in memory. A Conn calls these between its own commits, so the reads need not
+// share a transaction. MemoryStore and sqlstore.Store implement it.
+type RoomLoader interface {
+	Store
+	// LoadHead is Load without the rooms: the returned checkpoint's Rooms is nil.
+	LoadHead(ctx context.Context, key ConnKey) (*Checkpoint, error)
+	// LoadRooms returns the stored state of those of roomIDs that are stored; the others are
+	// absent from the map. It returns an empty map (never nil) for no room IDs.
+	LoadRooms(ctx context.Context, key ConnKey, roomIDs []id.RoomID) (map[id.RoomID]*RoomState, error)
+}
+
 // MemoryStore is a Store that keeps everything in memory. It is safe for concurrent use.
 // Its zero value is not usable; call NewMemoryStore.
 type MemoryStore struct {
@@ -63,7 +76,7 @@ type MemoryStore struct {
 	conns map[ConnKey]*Checkpoint
 }
 
-var _ Store = (*MemoryStore)(nil)
+var _ RoomLoader = (*MemoryStore)(nil)
 
 // NewMemoryStore returns an empty MemoryStore.
 func NewMemoryStore() *MemoryStore {
@@ -84,6 +97,32 @@ func (s *MemoryStore) Load(_ context.Context, key ConnKey) (*Checkpoint, error) 
 		Rooms:      maps.Clone(cp.Rooms),
 		Extensions: maps.Clone(cp.Extensions),
 	}, nil
+}
+
+// LoadHead implements RoomLoader. The returned maps are copies.
+func (s *MemoryStore) LoadHead(_ context.Context, key ConnKey) (*Checkpoint, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cp := s.conns[key]
+	if cp == nil {
+		return &Checkpoint{}, nil
+	}
+	return &Checkpoint{Pos: cp.Pos, Lists: maps.Clone(cp.Lists), Extensions: maps.Clone(cp.Extensions)}, nil
+}
+
+// LoadRooms implements RoomLoader.
+func (s *MemoryStore) LoadRooms(_ context.Context, key ConnKey, roomIDs []id.RoomID) (map[id.RoomID]*RoomState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[id.RoomID]*RoomState, len(roomIDs))
+	if cp := s.conns[key]; cp != nil {
+		for _, roomID := range roomIDs {
+			if rs, ok := cp.Rooms[roomID]; ok {
+				out[roomID] = rs
+			}
+		}
+	}
+	return out, nil
 }
 
 // Commit implements Store.

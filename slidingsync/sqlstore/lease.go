@@ -270,9 +270,27 @@ func (l *Lease) Check(ctx context.Context) error {
 // Guard returns a store that commits through next only while the lease is held: every
 // Commit checks the lease (see Check) inside its transaction, so a process that lost its lease
 // cannot commit after another one took over. next must run transaction hooks in a transaction
-// of the lease's database (a Store of this package on the same database does).
+// of the lease's database (a Store of this package on the same database does). The returned
+// store is a [slidingsync.RoomLoader] when next is one.
 func (l *Lease) Guard(next slidingsync.Store) slidingsync.Store {
-	return &guardedStore{lease: l, next: next}
+	g := &guardedStore{lease: l, next: next}
+	if rl, ok := next.(slidingsync.RoomLoader); ok {
+		return &guardedRoomLoader{guardedStore: g, loader: rl}
+	}
+	return g
+}
+
+type guardedRoomLoader struct {
+	*guardedStore
+	loader slidingsync.RoomLoader
+}
+
+func (g *guardedRoomLoader) LoadHead(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
+	return g.loader.LoadHead(ctx, key)
+}
+
+func (g *guardedRoomLoader) LoadRooms(ctx context.Context, key slidingsync.ConnKey, roomIDs []id.RoomID) (map[id.RoomID]*slidingsync.RoomState, error) {
+	return g.loader.LoadRooms(ctx, key, roomIDs)
 }
 
 type guardedStore struct {

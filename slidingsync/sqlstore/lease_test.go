@@ -96,7 +96,16 @@ func leaseInProcess(t *testing.T, b backend) {
 		require.NoError(t, err)
 		guarded := a.Guard(s)
 		key := slidingsync.ConnKey{UserID: leaseUser, DeviceID: leaseDevice, ConnID: "guarded"}
-		require.NoError(t, guarded.Commit(ctx, key, &slidingsync.Update{Pos: "1"}))
+		require.NoError(t, guarded.Commit(ctx, key, &slidingsync.Update{Pos: "1", Rooms: map[id.RoomID]*slidingsync.RoomState{"!a:x": {ID: "!a:x", Name: "A"}}}))
+		// The guard keeps the store's RoomLoader, so that a Conn with RoomCache can use it.
+		rl, ok := guarded.(slidingsync.RoomLoader)
+		require.True(t, ok, "a guarded sqlstore is a RoomLoader")
+		rooms, err := rl.LoadRooms(ctx, key, []id.RoomID{"!a:x"})
+		require.NoError(t, err)
+		assert.Equal(t, "A", rooms["!a:x"].Name)
+		head, err := rl.LoadHead(ctx, key)
+		require.NoError(t, err)
+		assert.Equal(t, "1", head.Pos)
 
 		// Another process takes over behind A's back.
 		_, err = s.DB.Exec(ctx, `UPDATE slidingsync_lease SET holder='thief' WHERE user_id=$1 AND device_id=$2`, leaseUser, leaseDevice)

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -34,7 +36,7 @@ type Store struct {
 	RoomBatchSize int
 }
 
-var _ slidingsync.Store = (*Store)(nil)
+var _ slidingsync.RoomLoader = (*Store)(nil)
 
 // New returns a store on db, in a child database with its own version table
 // ([VersionTableName]). log may be nil to use db's logger. Call Upgrade before using the store.
@@ -173,7 +175,7 @@ func (s *Store) Load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync
 	var cp *slidingsync.Checkpoint
 	err := s.DB.DoTxn(ctx, opts, func(ctx context.Context) error {
 		var err error
-		cp, err = s.load(ctx, key)
+		cp, err = s.load(ctx, key, true)
 		return err
 	})
 	if err != nil {
@@ -182,7 +184,68 @@ func (s *Store) Load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync
 	return cp, nil
 }
 
-func (s *Store) load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
+// LoadHead implements [slidingsync.RoomLoader]: Load without the rooms.
+func (s *Store) LoadHead(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
+	var opts *dbutil.TxnOptions
+	if s.DB.Dialect == dbutil.Postgres {
+		opts = &dbutil.TxnOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true}
+	}
+	var cp *slidingsync.Checkpoint
+	err := s.DB.DoTxn(ctx, opts, func(ctx context.Context) error {
+		var err error
+		cp, err = s.load(ctx, key, false)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return cp, nil
+}
+
+// loadRoomsChunk bounds the room IDs of one LoadRooms query.
+const loadRoomsChunk = 500
+
+// LoadRooms implements [slidingsync.RoomLoader]. It reads up to 500 rooms per query.
+func (s *Store) LoadRooms(ctx context.Context, key slidingsync.ConnKey, roomIDs []id.RoomID) (map[id.RoomID]*slidingsync.RoomState, error) {
+	out := make(map[id.RoomID]*slidingsync.RoomState, len(roomIDs))
+	var query strings.Builder
+	for chunk := range slices.Chunk(roomIDs, loadRoomsChunk) {
+		query.Reset()
+		query.WriteString(getRoomsQuery)
+		query.WriteString(" AND room_id IN (")
+		params := make([]any, 0, 3+len(chunk))
+		params = append(params, key.UserID, key.DeviceID, key.ConnID)
+		for i, roomID := range chunk {
+			if i > 0 {
+				query.WriteByte(',')
+			}
+			fmt.Fprintf(&query, "$%d", 4+i)
+			params = append(params, roomID)
+		}
+		query.WriteByte(')')
+		err := s.scanBlobs(ctx, query.String(), params, func(name string, data []byte) error {
+			rs, err := decodeRoom(name, data)
+			if err == nil {
+				out[id.RoomID(name)] = rs
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+func decodeRoom(name string, data []byte) (*slidingsync.RoomState, error) {
+	rs := &slidingsync.RoomState{}
+	if err := json.Unmarshal(data, rs); err != nil {
+		return nil, fmt.Errorf("sqlstore: decode room %s: %w", name, err)
+	}
+	return rs, nil
+}
+
+func (s *Store) load(ctx context.Context, key slidingsync.ConnKey, withRooms bool) (*slidingsync.Checkpoint, error) {
 	cp := &slidingsync.Checkpoint{}
 	err := s.DB.QueryRow(ctx, getPosQuery, key.UserID, key.DeviceID, key.ConnID).Scan(&cp.Pos)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -191,7 +254,7 @@ func (s *Store) load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync
 		return nil, fmt.Errorf("sqlstore: load pos: %w", err)
 	}
 	cp.Lists = make(map[string]slidingsync.ListState)
-	err = s.scanBlobs(ctx, getListsQuery, key, func(name string, data []byte) error {
+	err = s.scanBlobs(ctx, getListsQuery, keyArgs(key), func(name string, data []byte) error {
 		var ls slidingsync.ListState
 		if err := json.Unmarshal(data, &ls); err != nil {
 			return fmt.Errorf("sqlstore: decode list %q: %w", name, err)
@@ -202,20 +265,19 @@ func (s *Store) load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync
 	if err != nil {
 		return nil, err
 	}
-	cp.Rooms = make(map[id.RoomID]*slidingsync.RoomState)
-	err = s.scanBlobs(ctx, getRoomsQuery, key, func(name string, data []byte) error {
-		rs := &slidingsync.RoomState{}
-		if err := json.Unmarshal(data, rs); err != nil {
-			return fmt.Errorf("sqlstore: decode room %s: %w", name, err)
+	if withRooms {
+		cp.Rooms = make(map[id.RoomID]*slidingsync.RoomState)
+		err = s.scanBlobs(ctx, getRoomsQuery, keyArgs(key), func(name string, data []byte) error {
+			rs, err := decodeRoom(name, data)
+			cp.Rooms[id.RoomID(name)] = rs
+			return err
+		})
+		if err != nil {
+			return nil, err
 		}
-		cp.Rooms[id.RoomID(name)] = rs
-		return nil
-	})
-	if err != nil {
-		return nil, err
 	}
 	cp.Extensions = make(map[string]json.RawMessage)
-	err = s.scanBlobs(ctx, getExtensionsQuery, key, func(name string, data []byte) error {
+	err = s.scanBlobs(ctx, getExtensionsQuery, keyArgs(key), func(name string, data []byte) error {
 		if len(data) == 0 {
 			data = nil
 		}
@@ -228,8 +290,12 @@ func (s *Store) load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync
 	return cp, nil
 }
 
-func (s *Store) scanBlobs(ctx context.Context, query string, key slidingsync.ConnKey, fn func(name string, data []byte) error) error {
-	rows, err := s.DB.Query(ctx, query, key.UserID, key.DeviceID, key.ConnID)
+func keyArgs(key slidingsync.ConnKey) []any {
+	return []any{key.UserID, key.DeviceID, key.ConnID}
+}
+
+func (s *Store) scanBlobs(ctx context.Context, query string, args []any, fn func(name string, data []byte) error) error {
+	rows, err := s.DB.Query(ctx, query, args...)
 	if err != nil {
 		return fmt.Errorf("sqlstore: load: %w", err)
 	}

@@ -62,6 +62,7 @@ func Run(t *testing.T, newDB Factory) {
 		{"EventsRoundTrip", testEventsRoundTrip},
 		{"LoadReturnsCopies", testLoadReturnsCopies},
 		{"ConcurrentKeys", testConcurrentKeys},
+		{"RoomLoader", testRoomLoader},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -552,4 +553,67 @@ func testConcurrentKeys(t *testing.T, h *harness) {
 	for w := range workers {
 		AssertEqual(t, wants[w], h.load(keys[w]), "worker %d", w)
 	}
+}
+
+// testRoomLoader checks LoadHead and LoadRooms of stores that implement RoomLoader: the head
+// is Load without rooms, rooms are read by ID across more IDs than one query takes, and other
+// connections' rooms are not returned.
+func testRoomLoader(t *testing.T, h *harness) {
+	h.with(func(o Opened) {
+		if _, ok := o.Store.(slidingsync.RoomLoader); !ok {
+			t.Skip("the store does not implement RoomLoader")
+		}
+	})
+	n := 1200
+	upd := &slidingsync.Update{
+		Pos:        "p1",
+		Lists:      map[string]slidingsync.ListState{"all": {Count: n}},
+		Rooms:      make(map[id.RoomID]*slidingsync.RoomState, n),
+		Extensions: map[string]json.RawMessage{"to_device": json.RawMessage(`{"since":"s1"}`)},
+	}
+	var ask []id.RoomID
+	for i := range n {
+		roomID := id.RoomID(fmt.Sprintf("!room%05d:example.org", i))
+		upd.Rooms[roomID] = simpleRoom(roomID, fmt.Sprintf("r%d", i))
+		if i%2 == 0 {
+			ask = append(ask, roomID)
+		}
+	}
+	h.commit(keyA, upd)
+	keyB := slidingsync.ConnKey{UserID: keyA.UserID, DeviceID: keyA.DeviceID, ConnID: "second"}
+	h.commit(keyB, &slidingsync.Update{Pos: "other", Rooms: map[id.RoomID]*slidingsync.RoomState{
+		"!elsewhere:example.org": simpleRoom("!elsewhere:example.org", "b"),
+	}})
+	want := Apply(nil, upd)
+	ask = append(ask, "!never:example.org", "!elsewhere:example.org")
+	h.with(func(o Opened) {
+		rl := o.Store.(slidingsync.RoomLoader)
+		ctx := context.Background()
+		head, err := rl.LoadHead(ctx, keyA)
+		require.NoError(t, err)
+		assert.Nil(t, head.Rooms)
+		withoutRooms := *want
+		withoutRooms.Rooms = nil
+		AssertEqual(t, &withoutRooms, head)
+
+		rooms, err := rl.LoadRooms(ctx, keyA, ask)
+		require.NoError(t, err)
+		assert.Len(t, rooms, n/2, "every stored room asked for, nothing else")
+		got := &slidingsync.Checkpoint{Pos: want.Pos, Lists: want.Lists, Extensions: want.Extensions, Rooms: rooms}
+		onlyAsked := *want
+		onlyAsked.Rooms = make(map[id.RoomID]*slidingsync.RoomState)
+		for _, roomID := range ask[:n/2] {
+			onlyAsked.Rooms[roomID] = want.Rooms[roomID]
+		}
+		AssertEqual(t, &onlyAsked, got)
+
+		none, err := rl.LoadRooms(ctx, keyA, nil)
+		require.NoError(t, err)
+		assert.NotNil(t, none)
+		assert.Empty(t, none)
+
+		empty, err := rl.LoadHead(ctx, slidingsync.ConnKey{UserID: "@nobody:x", DeviceID: "D"})
+		require.NoError(t, err)
+		assert.Empty(t, empty.Pos)
+	})
 }
