@@ -173,6 +173,9 @@ func (b *bot) run(ctx context.Context, o options, store slidingsync.Store, pickl
 		// The bot reads events from the responses only: keep the state model small.
 		CompactState: true,
 		TimelineCap:  5,
+		// Nor does it read rooms from the Conn: keep the last 1000 touched in memory (about
+		// 4.5 MB), not every room of the account.
+		RoomCache: 1000,
 	})
 	if err != nil {
 		return err

@@ -59,7 +59,7 @@ type result struct {
 	idleWall                time.Duration // per cycle, the hold included
 	echoLatency             time.Duration // peer message in a response → encrypted echo sent
 	deviceListLatency       time.Duration // response with the change written → key query arrived
-	peakRSSKB               int64         // VmHWM before stopping, or rusage after exit
+	peakRSSKB               int64         // VmHWM, read until the bot exits
 	totalCPU                time.Duration // rusage after exit
 	totalIn, totalOut       int64
 	syncRequests, responses int
@@ -317,19 +317,33 @@ func runBot(ctx context.Context, spec botSpec, acct *minihs.Account, rc runConfi
 
 	rss, _ := peakRSS(tr.pid)
 	_ = cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		<-exited
-		note("did not stop within 10 s of SIGTERM; killed")
+	// VmHWM is read until the bot is gone, so that the shutdown counts too. rusage's Maxrss is
+	// not used: a child started through vfork inherits the harness's RSS as its high-water
+	// mark, and the harness holds the whole generated account.
+	poll := time.NewTicker(5 * time.Millisecond)
+	deadline := time.After(10 * time.Second)
+wait:
+	for {
+		select {
+		case <-exited:
+			break wait
+		case <-poll.C:
+			if v, err := peakRSS(tr.pid); err == nil {
+				rss = max(rss, v)
+			}
+		case <-deadline:
+			_ = cmd.Process.Kill()
+			<-exited
+			note("did not stop within 10 s of SIGTERM; killed")
+			break wait
+		}
 	}
+	poll.Stop()
 	if waitErr != nil && !isSignalExit(waitErr) {
 		note("exit: %v (log: %s)", waitErr, logPath)
 	}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		res.totalCPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-		rss = max(rss, ru.Maxrss) // KiB on Linux
 	}
 	res.peakRSSKB = rss
 	tr.mu.Lock()
