@@ -836,11 +836,18 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			return false, fmt.Errorf("load rooms: %w", err)
 		}
 	}
+	var news map[id.RoomID]bool
 	c.stateMu.RLock()
 	for roomID, rr := range resp.Rooms {
 		old, ok := c.rooms[roomID]
 		if !ok {
 			old = stored[roomID]
+		}
+		if hasNews(old, rr) {
+			if news == nil {
+				news = make(map[id.RoomID]bool)
+			}
+			news[roomID] = true
 		}
 		rs := MergeRoom(old, roomID, rr, c.cfg.TimelineCap)
 		if c.cfg.CompactState {
@@ -907,7 +914,7 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		// has applied them.
 		c.unsubs, c.dellists = nil, nil
 	}
-	if c.growWindows(res.Lists) {
+	if c.growWindows(res.Lists, news) {
 		more = true
 	}
 	c.mu.Unlock()
@@ -968,13 +975,14 @@ func (c *Conn) evictRooms(touched map[id.RoomID]*RoomState) {
 	}
 }
 
-// growWindows extends growing lists that do not yet cover their count and reports whether
-// any did. Caller holds c.mu.
-func (c *Conn) growWindows(lists map[string]ListState) bool {
+// growWindows extends growing lists that do not yet cover their count, and probes past a
+// shrunk window that may have overflowed; it reports whether any window grew. Caller holds
+// c.mu.
+func (c *Conn) growWindows(lists map[string]ListState, news map[id.RoomID]bool) bool {
 	grew := false
 	for name, ls := range lists {
 		lc, ok := c.lists[name]
-		if !ok || lc.GrowBatch <= 0 || c.shrunk[name] {
+		if !ok || lc.GrowBatch <= 0 {
 			continue
 		}
 		end, ok := c.growEnd[name]
@@ -983,6 +991,17 @@ func (c *Conn) growWindows(lists map[string]ListState) bool {
 		}
 		if c.growEnd == nil {
 			c.growEnd = make(map[string]int)
+		}
+		if c.shrunk[name] {
+			switch {
+			case ls.Count-1 > end && overflowed(ls, news, end):
+				// Probe further until a window ends with a room that has nothing new.
+				c.growEnd[name] = min(end+lc.GrowBatch, ls.Count-1)
+				grew = true
+			case end > lc.ShrinkTo-1:
+				c.growEnd[name] = lc.ShrinkTo - 1
+			}
+			continue
 		}
 		switch {
 		case ls.Count-1 > end:
@@ -998,6 +1017,33 @@ func (c *Conn) growWindows(lists map[string]ListState) bool {
 		}
 	}
 	return grew
+}
+
+// overflowed reports whether rooms past a window ending at end may have activity the response
+// did not carry. In an activity order the rooms with new activity come first, so if the
+// window's last room had some, more rooms than the window holds may have had some and the
+// ones past the window were left out; if it had none, no room past it had any. Without the
+// window's room IDs (the v4 dialect), a response with news in as many rooms as the window
+// holds counts as an overflow.
+func overflowed(ls ListState, news map[id.RoomID]bool, end int) bool {
+	if end < len(ls.Rooms) && ls.Rooms[end] != "" {
+		return news[ls.Rooms[end]]
+	}
+	return len(news) > end
+}
+
+// hasNews reports whether a room entry carries new activity: a bump stamp beyond the one
+// known (a room never seen counts), else live timeline events. A server that sends a room
+// again without activity (as it enters a window) then starts no probe.
+func hasNews(old *RoomState, rr *RoomResponse) bool {
+	switch {
+	case rr.BumpStamp.HasValue():
+		return old == nil || rr.BumpStamp.Val > old.BumpStamp
+	case rr.NumLive.HasValue():
+		return rr.NumLive.Val > 0
+	default:
+		return len(rr.Timeline) > 0 && !rr.Initial
+	}
 }
 
 // shrunkEnd returns the window end of a list whose window was shrunk. Caller holds c.mu or

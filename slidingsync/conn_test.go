@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -945,5 +946,114 @@ func TestCompactStateOnConnection(t *testing.T) {
 		require.True(t, ok)
 		assert.Nil(t, rs.Timeline[0].Content.Raw)
 		assert.JSONEq(t, `{"name":"N"}`, string(rs.StateEvent(event.StateRoomName, "").Content.VeryRaw))
+	})
+}
+
+// A shrunk window whose last room had news may have overflowed: the Conn probes further at
+// once, batch by batch, until a window ends with a room that had nothing new, then shrinks
+// back. A burst that leaves the window's last room alone probes nothing.
+func TestShrunkWindowProbesPastABurst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const total = 50
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		order := make([]id.RoomID, total)
+		for i := range order {
+			order[i] = id.RoomID("!r" + strconv.Itoa(i) + ":x")
+		}
+		var mu sync.Mutex
+		news := map[id.RoomID]bool{} // rooms with news the client has not been sent
+		sent := map[id.RoomID]bool{}
+		bump := map[id.RoomID]int64{}
+		var stamp int64
+		var served []slidingsync.Range
+		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
+			mu.Lock()
+			defer mu.Unlock()
+			r := req.Lists["all"].Ranges[0]
+			end := min(r.End, total-1)
+			resp := &slidingsync.Response{Rooms: map[id.RoomID]*slidingsync.RoomResponse{}}
+			for _, roomID := range order[:end+1] {
+				if !sent[roomID] || news[roomID] {
+					resp.Rooms[roomID] = &slidingsync.RoomResponse{Initial: !sent[roomID], Name: slidingsync.Some("x"), BumpStamp: slidingsync.Some(bump[roomID])}
+					sent[roomID], news[roomID] = true, false
+				}
+			}
+			if len(resp.Rooms) == 0 && len(served) > 0 && served[len(served)-1] == r {
+				return nil // nothing new: long-poll
+			}
+			served = append(served, r)
+			resp.Lists = map[string]slidingsync.ListResponse{"all": {
+				Count: slidingsync.Some(total),
+				Ops:   []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: 0, End: end}, RoomIDs: slices.Clone(order[:end+1])}},
+			}}
+			return resp
+		})
+		// burst moves rooms to the top of the order (newest first) with news.
+		burst := func(rooms ...int) {
+			mu.Lock()
+			defer mu.Unlock()
+			var top []id.RoomID
+			for _, i := range rooms {
+				roomID := id.RoomID("!r" + strconv.Itoa(i) + ":x")
+				top = append(top, roomID)
+				news[roomID] = true
+				stamp++
+				bump[roomID] = stamp
+			}
+			rest := slices.DeleteFunc(slices.Clone(order), func(r id.RoomID) bool { return slices.Contains(top, r) })
+			order = append(top, rest...)
+		}
+		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
+			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 20, ShrinkTo: 5, TimelineLimit: 1}},
+		})
+		h.run()
+		rangesFrom := func(from int) []slidingsync.Range {
+			var out []slidingsync.Range
+			for _, r := range srv.Requests()[from:] {
+				out = append(out, r.Parsed.Lists["all"].Ranges[0])
+			}
+			return out
+		}
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		grown := rangesFrom(0)
+		assert.Equal(t, []slidingsync.Range{{0, 19}, {0, 39}, {0, 49}, {0, 4}}, grown[:min(4, len(grown))], "grown, then shrunk")
+		mark := len(srv.Requests())
+
+		// Three rooms with news: the window's last room (now !r1) had none.
+		burst(30, 31, 32)
+		time.Sleep(2 * time.Minute) // past a long-poll, which the next request answers
+		synctest.Wait()
+		for _, r := range rangesFrom(mark) {
+			assert.Equal(t, slidingsync.Range{Start: 0, End: 4}, r, "no probe after a burst the window held")
+		}
+		mark = len(srv.Requests())
+
+		// 30 rooms with news: 25 fall past the window; the probe finds them, 20 at a time.
+		var many []int
+		for i := range 30 {
+			many = append(many, 10+i)
+		}
+		burst(many...)
+		time.Sleep(2 * time.Minute)
+		synctest.Wait()
+		reqs := srv.Requests()[mark:]
+		for len(reqs) > 0 && reqs[0].Parsed.Lists["all"].Ranges[0] == (slidingsync.Range{Start: 0, End: 4}) {
+			reqs = reqs[1:]
+		}
+		var got []slidingsync.Range
+		for _, r := range reqs[:min(3, len(reqs))] {
+			got = append(got, r.Parsed.Lists["all"].Ranges[0])
+		}
+		assert.Equal(t, []slidingsync.Range{{0, 24}, {0, 44}, {0, 4}}, got, "probe 20 at a time, then shrink back")
+		for _, r := range reqs[:min(2, len(reqs))] {
+			assert.Equal(t, int64(0), *r.Parsed.Timeout, "a probe does not long-poll")
+		}
+		mu.Lock()
+		for roomID, pending := range news {
+			assert.False(t, pending, "%s: news never sent", roomID)
+		}
+		mu.Unlock()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
 	})
 }
