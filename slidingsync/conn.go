@@ -995,8 +995,9 @@ func (c *Conn) growWindows(lists map[string]ListState, news map[id.RoomID]bool) 
 		if c.shrunk[name] {
 			switch {
 			case ls.Count-1 > end && overflowed(ls, news, end):
-				// Probe further until a window ends with a room that has nothing new.
-				c.growEnd[name] = min(end+lc.GrowBatch, ls.Count-1)
+				// Probe further until a window ends with a room that has nothing new: the
+				// window doubles, by GrowBatch at most, so that a small burst costs few IDs.
+				c.growEnd[name] = min(2*end+1, end+lc.GrowBatch, ls.Count-1)
 				grew = true
 			case end > lc.ShrinkTo-1:
 				c.growEnd[name] = lc.ShrinkTo - 1

@@ -141,8 +141,8 @@ type ListConfig struct {
 	// long-poll. With an activity order, a room with anything new moves to the top of the list
 	// and so into the window. When the window's last room has new activity (a bump stamp
 	// beyond the known one), more rooms than the window holds may have had some: the Conn
-	// then probes at once, GrowBatch rooms further each time, until a window ends with a room
-	// without news, and shrinks back. State changes that do not bump a room (a name, a
+	// then probes at once, doubling the window (by GrowBatch at most) each time, until a
+	// window ends with a room without news, and shrinks back. State changes that do not bump a room (a name, a
 	// member) in rooms past the window arrive when the room next moves up. Positions past the
 	// window are dropped from ListState.Rooms. It is a client setting and is never sent.
 	ShrinkTo int

@@ -164,7 +164,7 @@ func (b *bot) run(ctx context.Context, o options, store slidingsync.Store, pickl
 		Extensions: []slidingsync.Extension{e2eeExt, toDevice, taskQueue{b}},
 		Lists: map[string]slidingsync.ListConfig{"all": {
 			GrowBatch:     500,
-			ShrinkTo:      100,
+			ShrinkTo:      5,
 			TimelineLimit: 5,
 			RequiredState: crypto.BotRequiredState(false),
 		}},
