@@ -114,8 +114,7 @@ type Conn struct {
 	unsubs   []id.RoomID
 	dellists []string // lists removed since the last processed response (MSC3575 keeps lists)
 	gen      uint64
-	growEnd  map[string]int  // window end of each growing list
-	shrunk   map[string]bool // growing lists whose window was shrunk to ShrinkTo
+	growth   map[string]*growth // window of each growing list (ListConfig.GrowBatch)
 	cancelRq context.CancelFunc
 	endpoint Endpoint
 
@@ -316,11 +315,7 @@ func (c *Conn) snapshotRequest(pos string) *Request {
 		req.Lists = maps.Clone(c.lists)
 		for name, lc := range req.Lists {
 			if lc.GrowBatch > 0 {
-				end, ok := c.growEnd[name]
-				if !ok {
-					end = lc.GrowBatch - 1
-				}
-				lc.Ranges = []Range{{Start: 0, End: end}}
+				lc.Ranges = c.growth[name].ranges(lc)
 				req.Lists[name] = lc
 			}
 		}
@@ -822,7 +817,7 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			c.stateMu.RUnlock()
 			return false, fmt.Errorf("%w: list %q: %w", ErrInvalidResponse, name, err)
 		}
-		if end, ok := c.shrunkEnd(name); ok && len(ls.Rooms) > end+1 {
+		if end, ok := c.growth[name].trimEnd(); ok && len(ls.Rooms) > end+1 {
 			ls.Rooms = slices.Clip(ls.Rooms[:end+1])
 		}
 		res.Lists[name] = ls
@@ -914,7 +909,7 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		// has applied them.
 		c.unsubs, c.dellists = nil, nil
 	}
-	if c.growWindows(res.Lists, news) {
+	if c.growWindows(info.Protocol, res.Lists, news) {
 		more = true
 	}
 	c.mu.Unlock()
@@ -975,49 +970,101 @@ func (c *Conn) evictRooms(touched map[id.RoomID]*RoomState) {
 	}
 }
 
-// growWindows extends growing lists that do not yet cover their count, and probes past a
-// shrunk window that may have overflowed; it reports whether any window grew. Caller holds
-// c.mu.
-func (c *Conn) growWindows(lists map[string]ListState, news map[id.RoomID]bool) bool {
-	grew := false
+// growth is the window of a list with GrowBatch. The first window is [0, GrowBatch-1]. While
+// rooms remain unseen, a dialect with several ranges per list and a ShrinkTo below GrowBatch
+// scans: the head [0, ShrinkTo-1] plus a range that moves down the list by GrowBatch, so that
+// a server repeating the window's room IDs sends each ID about once (a window growing over
+// every room makes it send a quadratic number of them). Otherwise the window itself grows.
+// Once every room has been seen the window is the head alone (shrunk), or stays over every room
+// without ShrinkTo. The head probes (doubles) while its last room has new activity.
+type growth struct {
+	head     int   // the window [0, head]
+	scan     Range // the scan range, while scanning
+	scanning bool
+	shrunk   bool // every room has been seen and the window is the head
+}
+
+// scanOverlap is how far each scan range reaches back into the previous one, so that rooms
+// moving down a little between two requests are not skipped.
+func scanOverlap(lc ListConfig) int { return lc.GrowBatch / 20 }
+
+// ranges returns the ranges to request. g may be nil: the first window.
+func (g *growth) ranges(lc ListConfig) []Range {
+	if g == nil {
+		return []Range{{Start: 0, End: lc.GrowBatch - 1}}
+	}
+	if !g.scanning {
+		return []Range{{Start: 0, End: g.head}}
+	}
+	if g.scan.Start <= g.head+1 {
+		return []Range{{Start: 0, End: max(g.head, g.scan.End)}}
+	}
+	return []Range{{Start: 0, End: g.head}, g.scan}
+}
+
+// trimEnd returns the last position ListState.Rooms keeps: the head's, once the window no
+// longer covers everything from the top. g may be nil.
+func (g *growth) trimEnd() (int, bool) {
+	if g == nil || !(g.shrunk || g.scanning) {
+		return 0, false
+	}
+	return g.head, true
+}
+
+// growWindows moves the windows of growing lists after a processed response and reports
+// whether one must be requested at once (a room not yet seen, or a probe). Caller holds c.mu.
+func (c *Conn) growWindows(proto Protocol, lists map[string]ListState, news map[id.RoomID]bool) bool {
+	more := false
 	for name, ls := range lists {
 		lc, ok := c.lists[name]
 		if !ok || lc.GrowBatch <= 0 {
 			continue
 		}
-		end, ok := c.growEnd[name]
-		if !ok {
-			end = lc.GrowBatch - 1
-		}
-		if c.growEnd == nil {
-			c.growEnd = make(map[string]int)
-		}
-		if c.shrunk[name] {
-			switch {
-			case ls.Count-1 > end && overflowed(ls, news, end):
-				// Probe further until a window ends with a room that has nothing new: the
-				// window doubles, by GrowBatch at most, so that a small burst costs few IDs.
-				c.growEnd[name] = min(2*end+1, end+lc.GrowBatch, ls.Count-1)
-				grew = true
-			case end > lc.ShrinkTo-1:
-				c.growEnd[name] = lc.ShrinkTo - 1
+		g := c.growth[name]
+		if g == nil {
+			g = &growth{head: lc.GrowBatch - 1}
+			if c.growth == nil {
+				c.growth = make(map[string]*growth)
 			}
-			continue
+			c.growth[name] = g
 		}
+		last := ls.Count - 1
 		switch {
-		case ls.Count-1 > end:
-			c.growEnd[name] = min(end+lc.GrowBatch, ls.Count-1)
-			grew = true
+		case g.shrunk || g.scanning:
+			// Probe past the head until a window ends with a room that has nothing new: the
+			// head doubles, by GrowBatch at most, so that a small burst costs few IDs.
+			if g.head < last && overflowed(ls, news, g.head) {
+				g.head = min(2*g.head+1, g.head+lc.GrowBatch, last)
+				more = true
+			} else {
+				g.head = lc.ShrinkTo - 1
+			}
+			if g.scanning {
+				if g.scan.End >= last {
+					g.scanning, g.shrunk = false, true
+				} else {
+					next := g.scan.End + 1
+					g.scan = Range{Start: max(next-scanOverlap(lc), 0), End: min(next+lc.GrowBatch-1, last)}
+					more = true
+				}
+			}
+		case g.head < last:
+			if lc.ShrinkTo > 0 && lc.ShrinkTo < lc.GrowBatch && proto != ProtocolV4 {
+				next := g.head + 1
+				g.scanning = true
+				g.scan = Range{Start: max(next-scanOverlap(lc), 0), End: min(next+lc.GrowBatch-1, last)}
+				g.head = lc.ShrinkTo - 1
+			} else {
+				g.head = min(g.head+lc.GrowBatch, last)
+			}
+			more = true
 		case lc.ShrinkTo > 0 && ls.Count > lc.ShrinkTo:
 			// Every room is known: keep only the top of the list in the window.
-			c.growEnd[name] = lc.ShrinkTo - 1
-			if c.shrunk == nil {
-				c.shrunk = make(map[string]bool)
-			}
-			c.shrunk[name] = true
+			g.head = lc.ShrinkTo - 1
+			g.shrunk = true
 		}
 	}
-	return grew
+	return more
 }
 
 // overflowed reports whether rooms past a window ending at end may have activity the response
@@ -1045,15 +1092,6 @@ func hasNews(old *RoomState, rr *RoomResponse) bool {
 	default:
 		return len(rr.Timeline) > 0 && !rr.Initial
 	}
-}
-
-// shrunkEnd returns the window end of a list whose window was shrunk. Caller holds c.mu or
-// runs on Run's goroutine (the only writer).
-func (c *Conn) shrunkEnd(name string) (int, bool) {
-	if !c.shrunk[name] {
-		return 0, false
-	}
-	return c.growEnd[name], true
 }
 
 func (c *Conn) stalled() bool {

@@ -675,51 +675,77 @@ func TestGrowingWindowCoversEveryRoom(t *testing.T) {
 	})
 }
 
-// With ShrinkTo, the window shrinks to the top of the list once every room is known: later
-// requests ask for the small range, the list keeps only those positions, and every room stays
-// known.
+// rangesResp answers list "all" of total rooms (!r0:x, !r1:x, ...) with every room of the
+// ranges and one SYNC op per range, as Synapse does.
+func rangesResp(total int, ranges []slidingsync.Range) *slidingsync.Response {
+	resp := roomResp("")
+	lr := slidingsync.ListResponse{Count: slidingsync.Some(total)}
+	for _, r := range ranges {
+		end := min(r.End, total-1)
+		var ids []id.RoomID
+		for i := r.Start; i <= end; i++ {
+			roomID := id.RoomID("!r" + strconv.Itoa(i) + ":x")
+			ids = append(ids, roomID)
+			resp.Rooms[roomID] = &slidingsync.RoomResponse{Initial: true, Name: slidingsync.Some("room " + string(roomID))}
+		}
+		lr.Ops = append(lr.Ops, slidingsync.ListOp{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: r.Start, End: end}, RoomIDs: ids})
+	}
+	resp.Lists = map[string]slidingsync.ListResponse{"all": lr}
+	return resp
+}
+
+// With ShrinkTo below GrowBatch, the Conn scans the list (the head plus a range moving down by
+// GrowBatch, each reaching back GrowBatch/20 rooms) instead of growing one window, then keeps
+// only the head: later requests ask for it alone, the list keeps only those positions, and
+// every room stays known. The v4 dialect (one range per list) grows one window instead.
 func TestGrownWindowShrinks(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		const total = 23
-		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
-		var served []slidingsync.Range
-		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
-			lc := req.Lists["all"]
-			if len(lc.Ranges) != 1 || (len(served) > 0 && served[len(served)-1] == lc.Ranges[0]) {
-				return nil // nothing new: long-poll
-			}
-			served = append(served, lc.Ranges[0])
-			end := min(lc.Ranges[0].End, total-1)
-			return windowResp(total, end, end)
+	for _, tc := range []struct {
+		proto slidingsync.Protocol
+		want  [][]slidingsync.Range
+	}{
+		{slidingsync.ProtocolMSC4186, [][]slidingsync.Range{{{0, 39}}, {{0, 4}, {38, 79}}, {{0, 4}, {78, 91}}, {{0, 4}}}},
+		{slidingsync.ProtocolMSC3575, [][]slidingsync.Range{{{0, 39}}, {{0, 4}, {38, 79}}, {{0, 4}, {78, 91}}, {{0, 4}}}},
+		{slidingsync.ProtocolV4, [][]slidingsync.Range{{{0, 39}}, {{0, 79}}, {{0, 91}}, {{0, 4}}}},
+	} {
+		t.Run(tc.proto.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				const total = 92
+				srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: tc.proto})
+				var served [][]slidingsync.Range
+				srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
+					rs := req.Lists["all"].Ranges
+					if len(served) > 0 && slices.Equal(served[len(served)-1], rs) {
+						return nil // nothing new: long-poll
+					}
+					served = append(served, rs)
+					return rangesResp(total, rs)
+				})
+				h := startWith(t, srv, srv.NewClient(), tc.proto, slidingsync.Config{
+					Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 40, ShrinkTo: 5, TimelineLimit: 1}},
+				})
+				h.run()
+				time.Sleep(time.Minute)
+				synctest.Wait()
+				require.ErrorIs(t, h.stop(t), context.Canceled)
+				reqs := srv.Requests()
+				var got [][]slidingsync.Range
+				for _, r := range reqs {
+					got = append(got, r.Parsed.Lists["all"].Ranges)
+				}
+				assert.Equal(t, tc.want, got[:min(len(tc.want), len(got))])
+				for _, r := range got[min(len(tc.want), len(got)):] {
+					assert.Equal(t, []slidingsync.Range{{Start: 0, End: 4}}, r, "the window stays small")
+				}
+				for i := range len(tc.want) - 1 {
+					assert.Equal(t, int64(0), *reqs[i].Parsed.Timeout, "no long-poll while rooms are unseen (request %d)", i)
+				}
+				ls, _ := h.conn.List("all")
+				assert.Equal(t, total, ls.Count)
+				assert.Equal(t, []id.RoomID{"!r0:x", "!r1:x", "!r2:x", "!r3:x", "!r4:x"}, ls.Rooms)
+				assert.Len(t, h.conn.Rooms(), total, "every room stays known")
+			})
 		})
-		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
-			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 10, ShrinkTo: 5, TimelineLimit: 1}},
-		})
-		h.run()
-		for i := 0; ; i++ {
-			if ls, ok := h.conn.List("all"); ok && len(ls.Rooms) == 5 {
-				break
-			}
-			require.Less(t, i, 100, "the window never shrank")
-			time.Sleep(time.Second)
-		}
-		synctest.Wait()
-		require.ErrorIs(t, h.stop(t), context.Canceled)
-		reqs := srv.Requests()
-		require.GreaterOrEqual(t, len(reqs), 5)
-		var ranges []slidingsync.Range
-		for _, r := range reqs {
-			ranges = append(ranges, r.Parsed.Lists["all"].Ranges[0])
-		}
-		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 9}, {Start: 0, End: 19}, {Start: 0, End: 22}, {Start: 0, End: 4}}, ranges[:4])
-		for _, r := range ranges[4:] {
-			assert.Equal(t, slidingsync.Range{Start: 0, End: 4}, r, "the window stays small")
-		}
-		ls, _ := h.conn.List("all")
-		assert.Equal(t, total, ls.Count)
-		assert.Equal(t, []id.RoomID{"!r0:x", "!r1:x", "!r2:x", "!r3:x", "!r4:x"}, ls.Rooms)
-		assert.Len(t, h.conn.Rooms(), total, "every room stays known")
-	})
+	}
 }
 
 func TestStalledExtensionBacksOff(t *testing.T) {
@@ -965,33 +991,36 @@ func TestShrunkWindowProbesPastABurst(t *testing.T) {
 		sent := map[id.RoomID]bool{}
 		bump := map[id.RoomID]int64{}
 		var stamp int64
-		var served []slidingsync.Range
+		var served [][]slidingsync.Range
+		var midScan func() // runs before the answer to the first scan request
 		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
 			mu.Lock()
 			defer mu.Unlock()
-			r := req.Lists["all"].Ranges[0]
-			end := min(r.End, total-1)
-			resp := &slidingsync.Response{Rooms: map[id.RoomID]*slidingsync.RoomResponse{}}
-			for _, roomID := range order[:end+1] {
-				if !sent[roomID] || news[roomID] {
-					resp.Rooms[roomID] = &slidingsync.RoomResponse{Initial: !sent[roomID], Name: slidingsync.Some("x"), BumpStamp: slidingsync.Some(bump[roomID])}
-					sent[roomID], news[roomID] = true, false
-				}
+			rs := req.Lists["all"].Ranges
+			if len(served) == 1 && midScan != nil {
+				midScan()
 			}
-			if len(resp.Rooms) == 0 && len(served) > 0 && served[len(served)-1] == r {
+			resp := &slidingsync.Response{Rooms: map[id.RoomID]*slidingsync.RoomResponse{}}
+			lr := slidingsync.ListResponse{Count: slidingsync.Some(total)}
+			for _, r := range rs {
+				end := min(r.End, total-1)
+				for _, roomID := range order[r.Start : end+1] {
+					if !sent[roomID] || news[roomID] {
+						resp.Rooms[roomID] = &slidingsync.RoomResponse{Initial: !sent[roomID], Name: slidingsync.Some("x"), BumpStamp: slidingsync.Some(bump[roomID])}
+						sent[roomID], news[roomID] = true, false
+					}
+				}
+				lr.Ops = append(lr.Ops, slidingsync.ListOp{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: r.Start, End: end}, RoomIDs: slices.Clone(order[r.Start : end+1])})
+			}
+			if len(resp.Rooms) == 0 && len(served) > 0 && slices.Equal(served[len(served)-1], rs) {
 				return nil // nothing new: long-poll
 			}
-			served = append(served, r)
-			resp.Lists = map[string]slidingsync.ListResponse{"all": {
-				Count: slidingsync.Some(total),
-				Ops:   []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: 0, End: end}, RoomIDs: slices.Clone(order[:end+1])}},
-			}}
+			served = append(served, rs)
+			resp.Lists = map[string]slidingsync.ListResponse{"all": lr}
 			return resp
 		})
 		// burst moves rooms to the top of the order (newest first) with news.
-		burst := func(rooms ...int) {
-			mu.Lock()
-			defer mu.Unlock()
+		burstLocked := func(rooms ...int) {
 			var top []id.RoomID
 			for _, i := range rooms {
 				roomID := id.RoomID("!r" + strconv.Itoa(i) + ":x")
@@ -1003,29 +1032,42 @@ func TestShrunkWindowProbesPastABurst(t *testing.T) {
 			rest := slices.DeleteFunc(slices.Clone(order), func(r id.RoomID) bool { return slices.Contains(top, r) })
 			order = append(top, rest...)
 		}
+		burst := func(rooms ...int) {
+			mu.Lock()
+			defer mu.Unlock()
+			burstLocked(rooms...)
+		}
+		// Twelve rooms seen in the first window get news while the list is scanned: the
+		// head probes (and merges with the scan range) until it ends with a quiet room.
+		midScan = func() { burstLocked(5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16) }
 		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
 			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 20, ShrinkTo: 5, TimelineLimit: 1}},
 		})
 		h.run()
-		rangesFrom := func(from int) []slidingsync.Range {
-			var out []slidingsync.Range
+		rangesFrom := func(from int) [][]slidingsync.Range {
+			var out [][]slidingsync.Range
 			for _, r := range srv.Requests()[from:] {
-				out = append(out, r.Parsed.Lists["all"].Ranges[0])
+				out = append(out, r.Parsed.Lists["all"].Ranges)
 			}
 			return out
 		}
 		time.Sleep(time.Minute)
 		synctest.Wait()
-		grown := rangesFrom(0)
-		assert.Equal(t, []slidingsync.Range{{0, 19}, {0, 39}, {0, 49}, {0, 4}}, grown[:min(4, len(grown))], "grown, then shrunk")
+		scanned := rangesFrom(0)
+		assert.Equal(t, [][]slidingsync.Range{{{0, 19}}, {{0, 4}, {19, 39}}, {{0, 9}, {39, 49}}, {{0, 19}}, {{0, 4}}}, scanned[:min(5, len(scanned))], "scanned with a probe, then shrunk")
+		mu.Lock()
+		for roomID, pending := range news {
+			assert.False(t, pending, "%s: news during the scan never sent", roomID)
+		}
+		mu.Unlock()
 		mark := len(srv.Requests())
 
-		// Three rooms with news: the window's last room (now !r1) had none.
+		// Three rooms with news: the window's last room (now !r6) had none.
 		burst(30, 31, 32)
 		time.Sleep(2 * time.Minute) // past a long-poll, which the next request answers
 		synctest.Wait()
 		for _, r := range rangesFrom(mark) {
-			assert.Equal(t, slidingsync.Range{Start: 0, End: 4}, r, "no probe after a burst the window held")
+			assert.Equal(t, []slidingsync.Range{{Start: 0, End: 4}}, r, "no probe after a burst the window held")
 		}
 		mark = len(srv.Requests())
 

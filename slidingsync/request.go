@@ -133,10 +133,15 @@ type ListConfig struct {
 	// GrowBatch, when positive, makes the Conn manage the window: it starts as
 	// [0, GrowBatch-1] and grows by GrowBatch after every processed response, without
 	// long-polling in between, until it covers every room of the list; then it follows the
-	// count. Ranges is ignored. It is a client setting and is never sent.
+	// count. With a ShrinkTo below GrowBatch and a dialect that takes several ranges (MSC3575,
+	// MSC4186), the Conn scans instead of growing: it asks for [0, ShrinkTo-1] plus a range
+	// of GrowBatch rooms that moves down the list (reaching back GrowBatch/20 rooms, as rooms
+	// with activity push the others down), so that a server repeating the window's room IDs
+	// sends each about once instead of a quadratic number of times. Ranges is ignored. It is a
+	// client setting and is never sent.
 	GrowBatch int
 	// ShrinkTo, when positive with GrowBatch, shrinks the window to [0, ShrinkTo-1] once it
-	// has covered every room: every room is then known (and stored), and servers that repeat
+	// has seen every room: every room is then known (and stored), and servers that repeat
 	// the window's room IDs in every response (Synapse) no longer send them all on every
 	// long-poll. With an activity order, a room with anything new moves to the top of the list
 	// and so into the window. When the window's last room has new activity (a bump stamp

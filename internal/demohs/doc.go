@@ -7,7 +7,7 @@
 // long-poll that waits until the bot has something new (or its timeout ends, when it answers
 // with the e2ee counts only, as Synapse does). It serves:
 //
-//   - sync: the list ranges are honoured (the window grows), required_state and
+//   - sync: the list ranges are honoured (the bot scans the list), required_state and
 //     timeline_limit of the list, invites as invite_state, a room the bot joined sent again as
 //     initial; the e2ee extension with device_one_time_keys_count and
 //     device_unused_fallback_key_types on every response and device_lists.changed when the

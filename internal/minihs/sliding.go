@@ -151,7 +151,6 @@ func (s *Server) slidingLocked(req *slidingsync.Request) (*ssResponse, syncInfo,
 		Extensions: map[string]any{},
 	}
 	count := len(s.order)
-	coversAll := false
 	names := make([]string, 0, len(req.Lists))
 	for name := range req.Lists {
 		names = append(names, name)
@@ -173,7 +172,6 @@ func (s *Server) slidingLocked(req *slidingsync.Request) (*ssResponse, syncInfo,
 			}
 			lr.Ops = append(lr.Ops, ssOp{Op: "SYNC", Range: [2]int{rg.Start, end}, RoomIDs: ids})
 		}
-		coversAll = coversAll || covers(lc.Ranges, count)
 		resp.Lists[name] = lr
 	}
 	for roomID, sub := range req.RoomSubscriptions {
@@ -207,21 +205,8 @@ func (s *Server) slidingLocked(req *slidingsync.Request) (*ssResponse, syncInfo,
 		newData = newData || len(events) > 0
 	}
 	info.idle = req.Pos != "" && !newData
-	info.allKnown = coversAll && len(conn.sent) >= count
+	info.allKnown = len(conn.sent) >= count
 	return resp, info, nil
-}
-
-// covers reports whether the ranges together cover [0, count-1].
-func covers(ranges []slidingsync.Range, count int) bool {
-	rs := slices.Clone(ranges)
-	slices.SortFunc(rs, func(a, b slidingsync.Range) int { return a.Start - b.Start })
-	next := 0
-	for _, r := range rs {
-		if r.Valid() && r.Start <= next {
-			next = max(next, r.End+1)
-		}
-	}
-	return next >= count
 }
 
 func enabled(raw json.RawMessage) bool {
