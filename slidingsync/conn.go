@@ -195,11 +195,12 @@ func New(cli *mautrix.Client, cfg Config) (*Conn, error) {
 func (c *Conn) Key() ConnKey { return c.key }
 
 // SetList adds or replaces a list. An in-flight request is cancelled and its response is
-// never processed.
+// never processed. A list with GrowBatch starts again from its first window.
 func (c *Conn) SetList(name string, lc ListConfig) {
 	c.changeConfig(func() {
 		c.lists[name] = lc
 		c.dellists = slices.DeleteFunc(c.dellists, func(n string) bool { return n == name })
+		delete(c.growth, name) // another list: its window starts again
 	})
 }
 
@@ -208,6 +209,7 @@ func (c *Conn) RemoveList(name string) {
 	c.changeConfig(func() {
 		if _, ok := c.lists[name]; ok {
 			delete(c.lists, name)
+			delete(c.growth, name)
 			c.dellists = append(c.dellists, name)
 		}
 	})
@@ -810,6 +812,14 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		Lists:    make(map[string]ListState, len(resp.Lists)),
 		Initial:  info.Pos == "",
 	}
+	trims := make(map[string]int)
+	c.mu.Lock()
+	for name := range resp.Lists {
+		if end, ok := c.growth[name].trimEnd(); ok {
+			trims[name] = end
+		}
+	}
+	c.mu.Unlock()
 	c.stateMu.RLock()
 	for name, lr := range resp.Lists {
 		ls, err := MergeList(c.listStates[name], lr)
@@ -817,7 +827,7 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			c.stateMu.RUnlock()
 			return false, fmt.Errorf("%w: list %q: %w", ErrInvalidResponse, name, err)
 		}
-		if end, ok := c.growth[name].trimEnd(); ok && len(ls.Rooms) > end+1 {
+		if end, ok := trims[name]; ok && len(ls.Rooms) > end+1 {
 			ls.Rooms = slices.Clip(ls.Rooms[:end+1])
 		}
 		res.Lists[name] = ls

@@ -1099,3 +1099,44 @@ func TestShrunkWindowProbesPastABurst(t *testing.T) {
 		require.ErrorIs(t, h.stop(t), context.Canceled)
 	})
 }
+
+// SetList makes a growing list start again from its first window: it is another list.
+func TestSetListRestartsTheWindow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const total = 30
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		var served [][]slidingsync.Range
+		srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
+			rs := req.Lists["all"].Ranges
+			if len(served) > 0 && slices.Equal(served[len(served)-1], rs) {
+				return nil
+			}
+			served = append(served, rs)
+			return rangesResp(total, rs)
+		})
+		lc := slidingsync.ListConfig{GrowBatch: 20, ShrinkTo: 5, TimelineLimit: 1}
+		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
+			Lists: map[string]slidingsync.ListConfig{"all": lc},
+		})
+		h.run()
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		mark := len(srv.Requests())
+		lc.TimelineLimit = 2
+		h.conn.SetList("all", lc)
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		reqs := srv.Requests()
+		require.Greater(t, len(reqs), mark)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 4}}, reqs[mark-1].Parsed.Lists["all"].Ranges, "shrunk before")
+		var after [][]slidingsync.Range
+		for _, r := range reqs[mark:] {
+			if r.Parsed.Lists["all"].TimelineLimit == 2 {
+				after = append(after, r.Parsed.Lists["all"].Ranges)
+			}
+		}
+		require.NotEmpty(t, after)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: 19}}, after[0], "the new list starts from its first window")
+	})
+}
