@@ -52,3 +52,40 @@ func TestOverflowed(t *testing.T) {
 		})
 	}
 }
+
+// TestScanCoversEveryPosition drives growWindows over static lists of many sizes: the ranges
+// asked for cover every position, the scan ends shrunk to the head after about count/GrowBatch
+// steps, and no range leaves the list.
+func TestScanCoversEveryPosition(t *testing.T) {
+	for _, proto := range []Protocol{ProtocolMSC4186, ProtocolV4} {
+		for _, count := range []int{1, 5, 6, 19, 20, 21, 99, 100, 101, 1000, 1234} {
+			lc := ListConfig{GrowBatch: 20, ShrinkTo: 5}
+			c := &Conn{lists: map[string]ListConfig{"all": lc}}
+			covered := make([]bool, count)
+			steps := 0
+			for more := true; more; steps++ {
+				if steps > count+10 {
+					t.Fatalf("%s, %d rooms: no end after %d steps", proto, count, steps)
+				}
+				for _, r := range c.growth["all"].ranges(lc) {
+					for i := r.Start; i <= min(r.End, count-1); i++ {
+						covered[i] = true
+					}
+				}
+				more = c.growWindows(proto, map[string]ListState{"all": {Count: count}}, nil)
+			}
+			for i, ok := range covered {
+				if !ok {
+					t.Fatalf("%s, %d rooms: position %d never asked for", proto, count, i)
+				}
+			}
+			g := c.growth["all"]
+			if count > lc.ShrinkTo {
+				assert.True(t, g.shrunk, "%s, %d rooms: shrunk", proto, count)
+				assert.Equal(t, []Range{{0, 4}}, g.ranges(lc), "%s, %d rooms", proto, count)
+			}
+			// The first window, then one step per GrowBatch (the scan reaches back a little).
+			assert.LessOrEqual(t, steps, 2+count/19, "%s, %d rooms: steps", proto, count)
+		}
+	}
+}
