@@ -397,9 +397,14 @@ func (q taskQueue) CommitTxn(ctx context.Context) error {
 	return nil
 }
 
-// AfterCommit wakes the replier.
+// AfterCommit wakes the replier when the commit queued tasks: an idle response queues none,
+// and the replier's own retries wait on its timer.
 func (q taskQueue) AfterCommit(context.Context) {
+	queued := len(q.b.staged) > 0
 	q.b.staged, q.b.stagedRes = q.b.staged[:0], nil
+	if !queued {
+		return
+	}
 	select {
 	case q.b.wake <- struct{}{}:
 	default:
