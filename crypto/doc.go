@@ -67,8 +67,9 @@
 //   - Fallback keys (mautrix has no support; this package drives goolm's account, so New
 //     fails with ErrFallbackNeedsGoolm on another backend unless Config.DisableFallbackKeys):
 //     whether the server lacks an unused signed_curve25519 fallback key is recorded durably
-//     in the commit transaction whenever a response carries the fallback key types (and on
-//     the first setup of a device); Run then generates a key, saves the account, uploads it
+//     in the commit transaction of a response whose fallback key types change it (Synapse
+//     repeats them in every response: a repeated report writes nothing), and on the first
+//     setup of a device; Run then generates a key, saves the account, uploads it
 //     signed like a one-time key ({"key", "fallback": true, "signatures"}) and clears the
 //     record. A failed upload is retried with the same key. Rotations are at least
 //     Config.FallbackKeyRotation apart, so stale reports after an upload churn nothing; the

@@ -6,13 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"time"
 
 	"github.com/rs/zerolog"
 	"maunium.net/go/mautrix"
 	goolmaccount "maunium.net/go/mautrix/crypto/goolm/account"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/e2ee"
 )
 
 // Defaults of the fallback key settings of Config.
@@ -45,6 +46,26 @@ const (
 	fallbackForgottenQuery = `UPDATE sdkcrypto_fallback_key SET forget_at = 0 WHERE account_id = $1`
 )
 
+// fallbackCache remembers the committed upload_pending of the fallback key row. Synapse sends
+// the unused fallback key types in every response, and writing the same value again on every
+// idle long-poll cost a statement in each commit.
+//
+// known is true only while pending is what the database holds: HandleE2EE clears it before
+// it writes and stages what it wrote; the commit of the same delta (E2EEDeltaCommitted)
+// confirms it. A commit that rolls back never confirms, so the next response writes again.
+// Run's writes to the row (writeFallback) clear known and bump gen before and after they run,
+// so a commit that overlapped one of them confirms nothing: which write landed last is then
+// unknown.
+type fallbackCache struct {
+	known, pending bool
+	gen            uint64 // bumped around each of Run's writes
+	runWriting     bool
+
+	staged        *e2ee.Delta // the delta whose HandleE2EE wrote the row, until its commit
+	stagedPending bool
+	stagedGen     uint64
+}
+
 type fallbackRow struct {
 	pending, uploaded   bool
 	rotatedAt, forgetAt int64 // unix milliseconds
@@ -65,13 +86,61 @@ func (m *Machine) setFallbackPending(ctx context.Context, pending bool) error {
 }
 
 // handleFallbackTypes records what a response said about the device's fallback keys, inside
-// the commit transaction. A response without the field (a server without fallback key
-// support) changes nothing.
-func (m *Machine) handleFallbackTypes(ctx context.Context, types []id.KeyAlgorithm) error {
+// the commit transaction, unless the row is known to hold it already (see fallbackCache). A
+// response without the field (a server without fallback key support) changes nothing.
+func (m *Machine) handleFallbackTypes(ctx context.Context, d *e2ee.Delta) error {
 	if m.goolm == nil {
 		return nil
 	}
-	return m.setFallbackPending(ctx, !slices.Contains(types, id.KeyAlgorithmSignedCurve25519))
+	pending := d.FallbackKeyUsed(id.KeyAlgorithmSignedCurve25519)
+	m.mu.Lock()
+	fb := &m.fb
+	if fb.known && fb.pending == pending {
+		m.mu.Unlock()
+		return nil
+	}
+	fb.known = false
+	fb.staged, fb.stagedPending, fb.stagedGen = d, pending, fb.gen
+	m.mu.Unlock()
+	if err := m.setFallbackPending(ctx, pending); err != nil {
+		return err
+	}
+	// Run reads the row again. Callers that commit outside a transaction (tests, tools) may
+	// never report the commit; in a transaction Run may read before it commits, and the
+	// commit sets this again.
+	m.fallbackDirty.Store(true)
+	return nil
+}
+
+// fallbackCommittedLocked is told that the commit of d (nil: a commit without a delta, or one
+// reported without it) is durable. It confirms what HandleE2EE wrote for d and reports whether
+// Run must read the row again. Caller holds m.mu.
+func (m *Machine) fallbackCommittedLocked(d *e2ee.Delta) bool {
+	fb := &m.fb
+	if fb.staged == nil {
+		return false
+	}
+	if d == fb.staged && fb.stagedGen == fb.gen && !fb.runWriting {
+		fb.known, fb.pending = true, fb.stagedPending
+	}
+	fb.staged = nil
+	m.fallbackDirty.Store(true)
+	return true
+}
+
+// writeFallback runs one of Run's writes to the fallback key row (see fallbackCache).
+func (m *Machine) writeFallback(write func() error) error {
+	m.mu.Lock()
+	m.fb.known, m.fb.runWriting = false, true
+	m.fb.gen++
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.fb.runWriting = false
+		m.fb.gen++
+		m.mu.Unlock()
+	}()
+	return write()
 }
 
 // fallbackWork forgets the previous private key once its grace period is over, and rotates
@@ -138,14 +207,16 @@ func (m *Machine) rotateFallbackKey(ctx context.Context, now time.Time, hadKey b
 	// The account and the record commit together, so that a crash cannot leave a rotated
 	// account that the record does not know about (which would rotate again and drop the
 	// uploaded key from the account).
-	err := m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
-			return fmt.Errorf("save account: %w", err)
-		}
-		if _, err := m.db.Exec(ctx, fallbackRotatedQuery, m.accountKey, now.UnixMilli(), forgetAt); err != nil {
-			return fmt.Errorf("record fallback key rotation: %w", err)
-		}
-		return nil
+	err := m.writeFallback(func() error {
+		return m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+			if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
+				return fmt.Errorf("save account: %w", err)
+			}
+			if _, err := m.db.Exec(ctx, fallbackRotatedQuery, m.accountKey, now.UnixMilli(), forgetAt); err != nil {
+				return fmt.Errorf("record fallback key rotation: %w", err)
+			}
+			return nil
+		})
 	})
 	if err != nil {
 		// Undo the rotation in memory too, so that a retry keeps the uploaded key.
@@ -206,14 +277,16 @@ func (m *Machine) uploadFallbackKey(ctx context.Context) error {
 	}
 	m.acctMu.Lock()
 	m.goolm.CurrentFallbackKey.Published = true
-	err = m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
-			return fmt.Errorf("save account: %w", err)
-		}
-		if _, err := m.db.Exec(ctx, fallbackUploadedQuery, m.accountKey); err != nil {
-			return fmt.Errorf("record fallback key upload: %w", err)
-		}
-		return nil
+	err = m.writeFallback(func() error {
+		return m.db.DoTxn(ctx, nil, func(ctx context.Context) error {
+			if err := m.store.PutAccount(ctx, m.olm.GetAccount()); err != nil {
+				return fmt.Errorf("save account: %w", err)
+			}
+			if _, err := m.db.Exec(ctx, fallbackUploadedQuery, m.accountKey); err != nil {
+				return fmt.Errorf("record fallback key upload: %w", err)
+			}
+			return nil
+		})
 	})
 	m.acctMu.Unlock()
 	if err != nil {

@@ -90,9 +90,16 @@ type Machine struct {
 	outdatedDirty atomic.Bool
 
 	membersFresh map[id.RoomID]struct{} // rooms whose member list was fetched since the last limited timeline
+
+	fb fallbackCache // guarded by mu
+	// fallbackDirty is set when the fallback key row may have changed since Run last read it;
+	// fallbackDue is when Run's fallback work is due again (zero: not timed). Only Run's
+	// goroutine uses fallbackDue.
+	fallbackDirty atomic.Bool
+	fallbackDue   time.Time
 }
 
-var _ e2ee.Consumer = (*Machine)(nil)
+var _ e2ee.DeltaConsumer = (*Machine)(nil)
 
 // New returns a Machine for cli, the client the OlmMachine olm was built with. olm must be
 // loaded (OlmMachine.Load) and use a *mcrypto.SQLCryptoStore: the Machine writes its own
@@ -144,6 +151,7 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		keysUp:       make(chan struct{}),
 	}
 	m.outdatedDirty.Store(true) // rows left by an earlier run are queried on the first pass
+	m.fallbackDirty.Store(true)
 	if olm.GetAccount().Shared {
 		m.keysUpOnce.Do(func() { close(m.keysUp) })
 	}
@@ -185,7 +193,7 @@ func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 		}
 	}
 	if d.FallbackKeyTypes.Set {
-		if err := m.handleFallbackTypes(ctx, d.FallbackKeyTypes.Val); err != nil {
+		if err := m.handleFallbackTypes(ctx, d); err != nil {
 			return fmt.Errorf("crypto: record fallback key state: %w", err)
 		}
 	}
@@ -193,24 +201,43 @@ func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 }
 
 // E2EECommitted implements e2ee.Consumer: it notes the committed one-time key counts and
-// wakes the goroutine of Run. It never blocks.
+// wakes the goroutine of Run when the commit gave it something to do. It never blocks. The
+// extension calls E2EEDeltaCommitted instead.
 func (m *Machine) E2EECommitted(ctx context.Context, st e2ee.State) {
+	m.committed(st, nil)
+}
+
+// E2EEDeltaCommitted implements e2ee.DeltaConsumer: E2EECommitted, and what HandleE2EE wrote
+// for d is known to be committed.
+func (m *Machine) E2EEDeltaCommitted(ctx context.Context, st e2ee.State, d *e2ee.Delta) {
+	m.committed(st, d)
+}
+
+func (m *Machine) committed(st e2ee.State, d *e2ee.Delta) {
 	m.mu.Lock()
+	// An idle response (same counts, same fallback key types, no device-list changes) wakes
+	// nothing: Run would find nothing to do.
+	work := m.fallbackCommittedLocked(d)
 	if st.OTKCountsKnown && (!m.otkSeen || !maps.Equal(st.OTKCounts, m.otkLast)) {
 		m.otkSeen, m.otkLast, m.otkPending = true, maps.Clone(st.OTKCounts), true
 		m.otkSeq++
+		work = true
 	}
 	m.mu.Unlock()
 	if m.marksStaged.Swap(false) {
 		m.outdatedDirty.Store(true)
+		work = true
 	}
-	m.wake()
+	if work {
+		m.wake()
+	}
 }
 
 // Kick wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
 // upload). It never blocks.
 func (m *Machine) Kick() {
 	m.outdatedDirty.Store(true)
+	m.fallbackDirty.Store(true)
 	m.wake()
 }
 
@@ -280,10 +307,17 @@ func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err err
 	if err := m.shareKeys(ctx); err != nil {
 		return false, time.Time{}, fmt.Errorf("upload keys: %w", err)
 	}
-	next, err = m.fallbackWork(ctx)
-	if err != nil {
-		return false, time.Time{}, fmt.Errorf("fallback key: %w", err)
+	// The fallback key row is read only when it may have changed or timed work is due, not
+	// after every commit.
+	if m.fallbackDirty.Swap(false) || (!m.fallbackDue.IsZero() && !time.Now().Before(m.fallbackDue)) {
+		due, err := m.fallbackWork(ctx)
+		if err != nil {
+			m.fallbackDirty.Store(true)
+			return false, time.Time{}, fmt.Errorf("fallback key: %w", err)
+		}
+		m.fallbackDue = due
 	}
+	next = m.fallbackDue
 	if m.outdatedDirty.Swap(false) {
 		again, err = m.refreshOutdated(ctx)
 		if err != nil || again {
@@ -336,9 +370,11 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 		}
 		if m.goolm != nil {
 			// First setup: upload a fallback key too, whatever the server reports.
-			if err := m.setFallbackPending(ctx, true); err != nil {
+			err := m.writeFallback(func() error { return m.setFallbackPending(ctx, true) })
+			if err != nil {
 				return fmt.Errorf("record pending fallback key: %w", err)
 			}
+			m.fallbackDirty.Store(true)
 		}
 		zerolog.Ctx(ctx).Debug().Int("server_count", count).Bool("count_known", seen).
 			Msg("Uploading the device keys of a new device")

@@ -55,7 +55,9 @@
 //     durably (marks users outdated in the crypto store), with the transaction's context.
 //  4. After the commit: the staged state becomes the committed one, and
 //     [Consumer.E2EECommitted] starts network work (key queries, uploads) on the consumer's
-//     own goroutine, retried with backoff from what the consumer recorded.
+//     own goroutine, retried with backoff from what the consumer recorded. A
+//     [DeltaConsumer] is also told which delta that commit carried, so that it can trust
+//     what its HandleE2EE wrote (a delta whose commit failed is never reported).
 //
 // The extension's own state holds no to-do list: the consumer's record of outdated users is
 // written in the same transaction as pos (or, for a store in another database, durably before

@@ -34,6 +34,17 @@ type Consumer interface {
 	E2EECommitted(ctx context.Context, st State)
 }
 
+// DeltaConsumer is a Consumer that learns which delta each commit carried. The extension
+// calls E2EEDeltaCommitted instead of E2EECommitted when its consumer implements it, with the
+// delta that HandleE2EE received inside the transaction just committed, or nil when HandleE2EE
+// was not called. A delta whose commit failed is never passed, so a consumer that remembers
+// what a HandleE2EE call wrote (to skip writing it again) can trust that memory only once the
+// same delta comes back here.
+type DeltaConsumer interface {
+	Consumer
+	E2EEDeltaCommitted(ctx context.Context, st State, d *Delta)
+}
+
 // Config configures the e2ee extension.
 type Config struct {
 	// Consumer receives every delta and commit. It is required.
@@ -181,11 +192,16 @@ func (e *E2EE) CommitTxn(ctx context.Context) error {
 }
 
 // AfterCommit implements slidingsync.AfterCommitter: the staged state becomes the committed
-// one and the consumer is told.
+// one and the consumer is told (with the committed delta, if it is a DeltaConsumer).
 func (e *E2EE) AfterCommit(ctx context.Context) {
 	e.mu.Lock()
+	d := e.delta
 	e.committed, e.delta = e.staged, nil
 	st := e.committed.clone()
 	e.mu.Unlock()
+	if dc, ok := e.consumer.(DeltaConsumer); ok {
+		dc.E2EEDeltaCommitted(ctx, st, d)
+		return
+	}
 	e.consumer.E2EECommitted(ctx, st)
 }

@@ -147,3 +147,56 @@ func TestInvalidSectionIsRetried(t *testing.T) {
 		assert.Equal(t, id.UserID("@u:x"), deltas[1].Changed[0])
 	})
 }
+
+// deltaConsumer is a DeltaConsumer that records the deltas HandleE2EE received and those the
+// commits reported.
+type deltaConsumer struct {
+	handled   []*e2ee.Delta
+	committed []*e2ee.Delta
+	plain     int // E2EECommitted calls
+}
+
+func (c *deltaConsumer) HandleE2EE(_ context.Context, d *e2ee.Delta) error {
+	c.handled = append(c.handled, d)
+	return nil
+}
+
+func (c *deltaConsumer) E2EECommitted(context.Context, e2ee.State) { c.plain++ }
+
+func (c *deltaConsumer) E2EEDeltaCommitted(_ context.Context, _ e2ee.State, d *e2ee.Delta) {
+	c.committed = append(c.committed, d)
+}
+
+// A DeltaConsumer learns which delta each commit carried: the one its HandleE2EE received in
+// that commit's transaction, nil for a commit without one, never one whose commit failed.
+func TestDeltaConsumerGetsTheCommittedDelta(t *testing.T) {
+	ctx := context.Background()
+	c := &deltaConsumer{}
+	ext, err := e2ee.NewE2EE("@delta:x", "DEV", e2ee.Config{Consumer: c})
+	require.NoError(t, err)
+	defer ext.Close()
+	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186}
+	require.NoError(t, ext.Restore(ctx, nil))
+
+	require.NoError(t, ext.Process(ctx, info, []byte(`{"device_unused_fallback_key_types":["signed_curve25519"]}`)))
+	require.NoError(t, ext.CommitTxn(ctx))
+	ext.AfterCommit(ctx)
+	require.Len(t, c.handled, 1)
+	assert.Equal(t, []*e2ee.Delta{c.handled[0]}, c.committed)
+	checkpoint, err := ext.Checkpoint(ctx)
+	require.NoError(t, err)
+
+	// A commit that fails after HandleE2EE: the connection restores the extension and
+	// processes the next response, which carries nothing.
+	info.Pos = "1"
+	require.NoError(t, ext.Process(ctx, info, []byte(`{"device_unused_fallback_key_types":[]}`)))
+	require.NoError(t, ext.CommitTxn(ctx))
+	require.NoError(t, ext.Restore(ctx, checkpoint))
+	require.NoError(t, ext.Process(ctx, info, nil))
+	require.NoError(t, ext.CommitTxn(ctx))
+	ext.AfterCommit(ctx)
+	require.Len(t, c.handled, 2)
+	require.Len(t, c.committed, 2)
+	assert.Nil(t, c.committed[1], "the failed commit's delta is not reported")
+	assert.Zero(t, c.plain, "E2EECommitted is not called for a DeltaConsumer")
+}

@@ -58,6 +58,8 @@ type botHooks struct {
 	onConn func(conn *slidingsync.Conn, mach *crypto.Machine)
 	// crypto configures the crypto Machine (the demo rotates fallback keys faster).
 	crypto crypto.Config
+	// openDB replaces dbopen.Open (benchmarks count the statements through a wrapping driver).
+	openDB func(target string) (*dbutil.Database, error)
 }
 
 // bot is the running echo bot: one database holds its session, its task queue, mautrix's state
@@ -90,7 +92,11 @@ type task struct {
 // runBot runs the echo bot with the options of the command line until ctx is done or the
 // connection fails.
 func runBot(ctx context.Context, o options, hooks botHooks) error {
-	db, err := dbopen.Open(o.db, dbopen.Config{})
+	open := func(target string) (*dbutil.Database, error) { return dbopen.Open(target, dbopen.Config{}) }
+	if hooks.openDB != nil {
+		open = hooks.openDB
+	}
+	db, err := open(o.db)
 	if err != nil {
 		return err
 	}
@@ -400,9 +406,14 @@ func (q taskQueue) CommitTxn(ctx context.Context) error {
 	return nil
 }
 
-// AfterCommit wakes the replier.
+// AfterCommit wakes the replier when the commit queued tasks: an idle response queues none,
+// and the replier's own retries wait on its timer.
 func (q taskQueue) AfterCommit(context.Context) {
+	queued := len(q.b.staged) > 0
 	q.b.staged, q.b.stagedRes = q.b.staged[:0], nil
+	if !queued {
+		return
+	}
 	select {
 	case q.b.wake <- struct{}{}:
 	default:

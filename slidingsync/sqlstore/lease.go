@@ -110,6 +110,7 @@ func newLeaseQueries(dialect dbutil.Dialect) leaseQueries {
 // AcquireLease is done.
 type Lease struct {
 	db       *dbutil.Database
+	stmts    *stmtCache
 	q        leaseQueries
 	userID   id.UserID
 	deviceID id.DeviceID
@@ -129,6 +130,7 @@ func (s *Store) AcquireLease(ctx context.Context, userID id.UserID, deviceID id.
 	cfg = cfg.withDefaults()
 	l := &Lease{
 		db:       s.DB,
+		stmts:    &s.stmts,
 		q:        newLeaseQueries(s.DB.Dialect),
 		userID:   userID,
 		deviceID: deviceID,
@@ -255,7 +257,7 @@ func (l *Lease) Check(ctx context.Context) error {
 		return ErrLeaseLost
 	default:
 	}
-	res, err := l.db.Exec(ctx, l.q.fence, l.userID, l.deviceID, l.cfg.Name, l.cfg.Holder)
+	res, err := l.stmts.exec(ctx, l.db, l.q.fence, l.userID, l.deviceID, l.cfg.Name, l.cfg.Holder)
 	if err != nil {
 		return fmt.Errorf("sqlstore: check lease: %w", err)
 	}

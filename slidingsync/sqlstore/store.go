@@ -34,6 +34,8 @@ type Store struct {
 	// RoomBatchSize is how many rooms one multi-row INSERT writes. Zero means
 	// DefaultRoomBatchSize; values above 16000 are cut to 16000.
 	RoomBatchSize int
+
+	stmts stmtCache
 }
 
 var _ slidingsync.RoomLoader = (*Store)(nil)
@@ -127,7 +129,7 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 				return fmt.Errorf("sqlstore: transaction hook %d: %w", i, err)
 			}
 		}
-		if _, err := s.DB.Exec(ctx, upsertConnQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos); err != nil {
+		if _, err := s.stmts.exec(ctx, s.DB, upsertConnQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos); err != nil {
 			return fmt.Errorf("sqlstore: store pos: %w", err)
 		}
 		if len(lists) > 0 {
@@ -151,7 +153,7 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 			if len(raw) > 0 {
 				data = raw
 			}
-			if _, err := s.DB.Exec(ctx, upsertExtensionQuery, key.UserID, key.DeviceID, key.ConnID, name, data); err != nil {
+			if _, err := s.stmts.exec(ctx, s.DB, upsertExtensionQuery, key.UserID, key.DeviceID, key.ConnID, name, data); err != nil {
 				return fmt.Errorf("sqlstore: store checkpoint of extension %q: %w", name, err)
 			}
 		}
