@@ -28,6 +28,11 @@
 // [Store.Load] reads in one transaction, REPEATABLE READ on PostgreSQL, so a concurrent commit
 // is seen whole or not at all.
 //
+// On SQLite a commit that has begun runs to its end even if its context is cancelled: it is
+// local and short (at most busy_timeout when another process holds the write lock), and a
+// context that cannot be cancelled spares the watcher goroutines that database/sql and the
+// driver start per transaction and per statement. On PostgreSQL cancellation aborts it.
+//
 // # Drivers
 //
 // The package registers no SQL driver. The application opens the database; [dbopen] does it

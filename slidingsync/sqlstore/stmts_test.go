@@ -71,3 +71,28 @@ func TestGuardedCommitsOnSQLitePools(t *testing.T) {
 		})
 	}
 }
+
+// On SQLite a commit that has begun runs to its end when its context is cancelled half-way
+// (it is local and short, and an uncancellable context spares watcher goroutines per
+// statement); it is all or nothing either way.
+func TestSQLiteCommitFinishesAfterCancel(t *testing.T) {
+	b := sqliteBackend(dbopen.DriverModernc)
+	db, s := open(t, b, b.newTarget(t))
+	defer db.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	key := slidingsync.ConnKey{UserID: leaseUser, DeviceID: leaseDevice}
+	err := s.Commit(ctx, key, &slidingsync.Update{
+		Pos: "after-cancel",
+		TxnHooks: []func(ctx context.Context) error{func(context.Context) error {
+			cancel()
+			return nil
+		}},
+		Extensions: map[string]json.RawMessage{"e2ee": json.RawMessage(`{"n":1}`)},
+	})
+	require.NoError(t, err)
+	cp, err := s.Load(context.Background(), key)
+	require.NoError(t, err)
+	assert.Equal(t, "after-cancel", cp.Pos)
+	assert.JSONEq(t, `{"n":1}`, string(cp.Extensions["e2ee"]))
+}

@@ -123,6 +123,12 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 	}
 	defer rooms.close()
 	static := keyParams(key)
+	if s.DB.Dialect == dbutil.SQLite {
+		// A SQLite commit is local and short: once begun it runs to its end. A context that
+		// cannot be cancelled also spares a watcher goroutine per statement (modernc) and per
+		// transaction (database/sql), which is most of an idle cycle's commit.
+		ctx = context.WithoutCancel(ctx)
+	}
 	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for i, hook := range upd.TxnHooks {
 			if err := hook(ctx); err != nil {
