@@ -147,3 +147,29 @@ func TestFallbackCommitWithoutItsDeltaConfirmsNothing(t *testing.T) {
 	e.commit(ctx, fallbackTypes(unused...))
 	assert.False(t, e.pending(ctx))
 }
+
+// NeedsHandle answers as HandleE2EE decides: device-list news always needs the transaction;
+// fallback key types only while what they say is not known to be stored.
+func TestNeedsHandle(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, Config{})
+	e.setUp(ctx)
+	assert.True(t, e.m.NeedsHandle(fallbackTypes(unused...)), "stored state unknown after Run's writes")
+	e.commit(ctx, fallbackTypes(unused...))
+	for _, tc := range []struct {
+		name string
+		d    *e2ee.Delta
+		want bool
+	}{
+		{"same fallback key types", fallbackTypes(unused...), false},
+		{"fallback key used", fallbackTypes(), true},
+		{"no fallback key types", &e2ee.Delta{}, false},
+		{"changed user", &e2ee.Delta{Changed: []id.UserID{alice}}, true},
+		{"left user", &e2ee.Delta{Left: []id.UserID{alice}}, true},
+		{"gap", &e2ee.Delta{Gap: true}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, e.m.NeedsHandle(tc.d))
+		})
+	}
+}

@@ -99,7 +99,7 @@ type Machine struct {
 	fallbackDue   time.Time
 }
 
-var _ e2ee.DeltaConsumer = (*Machine)(nil)
+var _ e2ee.SkippingConsumer = (*Machine)(nil)
 
 // New returns a Machine for cli, the client the OlmMachine olm was built with. olm must be
 // loaded (OlmMachine.Load) and use a *mcrypto.SQLCryptoStore: the Machine writes its own
@@ -198,6 +198,21 @@ func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 		}
 	}
 	return nil
+}
+
+// NeedsHandle implements e2ee.SkippingConsumer: HandleE2EE has something to write for d
+// unless d only repeats fallback key types whose state is known to be stored.
+func (m *Machine) NeedsHandle(d *e2ee.Delta) bool {
+	if d.Gap || len(d.Changed) > 0 || len(d.Left) > 0 {
+		return true
+	}
+	if !d.FallbackKeyTypes.Set || m.goolm == nil {
+		return false
+	}
+	pending := d.FallbackKeyUsed(id.KeyAlgorithmSignedCurve25519)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.fb.known || m.fb.pending != pending
 }
 
 // E2EECommitted implements e2ee.Consumer: it notes the committed one-time key counts and

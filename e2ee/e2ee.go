@@ -45,6 +45,16 @@ type DeltaConsumer interface {
 	E2EEDeltaCommitted(ctx context.Context, st State, d *Delta)
 }
 
+// SkippingConsumer is a DeltaConsumer that can tell that HandleE2EE would write nothing for a
+// delta, because what it would record is already stored. The extension then leaves the
+// commit's transaction alone (slidingsync.TxnSkipper), so that an idle response, which from
+// Synapse always repeats the one-time key counts and fallback key types, commits nothing but
+// pos. NeedsHandle must answer as HandleE2EE would decide at that moment.
+type SkippingConsumer interface {
+	DeltaConsumer
+	NeedsHandle(d *Delta) bool
+}
+
 // Config configures the e2ee extension.
 type Config struct {
 	// Consumer receives every delta and commit. It is required.
@@ -63,6 +73,7 @@ type E2EE struct {
 	committed State
 	staged    State
 	delta     *Delta // of the response being committed; nil when there is none
+	handled   *Delta // the delta HandleE2EE received in the commit under way
 	warnedNo  bool   // warned once that an initial response had no e2ee section
 }
 
@@ -72,6 +83,7 @@ var (
 	_ slidingsync.Checkpointer   = (*E2EE)(nil)
 	_ slidingsync.Resetter       = (*E2EE)(nil)
 	_ slidingsync.TxnCommitter   = (*E2EE)(nil)
+	_ slidingsync.TxnSkipper     = (*E2EE)(nil)
 	_ slidingsync.AfterCommitter = (*E2EE)(nil)
 )
 
@@ -137,7 +149,7 @@ func (e *E2EE) Process(ctx context.Context, info slidingsync.RequestInfo, raw js
 	}
 	st, d := Merge(e.committed, resp, Info{Initial: info.Pos == ""})
 	e.staged = st
-	e.delta = nil
+	e.delta, e.handled = nil, nil
 	if !d.Empty() {
 		e.delta = &d
 	}
@@ -165,7 +177,7 @@ func (e *E2EE) Restore(_ context.Context, checkpoint json.RawMessage) error {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.committed, e.staged, e.delta = st, st.clone(), nil
+	e.committed, e.staged, e.delta, e.handled = st, st.clone(), nil, nil
 	return nil
 }
 
@@ -188,15 +200,31 @@ func (e *E2EE) CommitTxn(ctx context.Context) error {
 	if err := e.consumer.HandleE2EE(ctx, d); err != nil {
 		return fmt.Errorf("e2ee consumer: %w", err)
 	}
+	e.mu.Lock()
+	e.handled = d
+	e.mu.Unlock()
 	return nil
+}
+
+// SkipTxn implements slidingsync.TxnSkipper: true when the response carried no delta, or the
+// consumer is a SkippingConsumer with nothing to write for it.
+func (e *E2EE) SkipTxn() bool {
+	e.mu.Lock()
+	d := e.delta
+	e.mu.Unlock()
+	if d == nil {
+		return true
+	}
+	sc, ok := e.consumer.(SkippingConsumer)
+	return ok && !sc.NeedsHandle(d)
 }
 
 // AfterCommit implements slidingsync.AfterCommitter: the staged state becomes the committed
 // one and the consumer is told (with the committed delta, if it is a DeltaConsumer).
 func (e *E2EE) AfterCommit(ctx context.Context) {
 	e.mu.Lock()
-	d := e.delta
-	e.committed, e.delta = e.staged, nil
+	d := e.handled // a delta left out of the commit was not handled: it is not reported
+	e.committed, e.delta, e.handled = e.staged, nil, nil
 	st := e.committed.clone()
 	e.mu.Unlock()
 	if dc, ok := e.consumer.(DeltaConsumer); ok {

@@ -2,6 +2,7 @@ package e2ee_test
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"testing"
 	"testing/synctest"
@@ -199,4 +200,56 @@ func TestDeltaConsumerGetsTheCommittedDelta(t *testing.T) {
 	require.Len(t, c.committed, 2)
 	assert.Nil(t, c.committed[1], "the failed commit's delta is not reported")
 	assert.Zero(t, c.plain, "E2EECommitted is not called for a DeltaConsumer")
+}
+
+// skippingConsumer is a deltaConsumer that says it has nothing to write for deltas that only
+// repeat fallback key types.
+type skippingConsumer struct{ deltaConsumer }
+
+func (c *skippingConsumer) NeedsHandle(d *e2ee.Delta) bool {
+	return d.Gap || len(d.Changed) > 0 || len(d.Left) > 0
+}
+
+// The extension leaves the commit's transaction alone when the response has no delta or its
+// SkippingConsumer has nothing to write; a delta left out is not reported as committed.
+func TestSkipTxn(t *testing.T) {
+	ctx := context.Background()
+	c := &skippingConsumer{}
+	ext, err := e2ee.NewE2EE("@skip:x", "DEV", e2ee.Config{Consumer: c})
+	require.NoError(t, err)
+	defer ext.Close()
+	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: "1"}
+	require.NoError(t, ext.Restore(ctx, nil))
+	cycle := func(raw string) (skipped bool) {
+		var body json.RawMessage
+		if raw != "" {
+			body = json.RawMessage(raw)
+		}
+		require.NoError(t, ext.Process(ctx, info, body))
+		skipped = ext.SkipTxn()
+		if !skipped {
+			require.NoError(t, ext.CommitTxn(ctx))
+		}
+		ext.AfterCommit(ctx)
+		return skipped
+	}
+
+	// The first response after a start is a gap (every tracked user outdated): written.
+	assert.False(t, cycle(`{"device_one_time_keys_count":{"signed_curve25519":50}}`))
+	c.handled, c.committed = nil, nil
+
+	assert.True(t, cycle(""), "no e2ee section: nothing to write")
+	assert.True(t, cycle(`{"device_unused_fallback_key_types":["signed_curve25519"]}`), "only fallback key types")
+	assert.False(t, cycle(`{"device_lists":{"changed":["@u:x"]}}`), "a device-list change is written")
+	require.Len(t, c.handled, 1)
+	assert.Equal(t, []*e2ee.Delta{nil, nil, c.handled[0]}, c.committed, "only the handled delta is reported")
+
+	// A consumer that cannot tell is always called.
+	plain := &deltaConsumer{}
+	ext2, err := e2ee.NewE2EE("@skip2:x", "DEV", e2ee.Config{Consumer: plain})
+	require.NoError(t, err)
+	defer ext2.Close()
+	require.NoError(t, ext2.Restore(ctx, nil))
+	require.NoError(t, ext2.Process(ctx, info, []byte(`{"device_unused_fallback_key_types":["signed_curve25519"]}`)))
+	assert.False(t, ext2.SkipTxn())
 }

@@ -897,7 +897,9 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			}
 		}
 		if tc, ok := ext.(TxnCommitter); ok {
-			upd.TxnHooks = append(upd.TxnHooks, tc.CommitTxn)
+			if ts, ok := ext.(TxnSkipper); !ok || !ts.SkipTxn() {
+				upd.TxnHooks = append(upd.TxnHooks, tc.CommitTxn)
+			}
 		}
 		if mp, ok := ext.(MorePender); ok && mp.MorePending() {
 			more = true

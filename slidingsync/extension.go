@@ -74,6 +74,14 @@ type TxnCommitter interface {
 	CommitTxn(ctx context.Context) error
 }
 
+// TxnSkipper is implemented by TxnCommitters that can tell, after Process and before the
+// commit, that CommitTxn would write nothing for the response being processed. The Conn then
+// leaves CommitTxn out, so that a response changing nothing but pos (an idle long-poll) can be
+// committed without a transaction where the store allows it.
+type TxnSkipper interface {
+	SkipTxn() bool
+}
+
 // AfterCommitter is implemented by extensions with work that must wait until the response is
 // durably committed, such as network calls whose intent was recorded in the commit (a key
 // query for users marked outdated). AfterCommit runs on Run's goroutine right after the

@@ -42,7 +42,8 @@ type Update struct {
 	// TxnHooks run inside the commit's transaction, before it commits; a SQL store passes
 	// them the transaction's context so that writes to other tables of the same database
 	// (mautrix's crypto store, say) commit or roll back with the update. An error from a hook
-	// aborts the commit.
+	// aborts the commit. An update with nothing but Pos may be written without a
+	// transaction (one statement).
 	TxnHooks []func(ctx context.Context) error
 }
 

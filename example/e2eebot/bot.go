@@ -387,6 +387,12 @@ func (taskQueue) Process(context.Context, slidingsync.RequestInfo, json.RawMessa
 	return nil
 }
 
+// SkipTxn tells the Conn that a response without rooms (an idle long-poll) gives CommitTxn
+// nothing to write.
+func (q taskQueue) SkipTxn() bool {
+	return len(q.b.staged) == 0 && (q.b.stagedRes == nil || len(q.b.stagedRes.Response.Rooms) == 0)
+}
+
 // CommitTxn writes the tasks; an event seen again (a timeline overlap after a restart) keeps
 // its first row, except that a new invite to a room makes its join pending again.
 func (q taskQueue) CommitTxn(ctx context.Context) error {

@@ -28,6 +28,10 @@
 // [Store.Load] reads in one transaction, REPEATABLE READ on PostgreSQL, so a concurrent commit
 // is seen whole or not at all.
 //
+// An update that writes nothing but pos (an idle long-poll, once the extensions have said
+// they have nothing to write: slidingsync.TxnSkipper) is one statement, atomic on its own, with
+// no transaction; through a lease's guard on SQLite that statement also checks the lease.
+//
 // On SQLite a commit that has begun runs to its end even if its context is cancelled: it is
 // local and short (at most busy_timeout when another process holds the write lock), and a
 // context that cannot be cancelled spares the watcher goroutines that database/sql and the

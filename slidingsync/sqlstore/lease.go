@@ -82,6 +82,7 @@ func nowMillis(dialect dbutil.Dialect) string {
 
 type leaseQueries struct {
 	acquire, renew, fence, release string
+	fencedPos                      string // SQLite: pos written only while the lease is held
 }
 
 func newLeaseQueries(dialect dbutil.Dialect) leaseQueries {
@@ -102,6 +103,11 @@ func newLeaseQueries(dialect dbutil.Dialect) leaseQueries {
 			UPDATE slidingsync_lease SET expires_at=expires_at
 			WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4 AND expires_at > ` + now,
 		release: `DELETE FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4`,
+		fencedPos: `
+			UPDATE slidingsync_conn SET pos=$8
+			WHERE user_id=$5 AND device_id=$6 AND conn_id=$7 AND EXISTS (
+				SELECT 1 FROM slidingsync_lease
+				WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4 AND expires_at > ` + now + `)`,
 	}
 }
 
@@ -305,9 +311,38 @@ func (g *guardedStore) Load(ctx context.Context, key slidingsync.ConnKey) (*slid
 }
 
 func (g *guardedStore) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidingsync.Update) error {
+	if done, err := g.commitPos(ctx, key, upd); done || err != nil {
+		return err
+	}
 	guarded := *upd
 	guarded.TxnHooks = append([]func(ctx context.Context) error{g.lease.Check}, upd.TxnHooks...)
 	return g.next.Commit(ctx, key, &guarded)
+}
+
+// commitPos commits an update that writes nothing but pos (an idle long-poll) with one
+// statement that checks the lease, on SQLite where one statement holds the write lock for
+// both. done is false when it did not apply: another dialect or store, or no row changed
+// (lease lost, or no row for the connection yet), which the full commit then sorts out.
+func (g *guardedStore) commitPos(ctx context.Context, key slidingsync.ConnKey, upd *slidingsync.Update) (done bool, err error) {
+	l := g.lease
+	s, ok := g.next.(*Store)
+	if !ok || !posOnly(upd) || l.db.Dialect != dbutil.SQLite || s.DB.RawDB != l.db.RawDB {
+		return false, nil
+	}
+	select {
+	case <-l.lost:
+		return false, ErrLeaseLost
+	default:
+	}
+	res, err := l.stmts.exec(context.WithoutCancel(ctx), l.db, l.q.fencedPos, l.userID, l.deviceID, l.cfg.Name, l.cfg.Holder, key.UserID, key.DeviceID, key.ConnID, upd.Pos)
+	if err != nil {
+		return false, fmt.Errorf("sqlstore: store pos: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("sqlstore: store pos: %w", err)
+	}
+	return n == 1, nil
 }
 
 // RunWithLease acquires the lease (waiting in standby as AcquireLease does), runs fn with a

@@ -22,12 +22,15 @@ type stmtCache struct {
 	stmts map[string]*sql.Stmt
 }
 
-// exec runs query in the transaction ctx carries, as db.Exec would, through a prepared
-// statement on SQLite. Outside a transaction, and on other databases, it is db.Exec.
+// exec runs query in the transaction ctx carries, or on its own, as db.Exec would, through a
+// prepared statement on SQLite. On other databases it is db.Exec.
 func (c *stmtCache) exec(ctx context.Context, db *dbutil.Database, query string, args ...any) (sql.Result, error) {
-	txn, ok := db.Execable(ctx).(*dbutil.LoggingTxn)
-	if !ok || db.Dialect != dbutil.SQLite {
+	if db.Dialect != dbutil.SQLite {
 		return db.Exec(ctx, query, args...)
+	}
+	txn, inTxn := db.Execable(ctx).(*dbutil.LoggingTxn)
+	if !inTxn && db.Execable(ctx) != &db.LoggingDB {
+		return db.Exec(ctx, query, args...) // some other transaction type
 	}
 	stmt, err := c.prepare(ctx, db, query)
 	if err != nil {
@@ -36,9 +39,14 @@ func (c *stmtCache) exec(ctx context.Context, db *dbutil.Database, query string,
 		return db.Exec(ctx, query, args...)
 	}
 	start := time.Now()
-	txStmt := txn.UnderlyingTx.StmtContext(ctx, stmt)
-	res, err := txStmt.ExecContext(ctx, args...)
-	_ = txStmt.Close() // the connection keeps the statement; this only detaches it from the transaction
+	var res sql.Result
+	if inTxn {
+		txStmt := txn.UnderlyingTx.StmtContext(ctx, stmt)
+		res, err = txStmt.ExecContext(ctx, args...)
+		_ = txStmt.Close() // the connection keeps the statement; this only detaches it from the transaction
+	} else {
+		res, err = stmt.ExecContext(ctx, args...)
+	}
 	db.Log.QueryTiming(ctx, "Exec", query, args, -1, time.Since(start), err)
 	return res, err
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -95,4 +96,31 @@ func TestSQLiteCommitFinishesAfterCancel(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "after-cancel", cp.Pos)
 	assert.JSONEq(t, `{"n":1}`, string(cp.Extensions["e2ee"]))
+}
+
+// A guarded update that writes nothing but pos is one statement on SQLite, fenced by the
+// lease: the first one (no row yet) goes the full way, later ones stop writing once the lease
+// is gone.
+func TestGuardedPosOnlyCommit(t *testing.T) {
+	b := sqliteBackend(dbopen.DriverModernc)
+	db, s := open(t, b, b.newTarget(t))
+	defer db.Close()
+	ctx := context.Background()
+	lease, err := s.AcquireLease(ctx, leaseUser, leaseDevice, shortLease("A"))
+	require.NoError(t, err)
+	defer lease.Release(ctx)
+	guarded := lease.Guard(s)
+	key := slidingsync.ConnKey{UserID: leaseUser, DeviceID: leaseDevice, ConnID: "idle"}
+	for _, pos := range []string{"1", "2", "3"} {
+		require.NoError(t, guarded.Commit(ctx, key, &slidingsync.Update{Pos: pos}))
+		cp, err := s.Load(ctx, key)
+		require.NoError(t, err)
+		assert.Equal(t, pos, cp.Pos)
+	}
+	_, err = s.DB.Exec(ctx, `UPDATE slidingsync_lease SET holder='thief'`)
+	require.NoError(t, err)
+	assert.ErrorIs(t, guarded.Commit(ctx, key, &slidingsync.Update{Pos: "4"}), sqlstore.ErrLeaseLost)
+	cp, err := s.Load(ctx, key)
+	require.NoError(t, err)
+	assert.Equal(t, "3", cp.Pos, "no pos written without the lease")
 }

@@ -103,6 +103,19 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 	if upd == nil {
 		return errors.New("sqlstore: nil update")
 	}
+	if s.DB.Dialect == dbutil.SQLite {
+		// A SQLite commit is local and short: once begun it runs to its end. A context that
+		// cannot be cancelled also spares a watcher goroutine per statement (modernc) and per
+		// transaction (database/sql), which is most of an idle cycle's commit.
+		ctx = context.WithoutCancel(ctx)
+	}
+	if posOnly(upd) {
+		// An idle long-poll: one statement is atomic on its own.
+		if _, err := s.stmts.exec(ctx, s.DB, upsertConnQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos); err != nil {
+			return fmt.Errorf("sqlstore: store pos: %w", err)
+		}
+		return nil
+	}
 	lists := make([]*namedBlob, 0, len(upd.Lists))
 	for name, ls := range upd.Lists {
 		data, err := json.Marshal(ls)
@@ -123,12 +136,6 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 	}
 	defer rooms.close()
 	static := keyParams(key)
-	if s.DB.Dialect == dbutil.SQLite {
-		// A SQLite commit is local and short: once begun it runs to its end. A context that
-		// cannot be cancelled also spares a watcher goroutine per statement (modernc) and per
-		// transaction (database/sql), which is most of an idle cycle's commit.
-		ctx = context.WithoutCancel(ctx)
-	}
 	return s.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		for i, hook := range upd.TxnHooks {
 			if err := hook(ctx); err != nil {
@@ -171,6 +178,11 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 			Msg("Committed sliding sync update")
 		return nil
 	})
+}
+
+// posOnly reports whether an update writes nothing but pos.
+func posOnly(upd *slidingsync.Update) bool {
+	return len(upd.Lists) == 0 && len(upd.Rooms) == 0 && len(upd.Extensions) == 0 && len(upd.TxnHooks) == 0
 }
 
 // Load implements [slidingsync.Store]. It reads in one transaction (REPEATABLE READ on
