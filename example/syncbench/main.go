@@ -47,7 +47,7 @@ func main() {
 	var o options
 	flag.IntVar(&o.rooms, "rooms", 10000, "rooms in the generated account (above 10000 needs -large)")
 	flag.Uint64Var(&o.seed, "seed", 1, "generator seed")
-	flag.IntVar(&o.idleCycles, "idle-cycles", 40, "idle long-poll cycles measured (after 3 of warm-up)")
+	flag.IntVar(&o.idleCycles, "idle-cycles", 100, "idle long-poll cycles measured (after 3 of warm-up)")
 	flag.DurationVar(&o.idleHold, "idle-hold", 150*time.Millisecond, "how long the server holds a long-poll with nothing new")
 	flag.DurationVar(&o.phaseLimit, "phase-timeout", 6*time.Minute, "longest wait for one measured phase")
 	flag.IntVar(&o.churn, "churn", 50, "untracked users changing devices together with the tracked one")
