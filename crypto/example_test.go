@@ -103,6 +103,6 @@ func ExampleBotRequiredState() {
 		fmt.Println()
 	}
 	// Output:
-	// all members=true: lazy members=false, state: m.room.encryption/"" m.room.history_visibility/"" m.room.create/"" m.room.name/"" m.room.member/"*"
-	// all members=false: lazy members=true, state: m.room.encryption/"" m.room.history_visibility/"" m.room.create/"" m.room.name/""
+	// all members=true: lazy members=false, state: m.room.encryption/"" m.room.history_visibility/"" m.room.member/"*"
+	// all members=false: lazy members=true, state: m.room.encryption/"" m.room.history_visibility/""
 }
