@@ -57,7 +57,9 @@
 //     [Consumer.E2EECommitted] starts network work (key queries, uploads) on the consumer's
 //     own goroutine, retried with backoff from what the consumer recorded. A
 //     [DeltaConsumer] is also told which delta that commit carried, so that it can trust
-//     what its HandleE2EE wrote (a delta whose commit failed is never reported).
+//     what its HandleE2EE wrote (a delta whose commit failed is never reported). A
+//     [SkippingConsumer] can say before step 3 that it has nothing to write for the delta;
+//     the extension then stays out of the commit, and that delta is not reported.
 //
 // The extension's own state holds no to-do list: the consumer's record of outdated users is
 // written in the same transaction as pos (or, for a store in another database, durably before

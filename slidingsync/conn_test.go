@@ -622,22 +622,6 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	assert.Error(t, err)
 }
 
-// windowResp answers list "all" of total rooms (!r0:x, !r1:x, ...) with the rooms up to end
-// and a SYNC op over [0, opEnd].
-func windowResp(total, end, opEnd int) *slidingsync.Response {
-	end = min(end, total-1)
-	ids := make([]id.RoomID, 0, end+1)
-	for i := 0; i <= end; i++ {
-		ids = append(ids, id.RoomID("!r"+strconv.Itoa(i)+":x"))
-	}
-	resp := roomResp("", ids...)
-	resp.Lists = map[string]slidingsync.ListResponse{"all": {
-		Count: slidingsync.Some(total),
-		Ops:   []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: 0, End: opEnd}, RoomIDs: ids}},
-	}}
-	return resp
-}
-
 func TestGrowingWindowCoversEveryRoom(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const total = 23
@@ -649,7 +633,7 @@ func TestGrowingWindowCoversEveryRoom(t *testing.T) {
 				return nil // nothing new: long-poll
 			}
 			served = lc.Ranges[0].End
-			return windowResp(total, lc.Ranges[0].End, lc.Ranges[0].End)
+			return rangesResp(total, lc.Ranges)
 		})
 		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
 			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 10, TimelineLimit: 1}},

@@ -37,7 +37,17 @@
 // the commit does the new pos become current. A failure anywhere before the commit commits
 // nothing and the same pos is requested again, so delivery is at least once: a crash or error
 // replays the response, and handlers must be idempotent. A response whose pos was already
-// processed is ignored.
+// processed is ignored. Extensions with nothing to write for a response stay out of the
+// commit ([TxnSkipper]), so that an idle long-poll commits pos alone (one statement with
+// sqlstore).
+//
+// # Windows and memory
+//
+// A list with ListConfig.GrowBatch has its window managed: it covers every room step by step
+// without long-polling (scanning with a head range and a moving range where the dialect takes
+// several ranges), then, with ShrinkTo, keeps only the top of the list and probes further when
+// the window's last room has new activity. Config.RoomCache bounds the rooms kept in memory;
+// the others are read from the store ([RoomLoader]) when a response touches them.
 //
 // # Merge rules
 //
