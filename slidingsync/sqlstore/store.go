@@ -188,24 +188,15 @@ func posOnly(upd *slidingsync.Update) bool {
 // Load implements [slidingsync.Store]. It reads in one transaction (REPEATABLE READ on
 // PostgreSQL) so that it sees one commit, never parts of two.
 func (s *Store) Load(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
-	var opts *dbutil.TxnOptions
-	if s.DB.Dialect == dbutil.Postgres {
-		opts = &dbutil.TxnOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true}
-	}
-	var cp *slidingsync.Checkpoint
-	err := s.DB.DoTxn(ctx, opts, func(ctx context.Context) error {
-		var err error
-		cp, err = s.load(ctx, key, true)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	return cp, nil
+	return s.loadTxn(ctx, key, true)
 }
 
 // LoadHead implements [slidingsync.RoomLoader]: Load without the rooms.
 func (s *Store) LoadHead(ctx context.Context, key slidingsync.ConnKey) (*slidingsync.Checkpoint, error) {
+	return s.loadTxn(ctx, key, false)
+}
+
+func (s *Store) loadTxn(ctx context.Context, key slidingsync.ConnKey, withRooms bool) (*slidingsync.Checkpoint, error) {
 	var opts *dbutil.TxnOptions
 	if s.DB.Dialect == dbutil.Postgres {
 		opts = &dbutil.TxnOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true}
@@ -213,7 +204,7 @@ func (s *Store) LoadHead(ctx context.Context, key slidingsync.ConnKey) (*sliding
 	var cp *slidingsync.Checkpoint
 	err := s.DB.DoTxn(ctx, opts, func(ctx context.Context) error {
 		var err error
-		cp, err = s.load(ctx, key, false)
+		cp, err = s.load(ctx, key, withRooms)
 		return err
 	})
 	if err != nil {
