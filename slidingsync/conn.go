@@ -996,9 +996,12 @@ type growth struct {
 	shrunk   bool // every room has been seen and the window is the head
 }
 
-// scanOverlap is how far each scan range reaches back into the previous one, so that rooms
-// moving down a little between two requests are not skipped.
-func scanOverlap(lc ListConfig) int { return lc.GrowBatch / 20 }
+// scanFrom returns the scan range that starts at position next: GrowBatch rooms, reaching back
+// GrowBatch/20 into the previous range so that rooms moving down a little between two
+// requests are not skipped, and ending at the list's last position at most.
+func scanFrom(lc ListConfig, next, last int) Range {
+	return Range{Start: max(next-lc.GrowBatch/20, 0), End: min(next+lc.GrowBatch-1, last)}
+}
 
 // ranges returns the ranges to request. g may be nil: the first window.
 func (g *growth) ranges(lc ListConfig) []Range {
@@ -1055,16 +1058,14 @@ func (c *Conn) growWindows(proto Protocol, lists map[string]ListState, news map[
 				if g.scan.End >= last {
 					g.scanning, g.shrunk = false, true
 				} else {
-					next := g.scan.End + 1
-					g.scan = Range{Start: max(next-scanOverlap(lc), 0), End: min(next+lc.GrowBatch-1, last)}
+					g.scan = scanFrom(lc, g.scan.End+1, last)
 					more = true
 				}
 			}
 		case g.head < last:
 			if lc.ShrinkTo > 0 && lc.ShrinkTo < lc.GrowBatch && proto != ProtocolV4 {
-				next := g.head + 1
 				g.scanning = true
-				g.scan = Range{Start: max(next-scanOverlap(lc), 0), End: min(next+lc.GrowBatch-1, last)}
+				g.scan = scanFrom(lc, g.head+1, last)
 				g.head = lc.ShrinkTo - 1
 			} else {
 				g.head = min(g.head+lc.GrowBatch, last)

@@ -86,29 +86,26 @@ func NewMemoryStore() *MemoryStore {
 
 // Load implements Store. The returned maps are copies.
 func (s *MemoryStore) Load(_ context.Context, key ConnKey) (*Checkpoint, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	cp := s.conns[key]
-	if cp == nil {
-		return &Checkpoint{}, nil
-	}
-	return &Checkpoint{
-		Pos:        cp.Pos,
-		Lists:      maps.Clone(cp.Lists),
-		Rooms:      maps.Clone(cp.Rooms),
-		Extensions: maps.Clone(cp.Extensions),
-	}, nil
+	return s.load(key, true), nil
 }
 
 // LoadHead implements RoomLoader. The returned maps are copies.
 func (s *MemoryStore) LoadHead(_ context.Context, key ConnKey) (*Checkpoint, error) {
+	return s.load(key, false), nil
+}
+
+func (s *MemoryStore) load(key ConnKey, withRooms bool) *Checkpoint {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cp := s.conns[key]
 	if cp == nil {
-		return &Checkpoint{}, nil
+		return &Checkpoint{}
 	}
-	return &Checkpoint{Pos: cp.Pos, Lists: maps.Clone(cp.Lists), Extensions: maps.Clone(cp.Extensions)}, nil
+	out := &Checkpoint{Pos: cp.Pos, Lists: maps.Clone(cp.Lists), Extensions: maps.Clone(cp.Extensions)}
+	if withRooms {
+		out.Rooms = maps.Clone(cp.Rooms)
+	}
+	return out
 }
 
 // LoadRooms implements RoomLoader.

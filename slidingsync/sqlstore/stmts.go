@@ -28,8 +28,9 @@ func (c *stmtCache) exec(ctx context.Context, db *dbutil.Database, query string,
 	if db.Dialect != dbutil.SQLite {
 		return db.Exec(ctx, query, args...)
 	}
-	txn, inTxn := db.Execable(ctx).(*dbutil.LoggingTxn)
-	if !inTxn && db.Execable(ctx) != &db.LoggingDB {
+	ex := db.Execable(ctx)
+	txn, inTxn := ex.(*dbutil.LoggingTxn)
+	if !inTxn && ex != &db.LoggingDB {
 		return db.Exec(ctx, query, args...) // some other transaction type
 	}
 	stmt, err := c.prepare(ctx, db, query)
