@@ -208,52 +208,83 @@ func New(cli *mautrix.Client, cfg Config) (*Conn, error) {
 func (c *Conn) Key() ConnKey { return c.key }
 
 // SetList adds or replaces a list. An in-flight request is cancelled and its response is
-// never processed. A list with GrowBatch starts again from its first window.
-func (c *Conn) SetList(name string, lc ListConfig) {
-	c.changeConfig(func() {
+// never processed. A list with GrowBatch starts again from its first window. A list the
+// connection's dialect cannot serve (once it is known: Config.Protocol or discovery) is
+// refused with an error and changes nothing.
+func (c *Conn) SetList(name string, lc ListConfig) error {
+	return c.changeConfig(func() error {
+		lists := maps.Clone(c.lists)
+		lists[name] = lc
+		if err := c.checkDialect(&Request{Lists: lists, RoomSubscriptions: c.subs}); err != nil {
+			return err
+		}
 		c.lists[name] = lc
 		c.dellists = slices.DeleteFunc(c.dellists, func(n string) bool { return n == name })
 		delete(c.growth, name) // another list: its window starts again
+		return nil
 	})
 }
 
 // RemoveList removes a list.
 func (c *Conn) RemoveList(name string) {
-	c.changeConfig(func() {
+	_ = c.changeConfig(func() error {
 		if _, ok := c.lists[name]; ok {
 			delete(c.lists, name)
 			delete(c.growth, name)
 			c.dellists = append(c.dellists, name)
 		}
+		return nil
 	})
 }
 
-// Subscribe adds or replaces a room subscription.
-func (c *Conn) Subscribe(roomID id.RoomID, sub RoomSubscription) {
-	c.changeConfig(func() {
+// Subscribe adds or replaces a room subscription. Like SetList, it refuses a subscription
+// the dialect cannot serve.
+func (c *Conn) Subscribe(roomID id.RoomID, sub RoomSubscription) error {
+	return c.changeConfig(func() error {
+		subs := maps.Clone(c.subs)
+		subs[roomID] = sub
+		if err := c.checkDialect(&Request{Lists: c.lists, RoomSubscriptions: subs}); err != nil {
+			return err
+		}
 		c.subs[roomID] = sub
 		c.unsubs = slices.DeleteFunc(c.unsubs, func(r id.RoomID) bool { return r == roomID })
+		return nil
 	})
 }
 
 // Unsubscribe removes a room subscription.
 func (c *Conn) Unsubscribe(roomID id.RoomID) {
-	c.changeConfig(func() {
+	_ = c.changeConfig(func() error {
 		if _, ok := c.subs[roomID]; ok {
 			delete(c.subs, roomID)
 			c.unsubs = append(c.unsubs, roomID)
 		}
+		return nil
 	})
 }
 
-func (c *Conn) changeConfig(fn func()) {
+// checkDialect encodes a configuration for the dialect in use, if it is known yet, to refuse
+// what it cannot express or its servers refuse. Caller holds c.mu.
+func (c *Conn) checkDialect(req *Request) error {
+	p := cmp.Or(c.endpoint.Protocol, c.cfg.Protocol)
+	if p == ProtocolAuto {
+		return nil
+	}
+	_, _, err := EncodeRequest(p, req)
+	return err
+}
+
+func (c *Conn) changeConfig(fn func() error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	fn()
+	if err := fn(); err != nil {
+		return err
+	}
 	c.gen++
 	if c.cancelRq != nil {
 		c.cancelRq()
 	}
+	return nil
 }
 
 // Pos returns the pos of the last processed response.
@@ -658,6 +689,14 @@ func (c *Conn) reset(ctx context.Context) error {
 func (c *Conn) roundTrip(ctx context.Context, ep Endpoint, info RequestInfo, timeout time.Duration) (*Response, uint64, error) {
 	req, gen, reqCtx, cancel := c.buildRequest(ctx, info)
 	defer cancel()
+	if ep.Protocol != ProtocolV4 {
+		for name, lc := range req.Lists {
+			if len(lc.Ranges) == 0 && lc.GrowBatch <= 0 {
+				lc.Ranges = everyRoom
+				req.Lists[name] = lc
+			}
+		}
+	}
 	timeoutMS := timeout.Milliseconds()
 	req.Timeout = &timeoutMS
 	extBodies := make(map[string]json.RawMessage, len(c.exts))

@@ -15,8 +15,9 @@ import (
 // Config.TimelineCap is zero.
 const DefaultTimelineCap = 20
 
-// MaxWindowIndex bounds the list window: an op touching a higher index is rejected, so a
-// hostile count or index cannot make the client allocate or shift without limit.
+// MaxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
+// rejected, so a hostile count or index cannot make the client allocate or shift without
+// limit. A range may end past it (a server echoing a wide requested range).
 const MaxWindowIndex = 1 << 18
 
 // MaxListOps bounds the ops of one list in one response (servers send one per range, or a
@@ -247,11 +248,16 @@ func (op ListOp) validate() error {
 		if op.Range == nil {
 			return fmt.Errorf("%s without range", op.Op)
 		}
-		if !op.Range.Valid() || op.Range.End >= MaxWindowIndex {
+		// The end may lie past MaxWindowIndex: Synapse echoes the range a client asked for,
+		// however wide. Only the positions the op fills are bounded.
+		if !op.Range.Valid() || op.Range.Start >= MaxWindowIndex {
 			return fmt.Errorf("%s with invalid range [%d, %d]", op.Op, op.Range.Start, op.Range.End)
 		}
-		if op.Op == ListOpSync && len(op.RoomIDs) > op.Range.End-op.Range.Start+1 {
+		if op.Op == ListOpSync && len(op.RoomIDs)-1 > op.Range.End-op.Range.Start {
 			return fmt.Errorf("SYNC of %d rooms into range [%d, %d]", len(op.RoomIDs), op.Range.Start, op.Range.End)
+		}
+		if op.Op == ListOpSync && op.Range.Start+len(op.RoomIDs) > MaxWindowIndex {
+			return fmt.Errorf("SYNC of %d rooms from %d: past position %d", len(op.RoomIDs), op.Range.Start, MaxWindowIndex)
 		}
 	case ListOpInsert, ListOpDelete:
 		if op.Index == nil {

@@ -708,6 +708,17 @@ func TestMergeList(t *testing.T) {
 			want: ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
 		},
 		{
+			name: "Synapse echoes a requested range ending past MaxWindowIndex",
+			lr:   `{"count":2,"ops":[{"op":"SYNC","range":[0,999999],"room_ids":["!a","!b"]}]}`,
+			want: ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
+		},
+		{
+			name: "an INVALIDATE of a range ending past MaxWindowIndex clears what is known",
+			old:  ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
+			lr:   `{"count":2,"ops":[{"op":"INVALIDATE","range":[1,9007199254740991]}]}`,
+			want: ListState{Count: 2, Rooms: roomIDs("!a")},
+		},
+		{
 			name: "Synapse sends one SYNC per range, leaving a gap between them",
 			lr: `{"count":30,"ops":[{"op":"SYNC","range":[0,1],"room_ids":["!a","!b"]},
 				{"op":"SYNC","range":[10,11],"room_ids":["!k","!l"]}]}`,
@@ -865,7 +876,8 @@ func TestMergeListRejectsImpossibleResponses(t *testing.T) {
 		{"negative index", `{"ops":[{"op":"DELETE","index":-1}]}`, "invalid index"},
 		{"index at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"INSERT","index":%d,"room_id":"!x"}]}`, MaxWindowIndex), "invalid index"},
 		{"huge index", `{"ops":[{"op":"INSERT","index":9007199254740991,"room_id":"!x"}]}`, "invalid index"},
-		{"range ending at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[0,%d],"room_ids":[]}]}`, MaxWindowIndex), "invalid range"},
+		{"range starting at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":[]}]}`, MaxWindowIndex, MaxWindowIndex+5), "invalid range"},
+		{"SYNC of room IDs past MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":["!x","!y"]}]}`, MaxWindowIndex-1, MaxWindowIndex+5), "past position"},
 		{"reversed range", `{"ops":[{"op":"INVALIDATE","range":[2,1]}]}`, "invalid range"},
 		{"negative range", `{"ops":[{"op":"SYNC","range":[-1,1],"room_ids":[]}]}`, "invalid range"},
 		{"SYNC of more room IDs than its range", `{"ops":[{"op":"SYNC","range":[0,1],"room_ids":["!x","!y","!z"]}]}`, "SYNC of 3 rooms"},

@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
@@ -324,5 +325,109 @@ func TestRepeatedServerErrorIsReportedAndLoggedOncePerStreak(t *testing.T) {
 		}
 		assert.Equal(t, 2, errorLines, "one error line per streak of identical failures")
 		assert.Contains(t, logs.String(), "Sync recovered")
+	})
+}
+
+func TestConfigSynapseRefusesIsRefusedByNew(t *testing.T) {
+	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+	cli := srv.NewClient()
+	lists := func(n int) map[string]slidingsync.ListConfig {
+		out := make(map[string]slidingsync.ListConfig, n)
+		for i := range n {
+			out[fmt.Sprintf("l%d", i)] = allList
+		}
+		return out
+	}
+	with := func(edit func(*slidingsync.ListConfig)) map[string]slidingsync.ListConfig {
+		lc := allList
+		edit(&lc)
+		return map[string]slidingsync.ListConfig{"all": lc}
+	}
+	for _, tc := range []struct {
+		name  string
+		cfg   slidingsync.Config
+		field string
+	}{
+		{"Synapse answers the spaces filter with 500", slidingsync.Config{Lists: with(func(lc *slidingsync.ListConfig) {
+			lc.Filters = &slidingsync.ListFilters{Spaces: []string{"!space:x"}}
+		})}, "Filters.Spaces"},
+		{"Synapse answers room_name_like with 500", slidingsync.Config{Lists: with(func(lc *slidingsync.ListConfig) {
+			lc.Filters = &slidingsync.ListFilters{RoomNameLike: "falcon"}
+		})}, "Filters.RoomNameLike"},
+		{"Synapse refuses a timeline limit over 1000", slidingsync.Config{Lists: with(func(lc *slidingsync.ListConfig) {
+			lc.TimelineLimit = 1001
+		})}, "TimelineLimit 1001"},
+		{"Synapse refuses a subscription's timeline limit over 1000", slidingsync.Config{
+			RoomSubscriptions: map[id.RoomID]slidingsync.RoomSubscription{"!a:x": {TimelineLimit: 5000}},
+		}, "TimelineLimit 5000"},
+		{"Synapse refuses a list name over 64 characters", slidingsync.Config{
+			Lists: map[string]slidingsync.ListConfig{strings.Repeat("é", 65): allList},
+		}, "longer than the 64 characters"},
+		{"Synapse refuses more than 100 lists", slidingsync.Config{Lists: lists(101)}, "101 lists"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.cfg.Protocol = slidingsync.ProtocolMSC4186
+			_, err := slidingsync.New(cli, tc.cfg)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tc.field)
+			assert.Contains(t, err.Error(), "msc4186")
+			tc.cfg.Protocol = slidingsync.ProtocolMSC3575
+			_, err = slidingsync.New(cli, tc.cfg)
+			assert.NoError(t, err, "the proxy serves it")
+		})
+	}
+	t.Run("at the limits", func(t *testing.T) {
+		cfg := slidingsync.Config{Protocol: slidingsync.ProtocolMSC4186, Lists: lists(100)}
+		cfg.Lists[strings.Repeat("é", 64)] = slidingsync.ListConfig{TimelineLimit: 1000}
+		delete(cfg.Lists, "l0")
+		_, err := slidingsync.New(cli, cfg)
+		assert.NoError(t, err)
+	})
+}
+
+func TestConfigSynapseRefusesIsRefusedAfterDiscoveryAndBySetList(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{}) // advertises MSC4186
+		lc := allList
+		lc.Filters = &slidingsync.ListFilters{Spaces: []string{"!space:x"}}
+		conn, err := slidingsync.New(srv.NewClient(), slidingsync.Config{Lists: map[string]slidingsync.ListConfig{"spaces": lc}})
+		require.NoError(t, err, "the dialect is not known before discovery")
+		err = conn.Run(context.Background())
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "Filters.Spaces")
+		assert.Empty(t, srv.Requests(), "no sync request was sent")
+
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		err = h.conn.SetList("spaces", lc)
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "msc4186")
+		h.srv.Push(roomResp("p1"))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 1)
+		require.NoError(t, err)
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		assert.NotContains(t, reqs[0].Parsed.Lists, "spaces", "a refused list changes nothing")
+	})
+}
+
+func TestListWithoutRangesGetsEveryRoomFromSynapse(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// Synapse sends no room for a list without ranges, and echoes the requested range in
+		// its SYNC op, however far past the list it reaches.
+		lc := allList
+		lc.Ranges = nil
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Lists: map[string]slidingsync.ListConfig{"all": lc}})
+		h.srv.PushJSON(http.StatusOK, fmt.Sprintf(`{"pos":"p1","lists":{"all":{"count":2,"ops":[{"op":"SYNC","range":[0,%d],"room_ids":["!a:x","!b:x"]}]}},
+			"rooms":{"!a:x":{"initial":true},"!b:x":{"initial":true}},"extensions":{}}`, slidingsync.MaxWindowIndex-1))
+		h.run()
+		reqs, err := h.srv.WaitRequests(context.Background(), 2)
+		require.NoError(t, err)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: slidingsync.MaxWindowIndex - 1}}, reqs[0].Parsed.Lists["all"].Ranges)
+		ls, ok := h.conn.List("all")
+		require.True(t, ok, "the echoed range is accepted")
+		assert.Equal(t, []id.RoomID{"!a:x", "!b:x"}, ls.Rooms)
+		assert.Equal(t, "p1", reqs[1].Parsed.Pos)
 	})
 }
