@@ -915,6 +915,13 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		if !ok {
 			old = stored[roomID]
 		}
+		if info.Protocol == ProtocolMSC4186 && !rr.IsDM.Set {
+			// Synapse sends is_dm with every entry of a DM and never false: absent means
+			// the room is not (or no longer) a DM.
+			cp := *rr
+			cp.IsDM = Some(false)
+			rr = &cp
+		}
 		if hasNews(old, rr) {
 			if news == nil {
 				news = make(map[id.RoomID]bool)

@@ -119,6 +119,14 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	applyOpt(&next.HighlightCount, r.HighlightCount, initial)
 	applyOpt(&next.BumpStamp, r.BumpStamp, initial)
 	applyOpt(&next.InviteState, r.InviteState, initial)
+	// Synapse never sends null: a removed name or avatar shows only as its state event with
+	// an empty value, when the entry carries it.
+	if !r.Name.Set && emptyState(r, "m.room.name", "name") {
+		next.Name = ""
+	}
+	if !r.Avatar.Set && emptyState(r, "m.room.avatar", "url") {
+		next.Avatar = ""
+	}
 
 	if r.Initial || next.State == nil || len(r.RequiredState) > 0 {
 		if r.Initial || next.State == nil {
@@ -137,7 +145,9 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	}
 
 	switch {
-	case r.Initial || r.Limited || old == nil:
+	case r.Initial || r.Limited || r.ExpandedTimeline || old == nil:
+		// An expanded timeline (the room's timeline limit grew) re-sends older events: it
+		// replaces what was kept rather than being appended.
 		next.Timeline = lastN(r.Timeline, timelineCap)
 	case len(r.Timeline) > 0:
 		combined := make([]*event.Event, 0, min(len(next.Timeline)+len(r.Timeline), timelineCap))
@@ -224,6 +234,34 @@ func compactEvent(evt *event.Event) (*event.Event, bool) {
 		cp.Unsigned.PrevContent = &event.Content{VeryRaw: prev.VeryRaw}
 	}
 	return &cp, true
+}
+
+// emptyState reports whether a room entry carries the current state event of the given type
+// (state key "") with an empty or absent string field, or a stub of it. required_state is the
+// current state and wins over state events of the timeline.
+func emptyState(r *RoomResponse, evtType, field string) bool {
+	var found *event.Event
+	for _, evts := range [][]*event.Event{r.Timeline, r.RequiredState} {
+		for _, evt := range evts {
+			if evt != nil && evt.Type.Type == evtType && evt.StateKey != nil && *evt.StateKey == "" {
+				found = evt
+			}
+		}
+	}
+	if found == nil {
+		return false
+	}
+	if IsStateStub(found) {
+		return true
+	}
+	var content map[string]any
+	if found.Content.Raw != nil {
+		content = found.Content.Raw
+	} else if err := json.Unmarshal(found.Content.VeryRaw, &content); err != nil {
+		return false
+	}
+	value, _ := content[field].(string)
+	return value == ""
 }
 
 func lastN(evts []*event.Event, n int) []*event.Event {

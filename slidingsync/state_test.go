@@ -193,6 +193,52 @@ func TestMergeRoom(t *testing.T) {
 			},
 		},
 		{
+			name: "Synapse: a removed name shows only as an empty m.room.name in required_state",
+			entries: []string{initialRich, `{"required_state":[` + stateEvt("m.room.name", "", `{}`) + `,` +
+				stateEvt("m.room.avatar", "", `{"url":""}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "", rs.Name)
+				assert.Equal(t, id.ContentURIString(""), rs.Avatar)
+			},
+		},
+		{
+			name:    "Synapse: a name removed by a state event in the timeline",
+			entries: []string{initialRich, `{"timeline":[` + stateEvt("m.room.name", "", `{"name":""}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "", rs.Name)
+				assert.Equal(t, id.ContentURIString("mxc://example.org/falcon"), rs.Avatar)
+			},
+		},
+		{
+			name:    "a name event with a value leaves the name field to the server (it may be a computed name)",
+			entries: []string{initialRich, `{"required_state":[` + stateEvt("m.room.name", "", `{"name":"Other"}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "Project Falcon", rs.Name)
+			},
+		},
+		{
+			name:    "a deleted name (a stub) removes it",
+			entries: []string{initialRich, `{"required_state":[` + stub("m.room.name", "") + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "", rs.Name)
+			},
+		},
+		{
+			name:    "an explicit name wins over the state event",
+			entries: []string{initialRich, `{"name":"New","required_state":[` + stateEvt("m.room.name", "", `{}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "New", rs.Name)
+			},
+		},
+		{
+			name:    "Synapse: an expanded timeline replaces the kept one instead of appending",
+			entries: []string{`{"initial":true,"timeline":` + msgs(5, 6) + `}`, `{"unstable_expanded_timeline":true,"timeline":` + msgs(1, 6) + `}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, msgIDs(1, 6), timelineIDs(rs))
+				assert.False(t, rs.MembersStale, "not a gap")
+			},
+		},
+		{
 			name:    "an initial entry that names nothing unsets everything the room had",
 			entries: []string{initialRich, `{"initial":true}`},
 			check: func(t *testing.T, rs *RoomState) {

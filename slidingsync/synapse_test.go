@@ -431,3 +431,29 @@ func TestListWithoutRangesGetsEveryRoomFromSynapse(t *testing.T) {
 		assert.Equal(t, "p1", reqs[1].Parsed.Pos)
 	})
 }
+
+func TestSynapseRoomThatStopsBeingADMLosesIsDM(t *testing.T) {
+	for _, tc := range []struct {
+		proto  slidingsync.Protocol
+		wantDM bool
+	}{
+		{slidingsync.ProtocolMSC4186, false}, // Synapse: is_dm only when true, on every entry
+		{slidingsync.ProtocolMSC3575, true},  // absent means unchanged
+	} {
+		t.Run(tc.proto.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				h := start(t, tc.proto, slidingsync.Config{})
+				h.srv.PushJSON(http.StatusOK, `{"pos":"p1","rooms":{"!dm:x":{"initial":true,"is_dm":true}}}`)
+				h.srv.PushJSON(http.StatusOK, `{"pos":"p2","rooms":{"!dm:x":{"timeline":[]}}}`)
+				h.run()
+				_, err := h.srv.WaitRequests(context.Background(), 3)
+				require.NoError(t, err)
+				synctest.Wait()
+				require.ErrorIs(t, h.stop(t), context.Canceled)
+				rs, ok := h.conn.Room("!dm:x")
+				require.True(t, ok)
+				assert.Equal(t, tc.wantDM, rs.IsDM)
+			})
+		})
+	}
+}
