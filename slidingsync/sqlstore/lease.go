@@ -102,7 +102,7 @@ func newLeaseQueries(dialect dbutil.Dialect) leaseQueries {
 			WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4 AND expires_at > ` + now,
 		holder:   `SELECT holder FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3`,
 		takeOver: `UPDATE slidingsync_lease SET holder=$4, expires_at=` + now + ` + $5 WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$6`,
-		release: `DELETE FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4`,
+		release:  `DELETE FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4`,
 		fencedPos: `
 			UPDATE slidingsync_conn SET pos=$8
 			WHERE user_id=$5 AND device_id=$6 AND conn_id=$7 AND EXISTS (
