@@ -144,7 +144,23 @@ func Discover(ctx context.Context, cli *mautrix.Client, override Protocol) (Endp
 	} else if proxy != nil {
 		return Endpoint{Protocol: ProtocolMSC3575, BaseURL: proxy}, nil
 	}
+	if len(errs) == 2 && hasTransientCause(errors.Join(errs...)) && allUnreachable(errs) {
+		// Neither question got an answer: nothing is known about sliding sync yet.
+		return Endpoint{}, fmt.Errorf("slidingsync: cannot reach the homeserver %s: %w", cli.HomeserverURL.Redacted(), errors.Join(errs...))
+	}
 	return Endpoint{}, errors.Join(append([]error{ErrNoSlidingSync}, errs...)...)
+}
+
+// allUnreachable reports whether every error is a failure to get an answer at all (no HTTP
+// response: the network, a refused connection, a timeout).
+func allUnreachable(errs []error) bool {
+	for _, err := range errs {
+		var httpErr mautrix.HTTPError
+		if errors.As(err, &httpErr) && httpErr.Response != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // discoverProxy finds where an MSC3575 connection goes: the proxy .well-known names, or the

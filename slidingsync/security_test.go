@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
@@ -16,6 +17,7 @@ import (
 	"maunium.net/go/mautrix/event"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
 // countingTransport counts the requests that would leave the process.
@@ -102,4 +104,30 @@ func mustURL(t *testing.T, raw string) *url.URL {
 	u, err := url.Parse(raw)
 	require.NoError(t, err)
 	return u
+}
+
+func TestDiscoveryOfAnUnreachableHomeserverSaysSo(t *testing.T) {
+	hs := httptest.NewServer(http.NotFoundHandler())
+	addr := hs.URL
+	hs.Close() // nothing listens there any more
+	cli, err := mautrix.NewClient(addr, "@bot:example.org", "token")
+	require.NoError(t, err)
+	cli.DefaultHTTPRetries = 0
+	_, err = slidingsync.Discover(context.Background(), cli, slidingsync.ProtocolAuto)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "cannot reach the homeserver")
+	assert.NotErrorIs(t, err, slidingsync.ErrNoSlidingSync, "nothing is known about sliding sync")
+}
+
+func TestForcedDialectTheServerLacksNamesItselfAndItsURL(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: slidingsync.ProtocolMSC3575})
+		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		h.run()
+		err := <-h.done
+		h.cancel()
+		require.ErrorIs(t, err, mautrix.MUnrecognized)
+		assert.Contains(t, err.Error(), "msc4186")
+		assert.Contains(t, err.Error(), slidingsynctest.DefaultHomeserverURL)
+	})
 }
