@@ -93,6 +93,12 @@ type RecordedRequest struct {
 	Answered bool
 	// Status is the HTTP status of the answer, 0 if not answered.
 	Status int
+	// AnsweredAt is when the answer was handed over (fake time inside a synctest bubble),
+	// zero if not answered. The gap to the next request's Received is the time the client
+	// took before asking again.
+	AnsweredAt time.Time
+	// AnswerPos is the pos of a 200 answer, empty for other answers.
+	AnswerPos string
 }
 
 // Server is a fake sliding sync server that answers sync requests from a script. It is safe
@@ -471,7 +477,7 @@ func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 		status, out = s.synapseRefusal(&s.reqs[idx])
 	}
 	if status != 0 {
-		s.finish(idx, status)
+		s.finish(idx, status, out)
 		s.mu.Unlock()
 		writeJSON(w, status, out)
 		return
@@ -495,7 +501,7 @@ func (s *Server) answer(ctx context.Context, idx int, timeout time.Duration) (st
 		it := s.queue[0]
 		s.queue = s.queue[1:]
 		status, out = s.render(it, idx)
-		s.finish(idx, status)
+		s.finish(idx, status, out)
 		s.mu.Unlock()
 		return status, out, true
 	}
@@ -506,14 +512,14 @@ func (s *Server) answer(ctx context.Context, idx int, timeout time.Duration) (st
 				it = &item{status: http.StatusOK, fields: s.shapeResponse(resp, readSynapseRequest(&s.reqs[idx])), pos: resp.Pos}
 			}
 			status, out = s.render(it, idx)
-			s.finish(idx, status)
+			s.finish(idx, status, out)
 			s.mu.Unlock()
 			return status, out, true
 		}
 	}
 	if timeout <= 0 {
 		status, out = http.StatusOK, s.emptyResponse(idx)
-		s.finish(idx, status)
+		s.finish(idx, status, out)
 		s.mu.Unlock()
 		return status, out, true
 	}
@@ -552,16 +558,26 @@ func (s *Server) answer(ctx context.Context, idx int, timeout time.Duration) (st
 	default:
 		status, out = http.StatusOK, s.emptyResponse(idx)
 	}
-	s.finish(idx, status)
+	s.finish(idx, status, out)
 	return status, out, true
 }
 
-// finish marks request idx answered. It runs before the answer is written so that a client
-// that sends its next request as soon as it reads this answer never sees two in flight.
-// Caller holds s.mu.
-func (s *Server) finish(idx, status int) {
-	s.reqs[idx].Answered = true
-	s.reqs[idx].Status = status
+// finish marks request idx answered with body. It runs before the answer is written so that
+// a client that sends its next request as soon as it reads this answer never sees two in
+// flight. Caller holds s.mu.
+func (s *Server) finish(idx, status int, body []byte) {
+	rec := &s.reqs[idx]
+	rec.Answered = true
+	rec.Status = status
+	rec.AnsweredAt = time.Now()
+	if status == http.StatusOK {
+		var p struct {
+			Pos string `json:"pos"`
+		}
+		if json.Unmarshal(body, &p) == nil {
+			rec.AnswerPos = p.Pos
+		}
+	}
 	s.inFlight--
 }
 

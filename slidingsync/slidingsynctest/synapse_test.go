@@ -89,6 +89,12 @@ func TestSynapseIdleLongPollKeepsPos(t *testing.T) {
 		// Again: a pos kept once is kept every time nothing happens.
 		r = ssync(t.Context(), srv, first, "30000", `{}`)
 		assert.Equal(t, "1", posOf(t, r))
+
+		reqs := srv.Requests()
+		require.Len(t, reqs, 3)
+		assert.Equal(t, "1", reqs[1].AnswerPos)
+		assert.Equal(t, 30*time.Second, reqs[1].AnsweredAt.Sub(reqs[1].Received))
+		assert.Equal(t, reqs[1].AnsweredAt, reqs[2].Received, "the gap between an answer and the next request")
 	})
 }
 
