@@ -32,8 +32,9 @@ const (
 	DefaultBotToken    = "demo-bot-token"
 )
 
-// maxPollTimeout caps a sync request's long-poll, whatever it asks for.
-const maxPollTimeout = 30 * time.Second
+// DefaultPollTimeout caps a sync request's long-poll, whatever it asks for, when
+// Options.PollTimeout is zero.
+const DefaultPollTimeout = 30 * time.Second
 
 // Options configures a [Server]. Every zero value is usable.
 type Options struct {
@@ -54,6 +55,10 @@ type Options struct {
 	Dir string
 	// Log receives the peers' mautrix logs; nil means none.
 	Log *zerolog.Logger
+	// PollTimeout caps every sync long-poll, whatever the request asks for; zero means
+	// DefaultPollTimeout. A short one makes idle long-polls (answered with the request's
+	// pos) come often.
+	PollTimeout time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -74,6 +79,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.BotToken == "" {
 		o.BotToken = DefaultBotToken
+	}
+	if o.PollTimeout <= 0 {
+		o.PollTimeout = DefaultPollTimeout
 	}
 	return o
 }
@@ -187,6 +195,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.generate()
 	s.ss = slidingsynctest.NewServer(slidingsynctest.Options{
 		Protocol:    slidingsync.ProtocolMSC4186,
+		Personality: slidingsynctest.PersonalitySynapse,
 		UserID:      opts.BotUserID,
 		DeviceID:    opts.BotDeviceID,
 		AccessToken: opts.BotToken,
@@ -209,6 +218,12 @@ func (s *Server) Rooms() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.listLocked())
+}
+
+// SyncRequests returns the bot's sliding sync requests so far, in arrival order, with when
+// each was answered and the pos of its answer.
+func (s *Server) SyncRequests() []slidingsynctest.RecordedRequest {
+	return s.ss.Requests()
 }
 
 // Membership returns user's membership in roomID, empty if none.
