@@ -28,6 +28,7 @@ import (
 const (
 	DefaultPollTimeout     = 30 * time.Second
 	DefaultTimeoutMargin   = 15 * time.Second
+	DefaultNoPollTimeout   = 2 * time.Minute
 	DefaultMinBackoff      = time.Second
 	DefaultMaxBackoff      = 30 * time.Second
 	DefaultMaxResponseSize = 256 << 20
@@ -59,6 +60,16 @@ type Config struct {
 	// TimeoutMargin is added to the poll timeout for the HTTP request's own timeout, so that a
 	// response sent at the end of the poll is not lost. Zero means DefaultTimeoutMargin.
 	TimeoutMargin time.Duration
+	// NoPollTimeout is the HTTP timeout of a request that asks the server not to wait
+	// (timeout=0: the first request of a Run, window steps, catch-up after a full to-device
+	// batch). The server computes such a response at once, which for a large window on a
+	// loaded server can take long, and Synapse keeps computing after the client gives up.
+	// Zero means DefaultNoPollTimeout.
+	NoPollTimeout time.Duration
+	// OnSyncError, if set, is called from Run for every failed cycle that Run retries, before
+	// the wait: the application learns that syncing is failing (and how long it has been
+	// failing the same way) while Run keeps retrying. It must not block.
+	OnSyncError func(ctx context.Context, se SyncError)
 	// MinBackoff and MaxBackoff bound the exponential backoff after retryable errors (5xx,
 	// network, undecodable responses). Zero means DefaultMinBackoff and DefaultMaxBackoff.
 	MinBackoff, MaxBackoff time.Duration
@@ -118,15 +129,17 @@ type Conn struct {
 	cancelRq context.CancelFunc
 	endpoint Endpoint
 
-	stateMu    sync.RWMutex
-	pos        string
-	rooms      map[id.RoomID]*RoomState
-	roomUsed   map[id.RoomID]uint64 // when a response last touched a room in rooms; RoomCache only
-	roomTick   uint64
-	listStates map[string]ListState
-	loaded     bool
-	checkpts   map[string]json.RawMessage
-	txnCounter uint64
+	stateMu     sync.RWMutex
+	pos         string
+	origin      string // the endpoint that issued pos (originOf)
+	originDirty bool   // origin is not stored yet
+	rooms       map[id.RoomID]*RoomState
+	roomUsed    map[id.RoomID]uint64 // when a response last touched a room in rooms; RoomCache only
+	roomTick    uint64
+	listStates  map[string]ListState
+	loaded      bool
+	checkpts    map[string]json.RawMessage
+	txnCounter  uint64
 }
 
 // New returns a connection for the client's logged-in device. It makes no network call.
@@ -195,52 +208,83 @@ func New(cli *mautrix.Client, cfg Config) (*Conn, error) {
 func (c *Conn) Key() ConnKey { return c.key }
 
 // SetList adds or replaces a list. An in-flight request is cancelled and its response is
-// never processed. A list with GrowBatch starts again from its first window.
-func (c *Conn) SetList(name string, lc ListConfig) {
-	c.changeConfig(func() {
+// never processed. A list with GrowBatch starts again from its first window. A list the
+// connection's dialect cannot serve (once it is known: Config.Protocol or discovery) is
+// refused with an error and changes nothing.
+func (c *Conn) SetList(name string, lc ListConfig) error {
+	return c.changeConfig(func() error {
+		lists := maps.Clone(c.lists)
+		lists[name] = lc
+		if err := c.checkDialect(&Request{Lists: lists, RoomSubscriptions: c.subs}); err != nil {
+			return err
+		}
 		c.lists[name] = lc
 		c.dellists = slices.DeleteFunc(c.dellists, func(n string) bool { return n == name })
 		delete(c.growth, name) // another list: its window starts again
+		return nil
 	})
 }
 
 // RemoveList removes a list.
 func (c *Conn) RemoveList(name string) {
-	c.changeConfig(func() {
+	_ = c.changeConfig(func() error {
 		if _, ok := c.lists[name]; ok {
 			delete(c.lists, name)
 			delete(c.growth, name)
 			c.dellists = append(c.dellists, name)
 		}
+		return nil
 	})
 }
 
-// Subscribe adds or replaces a room subscription.
-func (c *Conn) Subscribe(roomID id.RoomID, sub RoomSubscription) {
-	c.changeConfig(func() {
+// Subscribe adds or replaces a room subscription. Like SetList, it refuses a subscription
+// the dialect cannot serve.
+func (c *Conn) Subscribe(roomID id.RoomID, sub RoomSubscription) error {
+	return c.changeConfig(func() error {
+		subs := maps.Clone(c.subs)
+		subs[roomID] = sub
+		if err := c.checkDialect(&Request{Lists: c.lists, RoomSubscriptions: subs}); err != nil {
+			return err
+		}
 		c.subs[roomID] = sub
 		c.unsubs = slices.DeleteFunc(c.unsubs, func(r id.RoomID) bool { return r == roomID })
+		return nil
 	})
 }
 
 // Unsubscribe removes a room subscription.
 func (c *Conn) Unsubscribe(roomID id.RoomID) {
-	c.changeConfig(func() {
+	_ = c.changeConfig(func() error {
 		if _, ok := c.subs[roomID]; ok {
 			delete(c.subs, roomID)
 			c.unsubs = append(c.unsubs, roomID)
 		}
+		return nil
 	})
 }
 
-func (c *Conn) changeConfig(fn func()) {
+// checkDialect encodes a configuration for the dialect in use, if it is known yet, to refuse
+// what it cannot express or its servers refuse. Caller holds c.mu.
+func (c *Conn) checkDialect(req *Request) error {
+	p := cmp.Or(c.endpoint.Protocol, c.cfg.Protocol)
+	if p == ProtocolAuto {
+		return nil
+	}
+	_, _, err := EncodeRequest(p, req)
+	return err
+}
+
+func (c *Conn) changeConfig(fn func() error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	fn()
+	if err := fn(); err != nil {
+		return err
+	}
 	c.gen++
 	if c.cancelRq != nil {
 		c.cancelRq()
 	}
+	return nil
 }
 
 // Pos returns the pos of the last processed response.
@@ -360,13 +404,16 @@ func (c *Conn) Run(ctx context.Context) error {
 	c.endpoint = endpoint
 	c.mu.Unlock()
 
+	if err := c.adoptEndpoint(ctx, endpoint); err != nil {
+		return err
+	}
+
 	var (
-		failures    int
-		noPoll      = true // the first request of a Run does not wait
-		stalledPos  string
-		stalledSeen int
-		extStalls   int // consecutive responses after which an extension reported a stall
-		resets      int // M_UNKNOWN_POS resets since a request with pos last succeeded
+		fails     failures
+		noPoll    = true // the first request of a Run does not wait
+		extStalls int    // consecutive responses after which an extension reported a stall
+		resets    int    // M_UNKNOWN_POS resets since a request with pos last succeeded
+		early     int    // consecutive long-polls answered early with the pos they sent
 	)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -378,6 +425,7 @@ func (c *Conn) Run(ctx context.Context) error {
 		if noPoll || pos == "" {
 			timeout = 0
 		}
+		sent := time.Now()
 		resp, gen, err := c.roundTrip(ctx, endpoint, info, timeout)
 		switch {
 		case err == nil:
@@ -386,16 +434,13 @@ func (c *Conn) Run(ctx context.Context) error {
 		case errors.Is(err, errConfigChanged):
 			noPoll = true
 			continue
-		case errors.Is(err, MUnknownPos) && pos == "":
+		case isUnknownPos(err) && pos == "":
 			// There was no pos to forget: a broken server. Back off rather than spin.
-			failures++
-			wait := c.backoff(failures - 1)
-			log.Warn().Err(err).Dur("retry_in", wait).Msg("M_UNKNOWN_POS for a request without pos")
-			if err := sleep(ctx, wait); err != nil {
+			if err := c.retryLater(ctx, &fails, err, c.backoff(fails.n)); err != nil {
 				return err
 			}
 			continue
-		case errors.Is(err, MUnknownPos):
+		case isUnknownPos(err):
 			resets++
 			if resets > 1 {
 				// The pos the last reset gave was forgotten too: a server that forgets every
@@ -416,37 +461,40 @@ func (c *Conn) Run(ctx context.Context) error {
 		case errors.Is(err, mautrix.MUnknownToken):
 			return fmt.Errorf("slidingsync: access token rejected: %w", err)
 		default:
-			wait, retry := c.classify(err, failures)
+			wait, retry := c.classify(err, fails.n)
 			if !retry {
-				return fmt.Errorf("slidingsync: request failed: %w", err)
+				return fmt.Errorf("slidingsync: %s request to %s failed: %w", endpoint.Protocol, c.endpointURL(endpoint), err)
 			}
-			failures++
-			log.Warn().Err(err).Dur("retry_in", wait).Int("failures", failures).Msg("Sync request failed")
-			if err := sleep(ctx, wait); err != nil {
+			if err := c.retryLater(ctx, &fails, err, wait); err != nil {
 				return err
 			}
 			continue
 		}
-		if resp.Pos == pos && pos != "" {
-			// Already applied: a retransmission. A server stuck on one pos must not make us spin.
-			if stalledPos != pos {
-				stalledPos, stalledSeen = pos, 0
-				log.Warn().Str("pos", pos).Msg("Server returned an already processed pos, ignoring the response")
-			}
-			stalledSeen++
-			if err := sleep(ctx, c.backoff(stalledSeen-1)); err != nil {
-				return err
-			}
-			continue
-		}
+		// A response may carry the very pos its request sent: Synapse answers every idle
+		// long-poll so, once the poll has run out. It is processed like any other (its
+		// extension data is current), and the next request long-polls at once.
 		more, err := c.process(ctx, info, resp, gen)
 		switch {
 		case err == nil:
-			failures = 0
+			c.recovered(ctx, &fails)
 			if pos != "" {
 				resets = 0
 			}
 			noPoll = more
+			if resp.Pos == pos && timeout > 0 && time.Since(sent) < timeout/2 {
+				// The same pos long before the poll ran out: not an idle server but one
+				// that answers at once without moving. It must not make us spin.
+				early++
+				wait := c.backoff(early - 1)
+				if early == 1 {
+					log.Warn().Str("pos", pos).Dur("retry_in", wait).Msg("Server answers long-polls at once without a new pos")
+				}
+				if err := sleep(ctx, wait); err != nil {
+					return err
+				}
+			} else {
+				early = 0
+			}
 			if c.stalled() {
 				extStalls++
 				if err := sleep(ctx, c.backoff(extStalls-1)); err != nil {
@@ -461,10 +509,8 @@ func (c *Conn) Run(ctx context.Context) error {
 			noPoll = true
 			continue
 		default:
-			failures++
-			wait := c.backoff(failures - 1)
-			log.Err(err).Dur("retry_in", wait).Msg("Processing a sync response failed, nothing was committed")
-			if err := sleep(ctx, wait); err != nil {
+			err = fmt.Errorf("processing a response (nothing was committed): %w", err)
+			if err := c.retryLater(ctx, &fails, err, c.backoff(fails.n)); err != nil {
 				return err
 			}
 		}
@@ -472,6 +518,14 @@ func (c *Conn) Run(ctx context.Context) error {
 }
 
 var errConfigChanged = errors.New("slidingsync: configuration changed during the request")
+
+// httpTimeout is the HTTP timeout of a request that asks the server to wait up to timeout.
+func (c *Conn) httpTimeout(timeout time.Duration) time.Duration {
+	if timeout == 0 {
+		return cmp.Or(max(c.cfg.NoPollTimeout, 0), DefaultNoPollTimeout)
+	}
+	return timeout + cmp.Or(max(c.cfg.TimeoutMargin, 0), DefaultTimeoutMargin)
+}
 
 func (c *Conn) pollTimeout() time.Duration {
 	if c.cfg.PollTimeout > 0 {
@@ -503,7 +557,7 @@ func (c *Conn) load(ctx context.Context) error {
 			}
 		}
 	}
-	c.pos = cp.Pos
+	c.pos, c.origin = cp.Pos, cp.Origin
 	c.rooms = cp.Rooms
 	if c.cfg.CompactState {
 		for roomID, rs := range c.rooms {
@@ -534,16 +588,25 @@ func (c *Conn) discover(ctx context.Context) (Endpoint, error) {
 				return Endpoint{}, err
 			}
 			ep.BaseURL = u
+		} else if ep.Protocol == ProtocolMSC3575 {
+			// MSC3575 is mostly served by a proxy, which .well-known names.
+			return c.retryDiscovery(ctx, func() (Endpoint, error) { return discoverProxy(ctx, c.cli) })
 		}
 		return ep, nil
 	}
+	return c.retryDiscovery(ctx, func() (Endpoint, error) { return Discover(ctx, c.cli, ProtocolAuto) })
+}
+
+// retryDiscovery runs a discovery until it succeeds or fails for good: transient failures
+// (network, 5xx, 429) are retried with backoff, definite answers are not.
+func (c *Conn) retryDiscovery(ctx context.Context, discover func() (Endpoint, error)) (Endpoint, error) {
 	for failures := 0; ; failures++ {
-		ep, err := Discover(ctx, c.cli, ProtocolAuto)
+		ep, err := discover()
 		if err == nil {
 			if _, _, err := EncodeRequest(ep.Protocol, c.snapshotRequest("")); err != nil {
 				return Endpoint{}, err
 			}
-			c.log(ctx).Info().Str("protocol", ep.Protocol.String()).Msg("Discovered sliding sync")
+			c.log(ctx).Info().Str("protocol", ep.Protocol.String()).Str("url", c.endpointURL(ep)).Msg("Discovered sliding sync")
 			return ep, nil
 		}
 		if ctx.Err() != nil {
@@ -626,6 +689,14 @@ func (c *Conn) reset(ctx context.Context) error {
 func (c *Conn) roundTrip(ctx context.Context, ep Endpoint, info RequestInfo, timeout time.Duration) (*Response, uint64, error) {
 	req, gen, reqCtx, cancel := c.buildRequest(ctx, info)
 	defer cancel()
+	if ep.Protocol != ProtocolV4 {
+		for name, lc := range req.Lists {
+			if len(lc.Ranges) == 0 && lc.GrowBatch <= 0 {
+				lc.Ranges = everyRoom
+				req.Lists[name] = lc
+			}
+		}
+	}
 	timeoutMS := timeout.Milliseconds()
 	req.Timeout = &timeoutMS
 	extBodies := make(map[string]json.RawMessage, len(c.exts))
@@ -658,11 +729,7 @@ func (c *Conn) roundTrip(ctx context.Context, ep Endpoint, info RequestInfo, tim
 	if err != nil {
 		return nil, gen, fmt.Errorf("%w: %w", errFatal, err)
 	}
-	margin := c.cfg.TimeoutMargin
-	if margin <= 0 {
-		margin = DefaultTimeoutMargin
-	}
-	httpCtx, httpCancel := context.WithTimeout(reqCtx, timeout+margin)
+	httpCtx, httpCancel := context.WithTimeout(reqCtx, c.httpTimeout(timeout))
 	defer httpCancel()
 	limit := c.cfg.MaxResponseSize
 	if limit <= 0 {
@@ -848,6 +915,13 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 		if !ok {
 			old = stored[roomID]
 		}
+		if info.Protocol == ProtocolMSC4186 && !rr.IsDM.Set {
+			// Synapse sends is_dm with every entry of a DM and never false: absent means
+			// the room is not (or no longer) a DM.
+			cp := *rr
+			cp.IsDM = Some(false)
+			rr = &cp
+		}
 		if hasNews(old, rr) {
 			if news == nil {
 				news = make(map[id.RoomID]bool)
@@ -870,6 +944,11 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 	// Only what changed is written: Synapse repeats every list (and the extensions their
 	// state) in every response, and an idle long-poll would otherwise rewrite them all.
 	upd := &Update{Pos: resp.Pos, Rooms: res.Rooms}
+	c.stateMu.RLock()
+	if c.originDirty {
+		upd.Origin = c.origin
+	}
+	c.stateMu.RUnlock()
 	c.stateMu.RLock()
 	for name, ls := range res.Lists {
 		if old, ok := c.listStates[name]; !ok || old.Count != ls.Count || !slices.Equal(old.Rooms, ls.Rooms) {
@@ -905,11 +984,18 @@ func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, ge
 			more = true
 		}
 	}
-	if err := c.store.Commit(ctx, c.key, upd); err != nil {
-		return false, fmt.Errorf("commit: %w", err)
+	// An idle long-poll on Synapse repeats pos and changes nothing: there is nothing to write.
+	if resp.Pos != info.Pos || upd.Origin != "" || len(upd.Rooms) > 0 || len(upd.Lists) > 0 ||
+		len(upd.Extensions) > 0 || len(upd.TxnHooks) > 0 {
+		if err := c.store.Commit(ctx, c.key, upd); err != nil {
+			return false, fmt.Errorf("commit: %w", err)
+		}
 	}
 	c.stateMu.Lock()
 	c.pos = resp.Pos
+	if upd.Origin != "" {
+		c.originDirty = false
+	}
 	maps.Copy(c.listStates, res.Lists)
 	maps.Copy(c.rooms, res.Rooms)
 	c.evictRooms(res.Rooms)

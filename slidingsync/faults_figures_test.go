@@ -418,6 +418,7 @@ func TestFaultRatesOverRealSockets(t *testing.T) {
 				MinBackoff:    minBackoff,
 				MaxBackoff:    maxBackoff,
 				TimeoutMargin: margin,
+				NoPollTimeout: margin,
 				PollTimeout:   200 * time.Millisecond,
 			})
 			require.NoError(t, err)

@@ -64,6 +64,7 @@ func TestTransportFaultsOverRealSockets(t *testing.T) {
 		MinBackoff:    10 * time.Millisecond,
 		MaxBackoff:    40 * time.Millisecond,
 		TimeoutMargin: 300 * time.Millisecond,
+		NoPollTimeout: 300 * time.Millisecond,
 	})
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -147,6 +147,19 @@ func Discover(ctx context.Context, cli *mautrix.Client, override Protocol) (Endp
 	return Endpoint{}, errors.Join(append([]error{ErrNoSlidingSync}, errs...)...)
 }
 
+// discoverProxy finds where an MSC3575 connection goes: the proxy .well-known names, or the
+// homeserver itself when it names none (servers that serve MSC3575 natively).
+func discoverProxy(ctx context.Context, cli *mautrix.Client) (Endpoint, error) {
+	if cli == nil || cli.HomeserverURL == nil {
+		return Endpoint{}, mautrix.ErrClientHasNoHomeserver
+	}
+	proxy, err := wellKnownProxy(ctx, cli)
+	if err != nil {
+		return Endpoint{}, errors.Join(fmt.Errorf("slidingsync: finding the MSC3575 proxy: .well-known: %w", err))
+	}
+	return Endpoint{Protocol: ProtocolMSC3575, BaseURL: proxy}, nil
+}
+
 func wellKnownProxy(ctx context.Context, cli *mautrix.Client) (*url.URL, error) {
 	u := *cli.HomeserverURL
 	u.Path = "/.well-known/matrix/client"

@@ -113,8 +113,9 @@ type ListFilters struct {
 // ListConfig is one sliding window list, as the client wants it. The whole configuration is
 // sent on every request: the client keeps stickiness.
 type ListConfig struct {
-	// Ranges is the window. The v4 dialect takes one range: the first is sent, and none
-	// means every room.
+	// Ranges is the window. The v4 dialect takes one range: the first is sent. None means
+	// every room: a Conn sends no range on v4 and [0, MaxWindowIndex-1] on MSC3575 and
+	// MSC4186 (Synapse sends no room at all for a list without ranges).
 	Ranges []Range
 	// Sort is sent on MSC3575 only; other dialects order by recent activity.
 	Sort []string
@@ -316,10 +317,15 @@ func decodeFilters(raw json.RawMessage) (*ListFilters, error) {
 
 // EncodeRequest returns the query parameters and JSON body of req in protocol p's dialect.
 // Fields a dialect cannot carry are dropped as documented on each field; a setting it cannot
-// express at all (such as required_state exclusions outside v4) is an error.
+// express at all (such as required_state exclusions outside v4), or that its servers refuse
+// (on MSC4186, as Synapse: more than 100 lists, a list name over 64 characters, a timeline
+// limit over 1000, the spaces and room_name_like filters), is an error.
 func EncodeRequest(p Protocol, req *Request) (url.Values, []byte, error) {
 	if !p.valid() {
 		return nil, nil, fmt.Errorf("slidingsync: cannot encode for protocol %q", p)
+	}
+	if err := checkServable(p, req); err != nil {
+		return nil, nil, err
 	}
 	query := url.Values{}
 	w := wireRequest{ConnID: req.ConnID, Extensions: req.Extensions}

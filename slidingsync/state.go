@@ -15,8 +15,9 @@ import (
 // Config.TimelineCap is zero.
 const DefaultTimelineCap = 20
 
-// MaxWindowIndex bounds the list window: an op touching a higher index is rejected, so a
-// hostile count or index cannot make the client allocate or shift without limit.
+// MaxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
+// rejected, so a hostile count or index cannot make the client allocate or shift without
+// limit. A range may end past it (a server echoing a wide requested range).
 const MaxWindowIndex = 1 << 18
 
 // MaxListOps bounds the ops of one list in one response (servers send one per range, or a
@@ -118,6 +119,14 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	applyOpt(&next.HighlightCount, r.HighlightCount, initial)
 	applyOpt(&next.BumpStamp, r.BumpStamp, initial)
 	applyOpt(&next.InviteState, r.InviteState, initial)
+	// Synapse never sends null: a removed name or avatar shows only as its state event with
+	// an empty value, when the entry carries it.
+	if !r.Name.Set && emptyState(r, "m.room.name", "name") {
+		next.Name = ""
+	}
+	if !r.Avatar.Set && emptyState(r, "m.room.avatar", "url") {
+		next.Avatar = ""
+	}
 
 	if r.Initial || next.State == nil || len(r.RequiredState) > 0 {
 		if r.Initial || next.State == nil {
@@ -136,7 +145,9 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	}
 
 	switch {
-	case r.Initial || r.Limited || old == nil:
+	case r.Initial || r.Limited || r.ExpandedTimeline || old == nil:
+		// An expanded timeline (the room's timeline limit grew) re-sends older events: it
+		// replaces what was kept rather than being appended.
 		next.Timeline = lastN(r.Timeline, timelineCap)
 	case len(r.Timeline) > 0:
 		combined := make([]*event.Event, 0, min(len(next.Timeline)+len(r.Timeline), timelineCap))
@@ -225,6 +236,34 @@ func compactEvent(evt *event.Event) (*event.Event, bool) {
 	return &cp, true
 }
 
+// emptyState reports whether a room entry carries the current state event of the given type
+// (state key "") with an empty or absent string field, or a stub of it. required_state is the
+// current state and wins over state events of the timeline.
+func emptyState(r *RoomResponse, evtType, field string) bool {
+	var found *event.Event
+	for _, evts := range [][]*event.Event{r.Timeline, r.RequiredState} {
+		for _, evt := range evts {
+			if evt != nil && evt.Type.Type == evtType && evt.StateKey != nil && *evt.StateKey == "" {
+				found = evt
+			}
+		}
+	}
+	if found == nil {
+		return false
+	}
+	if IsStateStub(found) {
+		return true
+	}
+	var content map[string]any
+	if found.Content.Raw != nil {
+		content = found.Content.Raw
+	} else if err := json.Unmarshal(found.Content.VeryRaw, &content); err != nil {
+		return false
+	}
+	value, _ := content[field].(string)
+	return value == ""
+}
+
 func lastN(evts []*event.Event, n int) []*event.Event {
 	if len(evts) > n {
 		evts = evts[len(evts)-n:]
@@ -247,11 +286,16 @@ func (op ListOp) validate() error {
 		if op.Range == nil {
 			return fmt.Errorf("%s without range", op.Op)
 		}
-		if !op.Range.Valid() || op.Range.End >= MaxWindowIndex {
+		// The end may lie past MaxWindowIndex: Synapse echoes the range a client asked for,
+		// however wide. Only the positions the op fills are bounded.
+		if !op.Range.Valid() || op.Range.Start >= MaxWindowIndex {
 			return fmt.Errorf("%s with invalid range [%d, %d]", op.Op, op.Range.Start, op.Range.End)
 		}
-		if op.Op == ListOpSync && len(op.RoomIDs) > op.Range.End-op.Range.Start+1 {
+		if op.Op == ListOpSync && len(op.RoomIDs)-1 > op.Range.End-op.Range.Start {
 			return fmt.Errorf("SYNC of %d rooms into range [%d, %d]", len(op.RoomIDs), op.Range.Start, op.Range.End)
+		}
+		if op.Op == ListOpSync && op.Range.Start+len(op.RoomIDs) > MaxWindowIndex {
+			return fmt.Errorf("SYNC of %d rooms from %d: past position %d", len(op.RoomIDs), op.Range.Start, MaxWindowIndex)
 		}
 	case ListOpInsert, ListOpDelete:
 		if op.Index == nil {

@@ -193,6 +193,52 @@ func TestMergeRoom(t *testing.T) {
 			},
 		},
 		{
+			name: "Synapse: a removed name shows only as an empty m.room.name in required_state",
+			entries: []string{initialRich, `{"required_state":[` + stateEvt("m.room.name", "", `{}`) + `,` +
+				stateEvt("m.room.avatar", "", `{"url":""}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "", rs.Name)
+				assert.Equal(t, id.ContentURIString(""), rs.Avatar)
+			},
+		},
+		{
+			name:    "Synapse: a name removed by a state event in the timeline",
+			entries: []string{initialRich, `{"timeline":[` + stateEvt("m.room.name", "", `{"name":""}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "", rs.Name)
+				assert.Equal(t, id.ContentURIString("mxc://example.org/falcon"), rs.Avatar)
+			},
+		},
+		{
+			name:    "a name event with a value leaves the name field to the server (it may be a computed name)",
+			entries: []string{initialRich, `{"required_state":[` + stateEvt("m.room.name", "", `{"name":"Other"}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "Project Falcon", rs.Name)
+			},
+		},
+		{
+			name:    "a deleted name (a stub) removes it",
+			entries: []string{initialRich, `{"required_state":[` + stub("m.room.name", "") + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "", rs.Name)
+			},
+		},
+		{
+			name:    "an explicit name wins over the state event",
+			entries: []string{initialRich, `{"name":"New","required_state":[` + stateEvt("m.room.name", "", `{}`) + `]}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, "New", rs.Name)
+			},
+		},
+		{
+			name:    "Synapse: an expanded timeline replaces the kept one instead of appending",
+			entries: []string{`{"initial":true,"timeline":` + msgs(5, 6) + `}`, `{"unstable_expanded_timeline":true,"timeline":` + msgs(1, 6) + `}`},
+			check: func(t *testing.T, rs *RoomState) {
+				assert.Equal(t, msgIDs(1, 6), timelineIDs(rs))
+				assert.False(t, rs.MembersStale, "not a gap")
+			},
+		},
+		{
 			name:    "an initial entry that names nothing unsets everything the room had",
 			entries: []string{initialRich, `{"initial":true}`},
 			check: func(t *testing.T, rs *RoomState) {
@@ -708,6 +754,17 @@ func TestMergeList(t *testing.T) {
 			want: ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
 		},
 		{
+			name: "Synapse echoes a requested range ending past MaxWindowIndex",
+			lr:   `{"count":2,"ops":[{"op":"SYNC","range":[0,999999],"room_ids":["!a","!b"]}]}`,
+			want: ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
+		},
+		{
+			name: "an INVALIDATE of a range ending past MaxWindowIndex clears what is known",
+			old:  ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
+			lr:   `{"count":2,"ops":[{"op":"INVALIDATE","range":[1,9007199254740991]}]}`,
+			want: ListState{Count: 2, Rooms: roomIDs("!a")},
+		},
+		{
 			name: "Synapse sends one SYNC per range, leaving a gap between them",
 			lr: `{"count":30,"ops":[{"op":"SYNC","range":[0,1],"room_ids":["!a","!b"]},
 				{"op":"SYNC","range":[10,11],"room_ids":["!k","!l"]}]}`,
@@ -865,7 +922,8 @@ func TestMergeListRejectsImpossibleResponses(t *testing.T) {
 		{"negative index", `{"ops":[{"op":"DELETE","index":-1}]}`, "invalid index"},
 		{"index at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"INSERT","index":%d,"room_id":"!x"}]}`, MaxWindowIndex), "invalid index"},
 		{"huge index", `{"ops":[{"op":"INSERT","index":9007199254740991,"room_id":"!x"}]}`, "invalid index"},
-		{"range ending at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[0,%d],"room_ids":[]}]}`, MaxWindowIndex), "invalid range"},
+		{"range starting at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":[]}]}`, MaxWindowIndex, MaxWindowIndex+5), "invalid range"},
+		{"SYNC of room IDs past MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":["!x","!y"]}]}`, MaxWindowIndex-1, MaxWindowIndex+5), "past position"},
 		{"reversed range", `{"ops":[{"op":"INVALIDATE","range":[2,1]}]}`, "invalid range"},
 		{"negative range", `{"ops":[{"op":"SYNC","range":[-1,1],"room_ids":[]}]}`, "invalid range"},
 		{"SYNC of more room IDs than its range", `{"ops":[{"op":"SYNC","range":[0,1],"room_ids":["!x","!y","!z"]}]}`, "SYNC of 3 rooms"},

@@ -21,6 +21,7 @@ type ConnKey struct {
 // the state that goes with it.
 type Checkpoint struct {
 	Pos        string                     // pos of the last processed response; empty if none
+	Origin     string                     // the endpoint that issued Pos (see Update.Origin); empty if unknown
 	Lists      map[string]ListState       // every list's state
 	Rooms      map[id.RoomID]*RoomState   // every room's merged state
 	Extensions map[string]json.RawMessage // every checkpointing extension's checkpoint, by name
@@ -31,6 +32,10 @@ type Checkpoint struct {
 type Update struct {
 	// Pos is the new position.
 	Pos string
+	// Origin, when not empty, replaces the stored origin: the dialect and server that issued
+	// Pos, so that a later Run against another endpoint knows the pos is not valid there.
+	// Empty keeps the stored one (the Conn sets it on the first commit of a connection).
+	Origin string
 	// Lists holds every list the response changed, in full; a list it left as it was is not
 	// written again.
 	Lists map[string]ListState
@@ -101,7 +106,7 @@ func (s *MemoryStore) load(key ConnKey, withRooms bool) *Checkpoint {
 	if cp == nil {
 		return &Checkpoint{}
 	}
-	out := &Checkpoint{Pos: cp.Pos, Lists: maps.Clone(cp.Lists), Extensions: maps.Clone(cp.Extensions)}
+	out := &Checkpoint{Pos: cp.Pos, Origin: cp.Origin, Lists: maps.Clone(cp.Lists), Extensions: maps.Clone(cp.Extensions)}
 	if withRooms {
 		out.Rooms = maps.Clone(cp.Rooms)
 	}
@@ -142,6 +147,9 @@ func (s *MemoryStore) Commit(ctx context.Context, key ConnKey, upd *Update) erro
 		s.conns[key] = cp
 	}
 	cp.Pos = upd.Pos
+	if upd.Origin != "" {
+		cp.Origin = upd.Origin
+	}
 	maps.Copy(cp.Lists, upd.Lists)
 	maps.Copy(cp.Rooms, upd.Rooms)
 	for name, raw := range upd.Extensions {

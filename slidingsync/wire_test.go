@@ -540,7 +540,7 @@ func TestDecodeResponseRejects(t *testing.T) {
 		{"INSERT without index", `{"pos":"1","lists":{"all":{"ops":[{"op":"INSERT","room_id":"!a:x"}]}}}`, "without index"},
 		{"INSERT without room_id", `{"pos":"1","lists":{"all":{"ops":[{"op":"INSERT","index":0}]}}}`, "without room_id"},
 		{"index beyond MaxWindowIndex", fmt.Sprintf(`{"pos":"1","lists":{"all":{"ops":[{"op":"DELETE","index":%d}]}}}`, MaxWindowIndex+1), "invalid index"},
-		{"range beyond MaxWindowIndex", `{"pos":"1","lists":{"all":{"ops":[{"op":"INVALIDATE","range":[0,2000000000]}]}}}`, "invalid range"},
+		{"range beyond MaxWindowIndex", `{"pos":"1","lists":{"all":{"ops":[{"op":"INVALIDATE","range":[2000000000,2000000001]}]}}}`, "invalid range"},
 		{"SYNC of more IDs than its range", `{"pos":"1","lists":{"all":{"ops":[{"op":"SYNC","range":[0,0],"room_ids":["!a:x","!b:x"]}]}}}`, "SYNC of 2 rooms"},
 		{"range of three numbers", `{"pos":"1","lists":{"all":{"ops":[{"op":"SYNC","range":[0,1,2]}]}}}`, "2 elements"},
 		{"count of the wrong type", `{"pos":"1","lists":{"all":{"count":"3"}}}`, "invalid response"},
@@ -698,7 +698,7 @@ func TestDecodeRequestFixtures(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, "5/s2633508_17_338_6_1_1_1_1_1_1", req.Pos)
 		assert.True(t, req.Lists["search"].SlowGetAllRooms)
-		assert.Equal(t, "falcon", req.Lists["search"].Filters.RoomNameLike)
+		assert.True(t, *req.Lists["search"].Filters.IsEncrypted)
 	})
 	t.Run("v4: pos, timeout and filters from the body", func(t *testing.T) {
 		name := "v4/02-incremental.request.json"
@@ -824,7 +824,7 @@ func TestEncodeRequestDialects(t *testing.T) {
 					"ranges": [[0,19],[20,39]],
 					"required_state": [["m.room.member","$ME"],["m.room.encryption","*"],["m.room.member","$LAZY"]],
 					"timeline_limit": 0,
-					"filters": {"is_dm": false, "is_invite": true, "room_name_like": "falcon", "tags": ["m.favourite"]},
+					"filters": {"is_dm": false, "is_invite": true, "tags": ["m.favourite"]},
 					"include_heroes": true,
 					"slow_get_all_rooms": true
 				}},
@@ -856,6 +856,14 @@ func TestEncodeRequestDialects(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.proto.String(), func(t *testing.T) {
 			req := fullRequest()
+			if tt.proto == ProtocolMSC4186 {
+				// Synapse answers room_name_like with 500: it cannot be sent there.
+				l := req.Lists["all"]
+				f := *l.Filters
+				f.RoomNameLike = ""
+				l.Filters = &f
+				req.Lists["all"] = l
+			}
 			if tt.proto == ProtocolV4 {
 				// See the comment on wantBody.
 				l := req.Lists["all"]

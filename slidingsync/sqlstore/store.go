@@ -57,6 +57,10 @@ const (
 		INSERT INTO slidingsync_conn (user_id, device_id, conn_id, pos) VALUES ($1, $2, $3, $4)
 		ON CONFLICT (user_id, device_id, conn_id) DO UPDATE SET pos=excluded.pos
 	`
+	upsertConnOriginQuery = `
+		INSERT INTO slidingsync_conn (user_id, device_id, conn_id, pos, origin) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT (user_id, device_id, conn_id) DO UPDATE SET pos=excluded.pos, origin=excluded.origin
+	`
 	upsertListQuery = `
 		INSERT INTO slidingsync_list (user_id, device_id, conn_id, name, state) VALUES ($1, $2, $3, $4, $5)
 		ON CONFLICT (user_id, device_id, conn_id, name) DO UPDATE SET state=excluded.state
@@ -69,7 +73,7 @@ const (
 		INSERT INTO slidingsync_extension (user_id, device_id, conn_id, name, checkpoint) VALUES ($1, $2, $3, $4, $5)
 		ON CONFLICT (user_id, device_id, conn_id, name) DO UPDATE SET checkpoint=excluded.checkpoint
 	`
-	getPosQuery        = `SELECT pos FROM slidingsync_conn WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
+	getPosQuery        = `SELECT pos, origin FROM slidingsync_conn WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
 	getListsQuery      = `SELECT name, state FROM slidingsync_list WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
 	getRoomsQuery      = `SELECT room_id, state FROM slidingsync_room WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
 	getExtensionsQuery = `SELECT name, checkpoint FROM slidingsync_extension WHERE user_id=$1 AND device_id=$2 AND conn_id=$3`
@@ -142,8 +146,8 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 				return fmt.Errorf("sqlstore: transaction hook %d: %w", i, err)
 			}
 		}
-		if _, err := s.stmts.exec(ctx, s.DB, upsertConnQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos); err != nil {
-			return fmt.Errorf("sqlstore: store pos: %w", err)
+		if err := s.storePos(ctx, key, upd); err != nil {
+			return err
 		}
 		if len(lists) > 0 {
 			query, params := massUpsertLists.Build(static, lists)
@@ -180,9 +184,24 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 	})
 }
 
-// posOnly reports whether an update writes nothing but pos.
+// storePos writes pos, and the origin when the update sets one.
+func (s *Store) storePos(ctx context.Context, key slidingsync.ConnKey, upd *slidingsync.Update) error {
+	var err error
+	if upd.Origin != "" {
+		_, err = s.DB.Exec(ctx, upsertConnOriginQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos, upd.Origin)
+	} else {
+		_, err = s.stmts.exec(ctx, s.DB, upsertConnQuery, key.UserID, key.DeviceID, key.ConnID, upd.Pos)
+	}
+	if err != nil {
+		return fmt.Errorf("sqlstore: store pos: %w", err)
+	}
+	return nil
+}
+
+// posOnly reports whether an update writes nothing but pos (an origin goes through the
+// transaction: it is written once per connection).
 func posOnly(upd *slidingsync.Update) bool {
-	return len(upd.Lists) == 0 && len(upd.Rooms) == 0 && len(upd.Extensions) == 0 && len(upd.TxnHooks) == 0
+	return upd.Origin == "" && len(upd.Lists) == 0 && len(upd.Rooms) == 0 && len(upd.Extensions) == 0 && len(upd.TxnHooks) == 0
 }
 
 // Load implements [slidingsync.Store]. It reads in one transaction (REPEATABLE READ on
@@ -258,7 +277,7 @@ func decodeRoom(name string, data []byte) (*slidingsync.RoomState, error) {
 
 func (s *Store) load(ctx context.Context, key slidingsync.ConnKey, withRooms bool) (*slidingsync.Checkpoint, error) {
 	cp := &slidingsync.Checkpoint{}
-	err := s.DB.QueryRow(ctx, getPosQuery, key.UserID, key.DeviceID, key.ConnID).Scan(&cp.Pos)
+	err := s.DB.QueryRow(ctx, getPosQuery, key.UserID, key.DeviceID, key.ConnID).Scan(&cp.Pos, &cp.Origin)
 	if errors.Is(err, sql.ErrNoRows) {
 		return cp, nil
 	} else if err != nil {

@@ -63,6 +63,7 @@ func Run(t *testing.T, newDB Factory) {
 		{"LoadReturnsCopies", testLoadReturnsCopies},
 		{"ConcurrentKeys", testConcurrentKeys},
 		{"RoomLoader", testRoomLoader},
+		{"OriginKeptUntilReplaced", testOrigin},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -111,7 +112,7 @@ func (h *harness) load(key slidingsync.ConnKey) *slidingsync.Checkpoint {
 var keyA = slidingsync.ConnKey{UserID: "@alice:example.org", DeviceID: "ALICEDEV", ConnID: "main"}
 
 // Apply returns the checkpoint that results from committing upd on top of cp, as a Store must
-// compute it: pos replaced, and lists, rooms and extension checkpoints upserted by name. cp is
+// compute it: pos replaced, the origin replaced when the update sets one, and lists, rooms and extension checkpoints upserted by name. cp is
 // not modified; nil means the empty checkpoint.
 func Apply(cp *slidingsync.Checkpoint, upd *slidingsync.Update) *slidingsync.Checkpoint {
 	next := &slidingsync.Checkpoint{
@@ -121,9 +122,13 @@ func Apply(cp *slidingsync.Checkpoint, upd *slidingsync.Update) *slidingsync.Che
 		Extensions: make(map[string]json.RawMessage),
 	}
 	if cp != nil {
+		next.Origin = cp.Origin
 		maps.Copy(next.Lists, cp.Lists)
 		maps.Copy(next.Rooms, cp.Rooms)
 		maps.Copy(next.Extensions, cp.Extensions)
+	}
+	if upd.Origin != "" {
+		next.Origin = upd.Origin
 	}
 	maps.Copy(next.Lists, upd.Lists)
 	maps.Copy(next.Rooms, upd.Rooms)
@@ -133,6 +138,7 @@ func Apply(cp *slidingsync.Checkpoint, upd *slidingsync.Update) *slidingsync.Che
 
 type canonical struct {
 	Pos        string                        `json:"pos"`
+	Origin     string                        `json:"origin"`
 	Lists      map[string]json.RawMessage    `json:"lists"`
 	Rooms      map[id.RoomID]json.RawMessage `json:"rooms"`
 	Extensions map[string]string             `json:"extensions"`
@@ -150,7 +156,7 @@ func Canonical(cp *slidingsync.Checkpoint) (string, error) {
 	if cp == nil {
 		cp = &slidingsync.Checkpoint{}
 	}
-	c.Pos = cp.Pos
+	c.Pos, c.Origin = cp.Pos, cp.Origin
 	for name, ls := range cp.Lists {
 		if len(ls.Rooms) == 0 {
 			ls.Rooms = nil
@@ -616,4 +622,19 @@ func testRoomLoader(t *testing.T, h *harness) {
 		require.NoError(t, err)
 		assert.Empty(t, empty.Pos)
 	})
+}
+
+// testOrigin: the origin is written by the update that sets it, survives updates that only
+// move pos (the idle path of a SQL store) and is replaced by a later one.
+func testOrigin(t *testing.T, h *harness) {
+	h.commit(keyA, &slidingsync.Update{Pos: "p1", Origin: "msc3575 https://proxy.example.org"})
+	assert.Equal(t, "msc3575 https://proxy.example.org", h.load(keyA).Origin)
+	h.commit(keyA, &slidingsync.Update{Pos: "p2"})
+	got := h.load(keyA)
+	assert.Equal(t, "p2", got.Pos)
+	assert.Equal(t, "msc3575 https://proxy.example.org", got.Origin, "a pos-only update keeps the origin")
+	h.commit(keyA, &slidingsync.Update{Pos: "", Origin: "msc4186 https://hs.example.org"})
+	got = h.load(keyA)
+	assert.Equal(t, "", got.Pos)
+	assert.Equal(t, "msc4186 https://hs.example.org", got.Origin)
 }

@@ -1,9 +1,11 @@
--- v0 -> v1: Latest revision
+-- v0 -> v2: Latest revision
 CREATE TABLE slidingsync_conn (
 	user_id   TEXT NOT NULL,
 	device_id TEXT NOT NULL,
 	conn_id   TEXT NOT NULL,
 	pos       TEXT NOT NULL,
+	-- The dialect and server that issued pos; empty when not known.
+	origin    TEXT NOT NULL DEFAULT '',
 
 	PRIMARY KEY (user_id, device_id, conn_id)
 );
