@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net/http"
 	"path/filepath"
 	"testing"
 	"time"
@@ -12,15 +13,14 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/demohs"
-	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
-// idleAnswers returns the answers to the bot's requests received after since that kept the
-// request's pos: Synapse's idle long-polls.
-func idleAnswers(reqs []slidingsynctest.RecordedRequest, since time.Time) []slidingsynctest.RecordedRequest {
-	var out []slidingsynctest.RecordedRequest
+// idleAnswers returns the requests that arrived after since and were answered with their
+// own pos: Synapse's idle long-polls.
+func idleAnswers(reqs []demohs.SyncRequest, since time.Time) []demohs.SyncRequest {
+	var out []demohs.SyncRequest
 	for _, r := range reqs {
-		if r.Received.After(since) && r.Answered && r.AnswerPos != "" && r.AnswerPos == r.Query.Get("pos") {
+		if r.Arrived.After(since) && r.Status == http.StatusOK && r.AnswerPos != "" && r.AnswerPos == r.Pos {
 			out = append(out, r)
 		}
 	}
@@ -33,8 +33,8 @@ func idleAnswers(reqs []slidingsynctest.RecordedRequest, since time.Time) []slid
 // row, when a client that takes them for replays backs off longest) is answered within 1 s,
 // and no answer is followed by a pause before the bot's next request.
 func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
-	const idle = 2 * time.Second // the server's long-poll
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir(), PollTimeout: idle})
+	const idle = 2 * time.Second // the bot's long-poll, which the server honours as Synapse does
+	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
 	bot, dev, token := srv.Bot()
@@ -53,7 +53,7 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 	go func() {
 		done <- runBot(ctx, options{
 			homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
-			db: filepath.Join(t.TempDir(), "bot.db"), protocol: "msc4186",
+			db: filepath.Join(t.TempDir(), "bot.db"), protocol: "msc4186", pollTimeout: idle,
 		}, botHooks{onEcho: func(_ id.RoomID, body string, _ bool) { echoed <- echo{body, time.Now()} }})
 	}()
 	defer func() {
@@ -88,7 +88,7 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 	warm := time.Now()
 
 	// Three idle long-polls in a row answered with the request's pos.
-	var third slidingsynctest.RecordedRequest
+	var third demohs.SyncRequest
 	require.NoError(t, srv.WaitFor(wctx, func() bool {
 		runs := idleAnswers(srv.SyncRequests(), warm)
 		for i := 2; i < len(runs); i++ {
@@ -100,7 +100,7 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 		return false
 	}), "three idle long-polls with the same pos")
 
-	time.Sleep(time.Until(third.AnsweredAt.Add(time.Second)))
+	time.Sleep(time.Until(third.Answered.Add(time.Second)))
 	sent := time.Now()
 	_, err = alice.SendEncrypted(wctx, roomID, "ping")
 	require.NoError(t, err)
@@ -111,9 +111,9 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 
 	// No pause between an answer and the bot's next request.
 	const maxGap = 400 * time.Millisecond
-	var bots []slidingsynctest.RecordedRequest
+	var bots []demohs.SyncRequest
 	for _, r := range srv.SyncRequests() {
-		if r.Received.After(warm) && r.Received.Before(end) && r.Header.Get("Authorization") == "Bearer "+token {
+		if r.Arrived.After(warm) && r.Arrived.Before(end) {
 			bots = append(bots, r)
 		}
 	}
@@ -121,10 +121,10 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 	var worst time.Duration
 	for i := 1; i < len(bots); i++ {
 		prev := bots[i-1]
-		if !prev.Answered {
+		if prev.Answered.IsZero() {
 			continue // cancelled by the bot itself, as a changed window does
 		}
-		gap := bots[i].Received.Sub(prev.AnsweredAt)
+		gap := bots[i].Arrived.Sub(prev.Answered)
 		worst = max(worst, gap)
 		assert.Less(t, gap, maxGap, "request %d came %v after the answer (pos %s) to the one before", i, gap, prev.AnswerPos)
 	}

@@ -425,5 +425,8 @@ func TestSyncIsSynapseLike(t *testing.T) {
 
 	reqs := s.SyncRequests()
 	require.Len(t, reqs, 3)
+	assert.Equal(t, http.StatusBadRequest, reqs[0].Status)
+	assert.Equal(t, pos, reqs[2].Pos)
 	assert.Equal(t, pos, reqs[2].AnswerPos)
+	assert.GreaterOrEqual(t, reqs[2].Answered.Sub(reqs[2].Arrived), 200*time.Millisecond, "arrival is before the long-poll")
 }

@@ -162,6 +162,7 @@ type Server struct {
 	queries   []Query
 	claims    []Claim
 	decrypted []Decryption
+	syncs     []SyncRequest
 }
 
 // devChange is one device-list change.
@@ -220,10 +221,12 @@ func (s *Server) Rooms() int {
 	return len(s.listLocked())
 }
 
-// SyncRequests returns the bot's sliding sync requests so far, in arrival order, with when
-// each was answered and the pos of its answer.
-func (s *Server) SyncRequests() []slidingsynctest.RecordedRequest {
-	return s.ss.Requests()
+// SyncRequests returns the sliding sync requests so far, in arrival order: when each arrived
+// (before its long-poll), when it was answered and the positions on both sides.
+func (s *Server) SyncRequests() []SyncRequest {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.syncs)
 }
 
 // Membership returns user's membership in roomID, empty if none.

@@ -63,6 +63,9 @@ func (s *Server) parsePosLocked(pos string) (position, bool) {
 // straight to slidingsynctest, which refuses them as Synapse does. A pos of this server's
 // form past what it has issued (another server run) gets M_UNKNOWN_POS.
 func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
+	rec := &syncRecorder{ResponseWriter: w, s: s, idx: s.noteSync(r)}
+	defer rec.done()
+	w = rec
 	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "M_BAD_JSON", "Unreadable body.")
@@ -88,6 +91,65 @@ func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 	// slidingsynctest checks the token and the body and records the request.
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	s.ss.ServeHTTP(w, r)
+}
+
+// SyncRequest is one sliding sync request as the server saw it.
+type SyncRequest struct {
+	// Arrived is when the request reached the server, before its long-poll.
+	Arrived time.Time
+	// Answered is when the answer was written; zero if the request was cancelled first.
+	Answered time.Time
+	// Status is the answer's HTTP status, 0 if none.
+	Status int
+	// Pos is the request's pos, AnswerPos the pos of a 200 answer.
+	Pos, AnswerPos string
+}
+
+// noteSync records the arrival of a sync request and returns its index.
+func (s *Server) noteSync(r *http.Request) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.syncs = append(s.syncs, SyncRequest{Arrived: time.Now(), Pos: r.URL.Query().Get("pos")})
+	return len(s.syncs) - 1
+}
+
+// syncRecorder passes a sync answer through and records when it was written and its pos.
+type syncRecorder struct {
+	http.ResponseWriter
+	s      *Server
+	idx    int
+	status int
+	at     time.Time
+	body   bytes.Buffer
+}
+
+func (w *syncRecorder) WriteHeader(status int) {
+	if w.status == 0 {
+		w.status, w.at = status, time.Now()
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *syncRecorder) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	w.body.Write(p)
+	return w.ResponseWriter.Write(p)
+}
+
+// done stores what was answered.
+func (w *syncRecorder) done() {
+	var answer struct {
+		Pos string `json:"pos"`
+	}
+	if w.status == http.StatusOK {
+		_ = json.Unmarshal(w.body.Bytes(), &answer)
+	}
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	rec := &w.s.syncs[w.idx]
+	rec.Answered, rec.Status, rec.AnswerPos = w.at, w.status, answer.Pos
 }
 
 // longPoll waits until req would get something new. It returns false when the request was
