@@ -101,9 +101,10 @@
 //     consumes nothing; an answer handed to it at that same moment goes back to the head of
 //     the queue. Only a request that is answered consumes an answer.
 //   - Recording: every sync request is recorded on arrival ([Server.Requests],
-//     [Server.WaitRequests]) with its decoded form, and marked answered before the answer is
-//     written, so [Server.InFlight] and [Server.MaxInFlight] can prove that a client never
-//     has two requests in flight.
+//     [Server.WaitRequests]) with its decoded form, and marked answered (with the time and
+//     the answer's pos) before the answer is written, so [Server.InFlight] and
+//     [Server.MaxInFlight] can prove that a client never has two requests in flight, and the
+//     gap between an answer and the next request shows whether a client paused.
 //   - Time: the server uses the real clock (time.NewTimer), which testing/synctest fakes, and
 //     creates its channels in the goroutines that wait on them, so a bubble sees it durably
 //     blocked while a request long-polls. Use a server either inside one bubble or outside
