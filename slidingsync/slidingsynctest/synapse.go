@@ -34,8 +34,8 @@ const (
 	PersonalitySynapse Personality = "synapse"
 )
 
-// Synapse's limits on a request (its request model), and the one-time key algorithm it
-// always reports.
+// Synapse's limits on a request (its request model). The Synapse personality refuses a
+// request over them with 400 M_BAD_JSON.
 const (
 	MaxListNameLength = 64   // longest list name
 	MaxLists          = 100  // most lists in one request
