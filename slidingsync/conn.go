@@ -9,12 +9,10 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/url"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -149,6 +147,11 @@ func New(cli *mautrix.Client, cfg Config) (*Conn, error) {
 	}
 	if cli.UserID == "" || cli.DeviceID == "" {
 		return nil, errors.New("slidingsync: client has no user ID or device ID")
+	}
+	if !cfg.AllowInsecureHTTP {
+		if err := CheckTransport(cli.HomeserverURL); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.Protocol != ProtocolAuto && !cfg.Protocol.valid() {
 		return nil, fmt.Errorf("slidingsync: unknown protocol %q", cfg.Protocol)
@@ -627,20 +630,13 @@ func (c *Conn) retryDiscovery(ctx context.Context, discover func() (Endpoint, er
 	}
 }
 
-// checkTransport refuses plain HTTP to a host that is not on this machine, which would send
-// the access token and every message in clear, unless the configuration allows it.
+// checkTransport refuses plain HTTP to a host that is not on this machine, unless the
+// configuration allows it.
 func (c *Conn) checkTransport(u *url.URL) error {
-	if u == nil || c.cfg.AllowInsecureHTTP || !strings.EqualFold(u.Scheme, "http") {
+	if c.cfg.AllowInsecureHTTP {
 		return nil
 	}
-	host := u.Hostname()
-	if strings.EqualFold(host, "localhost") {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return nil
-	}
-	return fmt.Errorf("%w: %s", ErrInsecureHTTP, u.Redacted())
+	return CheckTransport(u)
 }
 
 // hasTransientCause reports whether a discovery error includes a failure that may pass

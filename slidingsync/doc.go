@@ -12,7 +12,15 @@
 //     the body, one range, required_state objects, MSC4543-prefixed extension keys.
 //
 // [Discover] picks one: /versions advertising org.matrix.simplified_msc3575 means MSC4186; a
-// .well-known proxy URL means MSC3575 at that URL; an explicit protocol always wins.
+// .well-known proxy URL means MSC3575 at that URL; an explicit protocol always wins. A Conn
+// with an explicit MSC3575 and no Config.BaseURL takes the proxy from .well-known (the
+// homeserver when none is named).
+//
+// Configuration the servers of the chosen dialect refuse is refused before any request: on
+// MSC4186, as Synapse, more than 100 lists, list names over 64 characters, timeline limits
+// over 1000 and the spaces and room_name_like filters (Synapse answers those with 500 on every
+// request). [New] checks it when Config.Protocol is set, Run once discovery has chosen, and
+// [Conn.SetList] and [Conn.Subscribe] on every change.
 //
 // # The loop
 //
@@ -20,13 +28,28 @@
 // subscriptions, every extension's body): the client keeps stickiness, so servers that keep
 // none work the same as those that keep some. Changing the configuration cancels the in-flight
 // request and its response is never processed. The first request of a Run, and the first after
-// the server forgets the connection, does not long-poll; later ones ask for
-// Config.PollTimeout and allow Config.TimeoutMargin more at the HTTP level.
+// the server forgets the connection, does not long-poll (its HTTP timeout is
+// Config.NoPollTimeout: the server computes it at once, which can take long); later ones ask
+// for Config.PollTimeout and allow Config.TimeoutMargin more at the HTTP level.
 //
-// Errors: M_UNKNOWN_POS (matched by errcode) drops pos, calls every [Resetter] extension and
-// starts afresh; M_UNKNOWN_TOKEN makes Run return; 429 waits retry_after_ms; 5xx, network
-// errors and undecodable responses back off exponentially with jitter up to Config.MaxBackoff
-// (30 s), so an outage costs a few requests a minute; other 4xx make Run return.
+// A response may repeat the pos its request sent: Synapse answers every idle long-poll so. It
+// is processed like any other (its extension data is current), commits nothing when it
+// changes nothing, and the next request long-polls at once. Only a server that answers a
+// long-poll with the same pos long before the poll ran out is backed off, so that it cannot
+// make the loop spin.
+//
+// The store keeps the dialect and server that issued pos (Checkpoint.Origin). When Run finds
+// another endpoint (a proxy replaced by native support, say), the stored pos is dropped as
+// after M_UNKNOWN_POS; on another server the extensions also start from nothing, because their
+// cursors (the to-device since) mean nothing there.
+//
+// Errors: M_UNKNOWN_POS (matched by errcode), and Synapse's 400 M_UNKNOWN "Invalid stream
+// token" for a pos it cannot parse, drop pos, call every [Resetter] extension and start
+// afresh; M_UNKNOWN_TOKEN makes Run return; 429 waits retry_after_ms; 5xx, network errors and
+// undecodable responses back off exponentially with jitter up to Config.MaxBackoff (30 s), so
+// an outage costs a few requests a minute; other 4xx make Run return with an error naming the
+// dialect and its URL. Every failure Run retries reaches Config.OnSyncError with the length of
+// its streak of identical failures, and is logged at error level once per streak.
 //
 // # Processing and delivery
 //
@@ -36,8 +59,7 @@
 // changed lists and rooms, extension checkpoints and extension transaction hooks. Only after
 // the commit does the new pos become current. A failure anywhere before the commit commits
 // nothing and the same pos is requested again, so delivery is at least once: a crash or error
-// replays the response, and handlers must be idempotent. A response whose pos was already
-// processed is ignored. Extensions with nothing to write for a response stay out of the
+// replays the response, and handlers must be idempotent. Extensions with nothing to write for a response stay out of the
 // commit ([TxnSkipper]), so that an idle long-poll commits pos alone (one statement with
 // sqlstore).
 //
@@ -53,8 +75,12 @@
 //
 // A room entry with initial replaces what was known and an absent field means unset; otherwise
 // an absent field is unchanged and an explicit null clears it. required_state is current
-// state; a stub without content deletes. limited replaces the kept timeline and marks the
-// room's membership stale ([RoomState.MembersStale]). The window of a list follows the MSC3575
+// state; a stub without content deletes. Servers that never send null (Synapse) show a
+// removed name or avatar only as its state event with an empty value: such an event in
+// required_state or the timeline clears it; on MSC4186 an entry without is_dm means not a DM
+// (Synapse sends it on every entry of a DM). limited replaces the kept timeline and marks the
+// room's membership stale ([RoomState.MembersStale]); an expanded timeline replaces it too.
+// A SYNC op may echo a range reaching past [MaxWindowIndex]. The window of a list follows the MSC3575
 // ops and never extends past its count.
 //
 // # Concurrency

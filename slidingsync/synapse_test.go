@@ -457,3 +457,30 @@ func TestSynapseRoomThatStopsBeingADMLosesIsDM(t *testing.T) {
 		})
 	}
 }
+
+func TestExplicitMSC3575TakesTheProxyFromWellKnown(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		proxyURL string
+		wantHost string
+	}{
+		{"named by .well-known", "https://proxy.invalid", "proxy.invalid"},
+		{"none named: the homeserver serves it", "", "slidingsynctest.invalid"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				// One in-process server answers for both hosts; the recorded Host shows which
+				// one the client used.
+				srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: slidingsync.ProtocolMSC3575, ProxyURL: tc.proxyURL})
+				h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC3575, slidingsync.Config{})
+				srv.Push(roomResp("p1", "!a:x"))
+				h.run()
+				reqs, err := srv.WaitRequests(context.Background(), 1)
+				require.NoError(t, err)
+				synctest.Wait()
+				require.ErrorIs(t, h.stop(t), context.Canceled)
+				assert.Equal(t, tc.wantHost, reqs[0].Host)
+			})
+		})
+	}
+}

@@ -163,8 +163,13 @@ func (b *bot) run(ctx context.Context, o options, store slidingsync.Store, pickl
 		return err
 	}
 	defer toDevice.Close()
+	proto := protocolOf(o.protocol)
+	if o.syncURL != "" && proto == slidingsync.ProtocolAuto {
+		proto = slidingsync.ProtocolMSC3575 // a separate sync server is a proxy
+	}
 	b.conn, err = slidingsync.New(b.cli, slidingsync.Config{
-		Protocol:   protocolOf(o.protocol),
+		Protocol:   proto,
+		BaseURL:    o.syncURL,
 		ConnID:     o.connID,
 		Store:      store,
 		Extensions: []slidingsync.Extension{e2eeExt, toDevice, taskQueue{b}},

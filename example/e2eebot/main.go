@@ -42,6 +42,7 @@ type options struct {
 	deviceID    string
 	db          string
 	protocol    string
+	syncURL     string // where sliding sync is served, when not the homeserver
 	connID      string
 	demoRooms   int
 	dbSet       bool // -db was given; the demo then keeps its database there
@@ -64,6 +65,7 @@ func main() {
 	flag.StringVar(&o.deviceID, "device-id", "", "device ID belonging to -access-token")
 	flag.StringVar(&o.db, "db", "e2eebot.db", "SQLite path or postgres:// URI; without -db the demo uses a temporary SQLite file")
 	flag.StringVar(&o.protocol, "protocol", "auto", "sliding sync dialect: auto, msc4186, msc3575 or v4")
+	flag.StringVar(&o.syncURL, "sliding-sync-url", "", "sliding sync server when it is not the homeserver (an MSC3575 proxy); implies -protocol msc3575 unless another is given. Without it, -protocol msc3575 takes the proxy from .well-known")
 	flag.StringVar(&o.connID, "conn-id", "", "sliding sync conn_id")
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
 	flag.BoolVar(&o.insecure, "allow-insecure-http", false, "allow plain http:// to a homeserver that is not on loopback")

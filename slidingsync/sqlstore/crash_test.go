@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
@@ -184,6 +185,7 @@ func crashTest(t *testing.T, b backend) {
 
 		db, err := dbopen.Open(target, b.cfg)
 		require.NoError(t, err)
+		waitOtherSessionsGone(t, db)
 		s := newStoreFor(db)
 		got, err := s.Load(ctx, crashKey)
 		require.NoError(t, err)
@@ -220,4 +222,26 @@ func TestCrashConsistencySQLiteModernc(t *testing.T) {
 
 func TestCrashConsistencyPostgres(t *testing.T) {
 	crashTest(t, postgresBackend)
+}
+
+// waitOtherSessionsGone waits until no other session is connected to the database. A killed
+// child's PostgreSQL session outlives the child for a moment: a COMMIT it sent just before the
+// kill may still complete, and reading before then would see pos and the hook's row from two
+// different moments. SQLite has no server side: a killed writer is done.
+func waitOtherSessionsGone(t *testing.T, db *dbutil.Database) {
+	t.Helper()
+	if db.Dialect != dbutil.Postgres {
+		return
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var n int
+		require.NoError(t, db.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND pid <> pg_backend_pid()`).Scan(&n))
+		if n == 0 {
+			return
+		}
+		require.True(t, time.Now().Before(deadline), "%d other sessions still connected after 30 s", n)
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -62,7 +62,9 @@
 // slidingsync_lease table as a row with a holder and an expiry. A second process waits in
 // standby, trying every PollInterval, and takes over once the lease expires: within
 // LeaseConfig.Duration plus PollInterval after the holder died, or at its next poll after the
-// holder called Release. The holder renews every RenewInterval from a goroutine that stops on
+// holder called Release. With default holder names (host, pid and PID namespace), a process
+// on the same host takes over at once when the holder's process no longer runs: a bot
+// restarted after a crash does not wait for its own old lease to expire. The holder renews every RenewInterval from a goroutine that stops on
 // Release (which waits for it) or when the context passed to AcquireLease is done. [Lease.Lost]
 // is closed once the lease can no longer be trusted: a renewal found another holder or an
 // expired row, or no renewal succeeded before the lease would have expired, counted from

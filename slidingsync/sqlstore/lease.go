@@ -2,11 +2,8 @@ package sqlstore
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
@@ -33,8 +30,11 @@ const DefaultLeaseName = "e2ee"
 type LeaseConfig struct {
 	// Name tells apart several leases of one device. Empty means DefaultLeaseName.
 	Name string
-	// Holder identifies this process in the lease row. Empty means hostname, pid and a random
-	// suffix. A process that restarts with the same holder takes its lease back at once.
+	// Holder identifies this process in the lease row. Empty means hostname, pid, a random
+	// suffix and the PID namespace: a process on the same host (and PID namespace) then takes
+	// the lease at once when its holder no longer runs (it crashed), without waiting for it to
+	// expire. A process that restarts with the same holder also takes its lease back at once;
+	// only give one when a supervisor guarantees a single process at a time.
 	Holder string
 	// Duration is how long the lease lasts without renewal: after the holder dies, a standby
 	// process takes over within Duration plus PollInterval. Zero means DefaultLeaseDuration.
@@ -52,10 +52,7 @@ func (cfg LeaseConfig) withDefaults() LeaseConfig {
 		cfg.Name = DefaultLeaseName
 	}
 	if cfg.Holder == "" {
-		host, _ := os.Hostname()
-		b := make([]byte, 4)
-		_, _ = rand.Read(b)
-		cfg.Holder = fmt.Sprintf("%s:%d:%s", host, os.Getpid(), hex.EncodeToString(b))
+		cfg.Holder = defaultHolder()
 	}
 	if cfg.Duration <= 0 {
 		cfg.Duration = DefaultLeaseDuration
@@ -82,6 +79,7 @@ func nowMillis(dialect dbutil.Dialect) string {
 
 type leaseQueries struct {
 	acquire, renew, fence, release string
+	holder, takeOver               string // read the holder; take the lease from a gone one
 	fencedPos                      string // SQLite: pos written only while the lease is held
 }
 
@@ -102,7 +100,9 @@ func newLeaseQueries(dialect dbutil.Dialect) leaseQueries {
 		fence: `
 			UPDATE slidingsync_lease SET expires_at=expires_at
 			WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4 AND expires_at > ` + now,
-		release: `DELETE FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4`,
+		holder:   `SELECT holder FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3`,
+		takeOver: `UPDATE slidingsync_lease SET holder=$4, expires_at=` + now + ` + $5 WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$6`,
+		release:  `DELETE FROM slidingsync_lease WHERE user_id=$1 AND device_id=$2 AND name=$3 AND holder=$4`,
 		fencedPos: `
 			UPDATE slidingsync_conn SET pos=$8
 			WHERE user_id=$5 AND device_id=$6 AND conn_id=$7 AND EXISTS (
@@ -168,6 +168,12 @@ func (s *Store) AcquireLease(ctx context.Context, userID id.UserID, deviceID id.
 			l.stop = cancel
 			l.wg.Go(func() { l.renewLoop(renewCtx, log, start) })
 			return l, nil
+		} else if gone, ok := l.takeOverGone(ctx); ok {
+			log.Info().Str("previous_holder", gone).Msg("Took over the lease of a process that no longer runs")
+			renewCtx, cancel := context.WithCancel(ctx)
+			l.stop = cancel
+			l.wg.Go(func() { l.renewLoop(renewCtx, log, start) })
+			return l, nil
 		} else if !waiting {
 			waiting = true
 			log.Info().Msg("Lease held by another process, waiting in standby")
@@ -180,6 +186,23 @@ func (s *Store) AcquireLease(ctx context.Context, userID id.UserID, deviceID id.
 		case <-timer.C:
 		}
 	}
+}
+
+// takeOverGone takes the lease when its holder is provably gone (holderGone), and returns
+// the holder it replaced. The update names that holder, so that a holder that renewed or
+// changed meanwhile keeps the lease; on PostgreSQL it also waits for a fenced commit of the
+// gone holder's session to end (the row lock).
+func (l *Lease) takeOverGone(ctx context.Context) (string, bool) {
+	var holder string
+	if err := l.db.QueryRow(ctx, l.q.holder, l.userID, l.deviceID, l.cfg.Name).Scan(&holder); err != nil || !holderGone(holder) {
+		return "", false
+	}
+	res, err := l.db.Exec(ctx, l.q.takeOver, l.userID, l.deviceID, l.cfg.Name, l.cfg.Holder, l.cfg.Duration.Milliseconds(), holder)
+	if err != nil {
+		return "", false
+	}
+	n, err := res.RowsAffected()
+	return holder, err == nil && n == 1
 }
 
 // renewLoop renews the lease every RenewInterval. acquiredAt is when the statement that took

@@ -150,7 +150,10 @@ func leaseInProcess(t *testing.T, b backend) {
 	})
 }
 
-const envLeaseHolder = "SLIDINGSYNC_LEASE_HOLDER"
+const (
+	envLeaseHolder   = "SLIDINGSYNC_LEASE_HOLDER"
+	envLeaseDuration = "SLIDINGSYNC_LEASE_DURATION"
+)
 
 // leaseChild acquires the lease, says so with the database time it expires, and holds it
 // until killed.
@@ -163,7 +166,11 @@ func leaseChild() int {
 	}
 	s := newStoreFor(db)
 	fmt.Println("standby")
-	l, err := s.AcquireLease(ctx, leaseUser, leaseDevice, shortLease(os.Getenv(envLeaseHolder)))
+	cfg := shortLease(os.Getenv(envLeaseHolder))
+	if d, err := time.ParseDuration(os.Getenv(envLeaseDuration)); err == nil {
+		cfg.Duration, cfg.RenewInterval = d, d/3
+	}
+	l, err := s.AcquireLease(ctx, leaseUser, leaseDevice, cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -184,9 +191,10 @@ type leaseProc struct {
 	lines chan string
 }
 
-func startLeaseProc(t *testing.T, b backend, target, holder string) *leaseProc {
+func startLeaseProc(t *testing.T, b backend, target, holder string, env ...string) *leaseProc {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envHelper+"=lease", envTarget+"="+target, envDriver+"="+b.cfg.SQLiteDriver, envLeaseHolder+"="+holder)
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
 	require.NoError(t, err)
@@ -282,4 +290,46 @@ func TestLeaseTwoProcessesSQLiteModernc(t *testing.T) {
 
 func TestLeaseTwoProcessesPostgres(t *testing.T) {
 	leaseTwoProcesses(t, postgresBackend)
+}
+
+// leaseGoneHolder: with default holder names, a process on the same host takes the lease of a
+// holder that was killed at once, long before the lease would expire; while the holder runs it
+// waits.
+func leaseGoneHolder(t *testing.T, b backend) {
+	target := b.newTarget(t)
+	db, s := open(t, b, target)
+	defer db.Close()
+	long := envLeaseDuration + "=1m"
+
+	a := startLeaseProc(t, b, target, "", long)
+	require.Equal(t, "standby", a.next(t))
+	aExpires := acquiredAt(t, a.next(t))
+	aHolder, _ := leaseRow(t, s)
+	require.Contains(t, aHolder, fmt.Sprintf(":%d:", a.cmd.Process.Pid), "the default holder names the process")
+
+	bp := startLeaseProc(t, b, target, "", long)
+	require.Equal(t, "standby", bp.next(t))
+	time.Sleep(time.Second) // B polls every 100 ms: many times here
+	select {
+	case line := <-bp.lines:
+		t.Fatalf("B said %q while A runs", line)
+	default:
+	}
+
+	require.NoError(t, a.cmd.Process.Signal(syscall.SIGKILL))
+	_ = a.cmd.Wait()
+	killed := time.Now()
+	bExpires := acquiredAt(t, bp.next(t))
+	t.Logf("B took over %v after A was killed, %d ms before A's lease would have expired", time.Since(killed).Round(time.Millisecond), aExpires-(bExpires-time.Minute.Milliseconds()))
+	assert.Less(t, bExpires-time.Minute.Milliseconds(), aExpires, "B took the lease before A's expired")
+	holder, _ := leaseRow(t, s)
+	assert.NotEqual(t, aHolder, holder)
+}
+
+func TestLeaseGoneHolderTakenOverAtOnceSQLiteModernc(t *testing.T) {
+	leaseGoneHolder(t, sqliteBackend(dbopen.DriverModernc))
+}
+
+func TestLeaseGoneHolderTakenOverAtOncePostgres(t *testing.T) {
+	leaseGoneHolder(t, postgresBackend)
 }
