@@ -180,6 +180,7 @@ func (b *bot) run(ctx context.Context, o options, store slidingsync.Store, pickl
 			RequiredState: crypto.BotRequiredState(false),
 		}},
 		AllowInsecureHTTP: o.insecure,
+		PollTimeout:       o.pollTimeout,
 		OnResponse:        b.onResponse,
 		// The bot reads events from the responses only: keep the state model small.
 		CompactState: true,

@@ -52,6 +52,8 @@ type options struct {
 	// leaseHolder names this bot in the lease; a restart with the same name takes the lease
 	// back at once. Empty: a name unique to the process.
 	leaseHolder string
+	// pollTimeout is the long-poll asked of the server; zero means the SDK's default.
+	pollTimeout time.Duration
 }
 
 func main() {

@@ -254,12 +254,12 @@ func TestWindowGrowsAndInviteTurnsIntoJoin(t *testing.T) {
 	resp = botSync(t, s, resp["pos"].(string), list(19))
 	assert.Len(t, resp["rooms"], 10)
 
-	// Nothing new: no rooms, but the e2ee-less answer still has a new pos.
+	// Nothing new: no rooms, and the pos the request sent, as Synapse answers.
 	quiet := botSync(t, s, resp["pos"].(string), list(20))
 	assert.Len(t, quiet["rooms"], 1, "the last generated room")
 	quiet2 := botSync(t, s, quiet["pos"].(string), list(20))
 	assert.Empty(t, quiet2["rooms"])
-	assert.NotEqual(t, quiet["pos"], quiet2["pos"])
+	assert.Equal(t, quiet["pos"], quiet2["pos"])
 
 	status, _ := call(t, s, http.MethodPost, "/_matrix/client/v3/rooms/"+roomID.String()+"/join", map[string]any{})
 	require.Equal(t, http.StatusOK, status)
@@ -295,7 +295,7 @@ func TestNewDeviceIsADeviceListChange(t *testing.T) {
 	resp := botSync(t, s, first["pos"].(string), e2ee)
 	assert.Equal(t, map[string]any{"changed": []any{alice.UserID.String()}, "left": []any{}}, ext(t, resp, "e2ee")["device_lists"])
 	resp = botSync(t, s, resp["pos"].(string), e2ee)
-	assert.Nil(t, ext(t, resp, "e2ee")["device_lists"], "a change is reported once per pos")
+	assert.Equal(t, map[string]any{"changed": []any{}, "left": []any{}}, ext(t, resp, "e2ee")["device_lists"], "a change is reported once per pos")
 
 	bot, _, _ := s.Bot()
 	status, q := call(t, s, http.MethodPost, "/_matrix/client/v3/keys/query", map[string]any{"device_keys": map[string]any{alice.UserID.String(): []string{}}})
@@ -380,10 +380,53 @@ func TestMalformedRequestsAreRefused(t *testing.T) {
 		status, body := call(t, s, tc.method, tc.path, tc.body)
 		assert.True(t, status >= 400 && status < 500, "%s %s %v: %d %v", tc.method, tc.path, tc.body, status, body)
 	}
-	// Reversed ranges select nothing; ranges past the end are clamped.
+	// Reversed ranges select nothing; ranges past the end select up to the end.
 	resp := botSync(t, s, "", map[string]any{"lists": map[string]any{
-		"a": map[string]any{"ranges": [][]int{{4, 1}}},
-		"b": map[string]any{"ranges": [][]int{{3, 1 << 30}}, "timeline_limit": -1},
+		"a": map[string]any{"ranges": [][]int{{4, 1}}, "required_state": []any{}, "timeline_limit": 0},
+		"b": map[string]any{"ranges": [][]int{{3, 1 << 30}}, "timeline_limit": -1, "required_state": []any{}},
 	}})
 	assert.Len(t, resp["rooms"], 2)
+}
+
+// TestSyncIsSynapseLike holds the demo server to the Synapse personality: a pos it cannot
+// parse is an invalid stream token, an idle long-poll keeps the request's pos and carries the
+// e2ee counts, ranges are echoed, and a list without ranges is only counted.
+func TestSyncIsSynapseLike(t *testing.T) {
+	s, err := NewServer(Options{Rooms: 3, Seed: 7, Dir: t.TempDir(), PollTimeout: 200 * time.Millisecond})
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	status, body := call(t, s, http.MethodPost, syncPath+"?timeout=0&pos=12", map[string]any{})
+	assert.Equal(t, http.StatusBadRequest, status)
+	assert.Equal(t, map[string]any{"errcode": "M_UNKNOWN", "error": "Invalid stream token"}, body)
+
+	req := map[string]any{
+		"lists": map[string]any{
+			"window":  map[string]any{"ranges": [][]int{{0, 1}, {2, 50}}, "required_state": []any{}, "timeline_limit": 0},
+			"counted": map[string]any{"required_state": []any{}, "timeline_limit": 0},
+		},
+		"extensions": map[string]any{"e2ee": map[string]any{"enabled": true}},
+	}
+	first := botSync(t, s, "", req)
+	lists := first["lists"].(map[string]any)
+	assert.Equal(t, map[string]any{"count": float64(3)}, lists["counted"])
+	ops := lists["window"].(map[string]any)["ops"].([]any)
+	require.Len(t, ops, 2)
+	assert.Equal(t, []any{float64(2), float64(50)}, ops[1].(map[string]any)["range"], "the range as requested")
+	assert.Len(t, first["rooms"], 3)
+
+	pos := first["pos"].(string)
+	began := time.Now()
+	status, idle := call(t, s, http.MethodPost, syncPath+"?timeout=30000&pos="+pos, req)
+	require.Equal(t, http.StatusOK, status, idle)
+	assert.GreaterOrEqual(t, time.Since(began), 200*time.Millisecond, "the long-poll waited, up to PollTimeout")
+	assert.Equal(t, pos, idle["pos"], "an idle long-poll keeps the pos")
+	assert.Empty(t, idle["rooms"])
+	assert.Equal(t, map[string]any{"signed_curve25519": float64(0)}, ext(t, idle, "e2ee")["device_one_time_keys_count"])
+
+	reqs := s.SyncRequests()
+	require.Len(t, reqs, 3)
+	assert.Equal(t, http.StatusBadRequest, reqs[0].Status)
+	assert.Equal(t, pos, reqs[2].Pos)
+	assert.Equal(t, pos, reqs[2].AnswerPos)
+	assert.GreaterOrEqual(t, reqs[2].Answered.Sub(reqs[2].Arrived), 200*time.Millisecond, "arrival is before the long-poll")
 }

@@ -3,13 +3,16 @@
 // machines, and the endpoints the SDK's crypto flow needs.
 //
 // A [Server] listens on 127.0.0.1 (httptest). Sliding sync (MSC4186, at the
-// simplified_msc3575 path) goes through a slidingsynctest.Server with a Responder, behind a
-// long-poll that waits until the bot has something new (or its timeout ends, when it answers
-// with the e2ee counts only, as Synapse does). It serves:
+// simplified_msc3575 path) goes through a slidingsynctest.Server with its Synapse
+// personality and a Responder, behind a long-poll that waits until the bot has something new
+// or its timeout (at most Options.PollTimeout) ends. An answer without news, such as an idle
+// long-poll's, keeps the request's pos and carries the e2ee counts, as Synapse does; requests
+// are checked against Synapse's request model. It serves:
 //
-//   - sync: the list ranges are honoured (the bot scans the list), required_state and
-//     timeline_limit of the list, invites as invite_state, a room the bot joined sent again as
-//     initial; the e2ee extension with device_one_time_keys_count and
+//   - sync: the list ranges are honoured and echoed in the SYNC ops (the bot scans the
+//     list), a list without ranges only counted, required_state and timeline_limit of the
+//     list, invites as invite_state, a room the bot joined sent again as initial; the e2ee
+//     extension with device_one_time_keys_count and
 //     device_unused_fallback_key_types on every response and device_lists.changed when the
 //     request has a pos; the to_device extension with since, limit and next_batch, a message
 //     being deleted only once a later request's since acknowledges it.
@@ -23,7 +26,7 @@
 // of the generated rooms were sent), so the server keeps no per-connection state: a bot that
 // restarts from an older committed pos gets everything after it again, which makes the
 // server usable by a harness that kills the bot at any moment. A pos from the future (another
-// server run) gets M_UNKNOWN_POS.
+// server run) gets M_UNKNOWN_POS, one it cannot parse 400 M_UNKNOWN "Invalid stream token".
 //
 // A [Peer] is another user's device with a real mautrix OlmMachine (goolm) on its own SQLite
 // file, whose client talks to the server over HTTP like any client: it creates encrypted

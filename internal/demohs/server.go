@@ -32,8 +32,9 @@ const (
 	DefaultBotToken    = "demo-bot-token"
 )
 
-// maxPollTimeout caps a sync request's long-poll, whatever it asks for.
-const maxPollTimeout = 30 * time.Second
+// DefaultPollTimeout caps a sync request's long-poll, whatever it asks for, when
+// Options.PollTimeout is zero.
+const DefaultPollTimeout = 30 * time.Second
 
 // Options configures a [Server]. Every zero value is usable.
 type Options struct {
@@ -54,6 +55,10 @@ type Options struct {
 	Dir string
 	// Log receives the peers' mautrix logs; nil means none.
 	Log *zerolog.Logger
+	// PollTimeout caps every sync long-poll, whatever the request asks for; zero means
+	// DefaultPollTimeout. A short one makes idle long-polls (answered with the request's
+	// pos) come often.
+	PollTimeout time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -74,6 +79,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.BotToken == "" {
 		o.BotToken = DefaultBotToken
+	}
+	if o.PollTimeout <= 0 {
+		o.PollTimeout = DefaultPollTimeout
 	}
 	return o
 }
@@ -154,6 +162,7 @@ type Server struct {
 	queries   []Query
 	claims    []Claim
 	decrypted []Decryption
+	syncs     []SyncRequest
 }
 
 // devChange is one device-list change.
@@ -187,6 +196,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.generate()
 	s.ss = slidingsynctest.NewServer(slidingsynctest.Options{
 		Protocol:    slidingsync.ProtocolMSC4186,
+		Personality: slidingsynctest.PersonalitySynapse,
 		UserID:      opts.BotUserID,
 		DeviceID:    opts.BotDeviceID,
 		AccessToken: opts.BotToken,
@@ -209,6 +219,14 @@ func (s *Server) Rooms() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.listLocked())
+}
+
+// SyncRequests returns the sliding sync requests so far, in arrival order: when each arrived
+// (before its long-poll), when it was answered and the positions on both sides.
+func (s *Server) SyncRequests() []SyncRequest {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.syncs)
 }
 
 // Membership returns user's membership in roomID, empty if none.

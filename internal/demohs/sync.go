@@ -15,6 +15,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
 // Wire keys of the extensions in the MSC4186 dialect.
@@ -27,8 +28,8 @@ const (
 const maxToDeviceLimit = 100
 
 // position is what a pos says the connection has seen: everything up to stream, and the
-// first gen generated rooms. fresh is a request without pos. seq only makes every pos
-// unique, as clients ignore a response whose pos they already processed.
+// first gen generated rooms. fresh is a request without pos. seq makes the pos of every
+// answer with news unique; an answer without news keeps the request's pos, as Synapse does.
 type position struct {
 	stream int64
 	gen    int
@@ -57,9 +58,14 @@ func (s *Server) parsePosLocked(pos string) (position, bool) {
 }
 
 // serveSync long-polls until the request has something new (or its timeout ends), then lets
-// the slidingsynctest server answer it through respond. Requests it cannot read or that lack
-// the bot's token go straight to slidingsynctest, which refuses them.
+// the slidingsynctest server, with its Synapse personality, answer it through respond.
+// Requests it cannot read, that lack the bot's token, or whose pos it cannot parse go
+// straight to slidingsynctest, which refuses them as Synapse does. A pos of this server's
+// form past what it has issued (another server run) gets M_UNKNOWN_POS.
 func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
+	rec := &syncRecorder{ResponseWriter: w, s: s, idx: s.noteSync(r)}
+	defer rec.done()
+	w = rec
 	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "M_BAD_JSON", "Unreadable body.")
@@ -70,11 +76,15 @@ func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
 		_, ok := s.parsePosLocked(req.Pos)
 		s.mu.Unlock()
-		if !ok {
+		switch {
+		case !ok && isPosForm(req.Pos):
 			writeError(w, http.StatusBadRequest, "M_UNKNOWN_POS", "Unknown position")
 			return
+		case ok && req.Pos != "":
+			// Every pos of this run is valid: it says what the connection has seen.
+			s.ss.IssuePos(req.ConnID, req.Pos)
 		}
-		if !s.longPoll(r, req) {
+		if ok && !s.longPoll(r, req) {
 			return
 		}
 	}
@@ -83,12 +93,71 @@ func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 	s.ss.ServeHTTP(w, r)
 }
 
+// SyncRequest is one sliding sync request as the server saw it.
+type SyncRequest struct {
+	// Arrived is when the request reached the server, before its long-poll.
+	Arrived time.Time
+	// Answered is when the answer was written; zero if the request was cancelled first.
+	Answered time.Time
+	// Status is the answer's HTTP status, 0 if none.
+	Status int
+	// Pos is the request's pos, AnswerPos the pos of a 200 answer.
+	Pos, AnswerPos string
+}
+
+// noteSync records the arrival of a sync request and returns its index.
+func (s *Server) noteSync(r *http.Request) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.syncs = append(s.syncs, SyncRequest{Arrived: time.Now(), Pos: r.URL.Query().Get("pos")})
+	return len(s.syncs) - 1
+}
+
+// syncRecorder passes a sync answer through and records when it was written and its pos.
+type syncRecorder struct {
+	http.ResponseWriter
+	s      *Server
+	idx    int
+	status int
+	at     time.Time
+	body   bytes.Buffer
+}
+
+func (w *syncRecorder) WriteHeader(status int) {
+	if w.status == 0 {
+		w.status, w.at = status, time.Now()
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *syncRecorder) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	w.body.Write(p)
+	return w.ResponseWriter.Write(p)
+}
+
+// done stores what was answered.
+func (w *syncRecorder) done() {
+	var answer struct {
+		Pos string `json:"pos"`
+	}
+	if w.status == http.StatusOK {
+		_ = json.Unmarshal(w.body.Bytes(), &answer)
+	}
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	rec := &w.s.syncs[w.idx]
+	rec.Answered, rec.Status, rec.AnswerPos = w.at, w.status, answer.Pos
+}
+
 // longPoll waits until req would get something new. It returns false when the request was
 // cancelled.
 func (s *Server) longPoll(r *http.Request, req *slidingsync.Request) bool {
 	var timeout time.Duration
 	if req.Timeout != nil {
-		timeout = min(time.Duration(max(*req.Timeout, 0))*time.Millisecond, maxPollTimeout)
+		timeout = min(time.Duration(max(*req.Timeout, 0))*time.Millisecond, s.opts.PollTimeout)
 	}
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
@@ -111,13 +180,32 @@ func (s *Server) longPoll(r *http.Request, req *slidingsync.Request) bool {
 }
 
 // respond is the slidingsynctest Responder: it never returns nil, the long-poll happened in
-// serveSync.
+// serveSync. An answer without news keeps the request's pos.
 func (s *Server) respond(req *slidingsync.Request) *slidingsync.Response {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	resp, _ := s.buildLocked(req)
+	resp, news := s.buildLocked(req)
+	if !news && req.Pos != "" {
+		resp.Pos = req.Pos
+		return resp
+	}
 	s.posSeq++
 	return resp
+}
+
+// isPosForm reports whether pos has the form of this server's positions, whatever its
+// numbers.
+func isPosForm(pos string) bool {
+	parts := strings.Split(pos, "_")
+	if len(parts) != 3 {
+		return false
+	}
+	for _, p := range parts {
+		if _, err := strconv.ParseInt(p, 10, 64); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // buildLocked computes the answer to req from the state its pos names, and whether it carries
@@ -137,15 +225,11 @@ func (s *Server) buildLocked(req *slidingsync.Request) (*slidingsync.Response, b
 	slices.Sort(names)
 	for _, name := range names {
 		lc := req.Lists[name]
-		var ops []slidingsync.ListOp
-		for _, rg := range lc.Ranges {
-			end := min(rg.End, len(list)-1)
-			if rg.Start < 0 || rg.Start > end {
-				continue
-			}
-			ids := slices.Clone(list[rg.Start : end+1])
-			ops = append(ops, slidingsync.ListOp{Op: slidingsync.ListOpSync, Range: &slidingsync.Range{Start: rg.Start, End: end}, RoomIDs: ids})
-			for _, roomID := range ids {
+		// As Synapse: the ranges echoed, a list asked for in full not sorted, and a list
+		// without ranges only counted.
+		lr := slidingsynctest.SynapseListResponse(lc, list)
+		for _, op := range lr.Ops {
+			for _, roomID := range op.RoomIDs {
 				rm := s.rooms[roomID]
 				if rm.generated >= 0 {
 					gen = max(gen, rm.generated+1)
@@ -160,7 +244,7 @@ func (s *Server) buildLocked(req *slidingsync.Request) (*slidingsync.Response, b
 				}
 			}
 		}
-		resp.Lists[name] = slidingsync.ListResponse{Count: slidingsync.Some(len(list)), Ops: ops}
+		resp.Lists[name] = lr
 	}
 	news := base.fresh || len(resp.Rooms) > 0 || gen != base.gen
 	resp.Extensions = map[string]json.RawMessage{}

@@ -59,6 +59,11 @@ type Options struct {
 	// HomeserverURL is the base URL NewClient uses and .well-known names as m.homeserver;
 	// default DefaultHomeserverURL. Transport ignores hosts, so any URL reaches the server.
 	HomeserverURL string
+	// Personality is how the server behaves beyond the dialect; zero means PersonalityAuto:
+	// PersonalitySynapse on MSC4186, PersonalityPolite on MSC3575 and v4. Set
+	// PersonalityPolite for a test that needs every answer to carry a fresh pos or a server
+	// that accepts any pos and any list.
+	Personality Personality
 }
 
 // RecordedRequest is one request to the sync path, as the server received it.
@@ -88,6 +93,12 @@ type RecordedRequest struct {
 	Answered bool
 	// Status is the HTTP status of the answer, 0 if not answered.
 	Status int
+	// AnsweredAt is when the answer was handed over (fake time inside a synctest bubble),
+	// zero if not answered. The gap to the next request's Received is the time the client
+	// took before asking again.
+	AnsweredAt time.Time
+	// AnswerPos is the pos of a 200 answer, empty for other answers.
+	AnswerPos string
 }
 
 // Server is a fake sliding sync server that answers sync requests from a script. It is safe
@@ -95,6 +106,7 @@ type RecordedRequest struct {
 type Server struct {
 	opts      Options
 	advertise bool
+	synapse   bool // PersonalitySynapse is in effect
 
 	mu          sync.Mutex
 	queue       []*item
@@ -106,6 +118,13 @@ type Server struct {
 	inFlight    int
 	maxInFlight int
 	responder   Responder
+
+	// State of the Synapse personality.
+	issued       map[string]map[string]bool // pos → conn_ids it was served on
+	expired      map[string]bool            // positions forgotten by ExpirePositions
+	e2ee         E2EEState                  // what computed answers report about the keys
+	lists        map[string]knownList       // lists as last served, by name
+	toDeviceNext string                     // the last to-device next_batch served
 }
 
 // item is one scripted answer.
@@ -117,6 +136,10 @@ type item struct {
 	fields map[string]json.RawMessage
 	// pos is the explicit pos of a pushed response, kept so assigned ones never repeat it.
 	pos string
+	// keepPos serves fields with the pos of the request answered (PushKeepPos).
+	keepPos bool
+	// idle is computed when served: the answer to a long-poll that ran out (PushIdle).
+	idle bool
 }
 
 // waiter is a request long-polling on an empty queue. Push hands it an item, Close wakes it.
@@ -127,14 +150,29 @@ type waiter struct {
 	closed bool
 }
 
-// NewServer returns a server with an empty script. It panics on an unknown protocol or an
-// invalid HomeserverURL, which are mistakes in the test itself.
+// NewServer returns a server with an empty script. It panics on an unknown protocol or
+// personality, PersonalitySynapse with another dialect than MSC4186, or an invalid
+// HomeserverURL, which are mistakes in the test itself.
 func NewServer(opts Options) *Server {
 	if opts.Protocol == slidingsync.ProtocolAuto {
 		opts.Protocol = slidingsync.ProtocolMSC4186
 	}
 	if opts.Protocol.Path() == "" {
 		panic(fmt.Sprintf("slidingsynctest: unknown protocol %q", opts.Protocol))
+	}
+	switch opts.Personality {
+	case PersonalityAuto:
+		opts.Personality = PersonalityPolite
+		if opts.Protocol == slidingsync.ProtocolMSC4186 {
+			opts.Personality = PersonalitySynapse
+		}
+	case PersonalityPolite:
+	case PersonalitySynapse:
+		if opts.Protocol != slidingsync.ProtocolMSC4186 {
+			panic(fmt.Sprintf("slidingsynctest: the Synapse personality speaks MSC4186, not %s", opts.Protocol))
+		}
+	default:
+		panic(fmt.Sprintf("slidingsynctest: unknown personality %q", opts.Personality))
 	}
 	if opts.UserID == "" {
 		opts.UserID = DefaultUserID
@@ -155,7 +193,14 @@ func NewServer(opts Options) *Server {
 	if opts.AdvertiseSimplified != nil {
 		advertise = *opts.AdvertiseSimplified
 	}
-	return &Server{opts: opts, advertise: advertise}
+	return &Server{
+		opts:      opts,
+		advertise: advertise,
+		synapse:   opts.Personality == PersonalitySynapse,
+		issued:    map[string]map[string]bool{},
+		expired:   map[string]bool{},
+		lists:     map[string]knownList{},
+	}
 }
 
 // Protocol returns the dialect the server speaks.
@@ -195,7 +240,10 @@ func itemFor(resp *slidingsync.Response) *item {
 // Responder computes an answer from a request when nothing is queued, which turns the
 // scripted server into a small dynamic one (the demo homeserver honours ranges this way). It
 // returns nil to fall back to the long-poll. It is called with the server's lock held, so it
-// must not call the Server's methods; Push from another goroutine to wake a long-poll.
+// must not call the Server's methods; Push from another goroutine to wake a long-poll. A
+// response without pos gets a fresh one. Under the Synapse personality the answer is shaped
+// as Synapse's encoder would send it (see the package documentation), and a Responder with
+// nothing new sets Pos to req.Pos, as Synapse keeps the pos then.
 type Responder func(req *slidingsync.Request) *slidingsync.Response
 
 // SetResponder installs a Responder (nil removes it). Queued answers still go first.
@@ -404,6 +452,8 @@ func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 		status, out = http.StatusBadRequest, errorBody("M_BAD_JSON", readErr.Error(), nil)
 	case timeoutErr != nil:
 		status, out = http.StatusBadRequest, errorBody("M_INVALID_PARAM", timeoutErr.Error(), nil)
+	case s.synapse:
+		// Checked below, with the positions the server issued.
 	default:
 		// Only the body decides: a v4 server ignores the query, which DecodeRequest reads.
 		if _, err := slidingsync.DecodeRequest(nil, body); err != nil {
@@ -423,8 +473,11 @@ func (s *Server) serveSync(w http.ResponseWriter, r *http.Request) {
 	if status == 0 && s.closed {
 		status, out = closedAnswer()
 	}
+	if status == 0 && s.synapse {
+		status, out = s.synapseRefusal(&s.reqs[idx])
+	}
 	if status != 0 {
-		s.finish(idx, status)
+		s.finish(idx, status, out)
 		s.mu.Unlock()
 		writeJSON(w, status, out)
 		return
@@ -447,22 +500,26 @@ func (s *Server) answer(ctx context.Context, idx int, timeout time.Duration) (st
 	if len(s.queue) > 0 {
 		it := s.queue[0]
 		s.queue = s.queue[1:]
-		status, out = s.render(it)
-		s.finish(idx, status)
+		status, out = s.render(it, idx)
+		s.finish(idx, status, out)
 		s.mu.Unlock()
 		return status, out, true
 	}
 	if s.responder != nil && s.reqs[idx].Parsed != nil {
 		if resp := s.responder(s.reqs[idx].Parsed); resp != nil {
-			status, out = s.render(itemFor(resp))
-			s.finish(idx, status)
+			it := itemFor(resp)
+			if s.synapse {
+				it = &item{status: http.StatusOK, fields: s.shapeResponse(resp, readSynapseRequest(&s.reqs[idx])), pos: resp.Pos}
+			}
+			status, out = s.render(it, idx)
+			s.finish(idx, status, out)
 			s.mu.Unlock()
 			return status, out, true
 		}
 	}
 	if timeout <= 0 {
-		status, out = http.StatusOK, s.emptyResponse()
-		s.finish(idx, status)
+		status, out = http.StatusOK, s.emptyResponse(idx)
+		s.finish(idx, status, out)
 		s.mu.Unlock()
 		return status, out, true
 	}
@@ -495,22 +552,32 @@ func (s *Server) answer(ctx context.Context, idx int, timeout time.Duration) (st
 	}
 	switch {
 	case w.item != nil:
-		status, out = s.render(w.item)
+		status, out = s.render(w.item, idx)
 	case w.closed:
 		status, out = closedAnswer()
 	default:
-		status, out = http.StatusOK, s.emptyResponse()
+		status, out = http.StatusOK, s.emptyResponse(idx)
 	}
-	s.finish(idx, status)
+	s.finish(idx, status, out)
 	return status, out, true
 }
 
-// finish marks request idx answered. It runs before the answer is written so that a client
-// that sends its next request as soon as it reads this answer never sees two in flight.
-// Caller holds s.mu.
-func (s *Server) finish(idx, status int) {
-	s.reqs[idx].Answered = true
-	s.reqs[idx].Status = status
+// finish marks request idx answered with body. It runs before the answer is written so that
+// a client that sends its next request as soon as it reads this answer never sees two in
+// flight. Caller holds s.mu.
+func (s *Server) finish(idx, status int, body []byte) {
+	rec := &s.reqs[idx]
+	rec.Answered = true
+	rec.Status = status
+	rec.AnsweredAt = time.Now()
+	if status == http.StatusOK {
+		var p struct {
+			Pos string `json:"pos"`
+		}
+		if json.Unmarshal(body, &p) == nil {
+			rec.AnswerPos = p.Pos
+		}
+	}
 	s.inFlight--
 }
 
@@ -520,22 +587,62 @@ func (s *Server) abandon() {
 	s.inFlight--
 }
 
-// render returns an item's status and body, assigning a pos if it needs one. Caller holds
-// s.mu.
-func (s *Server) render(it *item) (int, []byte) {
+// render returns an item's status and body as the answer to request idx, assigning a pos if
+// it needs one. Caller holds s.mu.
+func (s *Server) render(it *item, idx int) (int, []byte) {
+	if it.idle {
+		return http.StatusOK, s.emptyResponse(idx)
+	}
+	out := it.body
 	if it.fields == nil {
 		if it.pos != "" {
 			s.notePos(it.pos)
 		}
-		return it.status, it.body
+	} else {
+		fields := maps.Clone(it.fields)
+		pos := it.pos
+		switch {
+		case pos != "":
+			s.notePos(pos)
+		case it.keepPos:
+			if pos = s.requestPos(idx); pos == "" {
+				pos = s.nextPos()
+			}
+		default:
+			pos = s.nextPos()
+		}
+		fields["pos"] = mustJSON(pos)
+		out = mustJSON(fields)
 	}
-	fields := maps.Clone(it.fields)
-	fields["pos"] = mustJSON(s.nextPos())
-	return it.status, mustJSON(fields)
+	if s.synapse && it.status == http.StatusOK {
+		s.learn(readSynapseRequest(&s.reqs[idx]), out, true)
+	}
+	return it.status, out
 }
 
-func (s *Server) emptyResponse() []byte {
-	return mustJSON(map[string]string{"pos": s.nextPos()})
+// emptyResponse is the answer computed when nothing happened (an idle long-poll). Caller
+// holds s.mu.
+func (s *Server) emptyResponse(idx int) []byte {
+	if !s.synapse {
+		return mustJSON(map[string]string{"pos": s.nextPos()})
+	}
+	sr := readSynapseRequest(&s.reqs[idx])
+	out := s.idleAnswer(sr)
+	s.learn(sr, out, false)
+	return out
+}
+
+// requestPos returns the pos request idx carries where its dialect puts it. Caller holds
+// s.mu.
+func (s *Server) requestPos(idx int) string {
+	rec := &s.reqs[idx]
+	if s.opts.Protocol.PosInQuery() {
+		return rec.Query.Get("pos")
+	}
+	if rec.Parsed != nil {
+		return rec.Parsed.Pos
+	}
+	return ""
 }
 
 // nextPos returns a fresh pos. Caller holds s.mu.

@@ -163,9 +163,11 @@ func TestPosAssignedWhenServedNotWhenPushed(t *testing.T) {
 	assert.Equal(t, "4", posOf(t, syncReq(ctx, srv, "")))
 }
 
+// TestLongPollWaitsForTimeout holds the polite personality to its empty answer: {"pos": "N"}
+// and nothing else, with a fresh pos.
 func TestLongPollWaitsForTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{Personality: slidingsynctest.PersonalityPolite})
 		start := time.Now()
 		r := syncReq(t.Context(), srv, "5000")
 		assert.Equal(t, 5*time.Second, time.Since(start))
@@ -496,10 +498,11 @@ func TestV4ReadsPosAndTimeoutFromBody(t *testing.T) {
 func TestQueryDialectsIgnoreBodyTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		srv.IssuePos("", "3")
 		start := time.Now()
 		r := send(t.Context(), srv, http.MethodPost, srv.Protocol().Path(), url.Values{"pos": {"3"}}, `{"timeout":5000}`)
 		assert.Zero(t, time.Since(start))
-		assert.Equal(t, "1", posOf(t, r))
+		assert.Equal(t, "3", posOf(t, r), "Synapse keeps the pos of a timeout=0 request with nothing new")
 		assert.Zero(t, srv.Requests()[0].Timeout)
 		assert.Equal(t, "3", srv.Requests()[0].Parsed.Pos)
 	})
@@ -810,7 +813,8 @@ func TestResponderAnswersWhenQueueIsEmpty(t *testing.T) {
 			if pos != "" {
 				url += "&pos=" + pos
 			}
-			req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(`{"lists":{"a":{"ranges":[[0,1]]},"b":{"ranges":[[0,1]]}}}`))
+			req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(
+				`{"lists":{"a":{"ranges":[[0,1]],"required_state":[],"timeline_limit":0},"b":{"ranges":[[0,1]],"required_state":[],"timeline_limit":0}}}`))
 			require.NoError(t, err)
 			req.Header.Set("Authorization", "Bearer "+slidingsynctest.DefaultAccessToken)
 			resp, err := cli.Client.Do(req)
@@ -824,10 +828,13 @@ func TestResponderAnswersWhenQueueIsEmpty(t *testing.T) {
 		_, body := post("", 0)
 		assert.JSONEq(t, `{"pos":"7"}`, body, "queued answers go first")
 		_, body = post("", 0)
-		assert.JSONEq(t, `{"pos":"8","lists":{"all":{"count":2}}}`, body)
+		assert.JSONEq(t, `{"pos":"8","lists":{"all":{"count":2}},"rooms":{},"extensions":{}}`, body)
 		began := time.Now()
 		_, body = post("8", 5000)
-		assert.JSONEq(t, `{"pos":"9"}`, body, "nil falls back to the long-poll")
+		// The long-poll's answer: the same pos, and the lists as last served.
+		assert.JSONEq(t, `{"pos":"8","rooms":{},"extensions":{},"lists":{
+			"a":{"count":0,"ops":[{"op":"SYNC","range":[0,1],"room_ids":[]}]},
+			"b":{"count":0,"ops":[{"op":"SYNC","range":[0,1],"room_ids":[]}]}}}`, body, "nil falls back to the long-poll")
 		assert.Equal(t, 5*time.Second, time.Since(began))
 	})
 }
