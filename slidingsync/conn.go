@@ -484,9 +484,10 @@ func (c *Conn) Run(ctx context.Context) error {
 				resets = 0
 			}
 			noPoll = more
-			if resp.Pos == pos && timeout > 0 && time.Since(sent) < timeout/2 {
-				// The same pos long before the poll ran out: not an idle server but one
-				// that answers at once without moving. It must not make us spin.
+			if resp.Pos == pos && timeout > 0 && time.Since(sent) < min(timeout/2, time.Second) {
+				// The same pos at once: not an idle server (Synapse waits out the poll) but
+				// one that answers without moving. It must not make us spin. A server that
+				// cuts long-polls short (to a second or more) is not backed off.
 				early++
 				wait := c.backoff(early - 1)
 				if early == 1 {

@@ -26,8 +26,9 @@ import (
 // extension's current data all the same. Requests without pos go to the scripted server.
 type synapseIdle struct {
 	next    http.RoundTripper
-	news    chan string // the pos of a response with a new room
-	extData bool        // idle answers carry test_ext data
+	news    chan string   // the pos of a response with a new room
+	extData bool          // idle answers carry test_ext data
+	capPoll time.Duration // when set, long-polls end after at most this long
 
 	mu    sync.Mutex
 	idles int
@@ -50,7 +51,11 @@ func (s *synapseIdle) RoundTrip(req *http.Request) (*http.Response, error) {
 		return s.next.RoundTrip(req)
 	}
 	ms, _ := strconv.Atoi(q.Get("timeout"))
-	timer := time.NewTimer(time.Duration(ms) * time.Millisecond)
+	wait := time.Duration(ms) * time.Millisecond
+	if s.capPoll > 0 {
+		wait = min(wait, s.capPoll)
+	}
+	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	select {
 	case newPos := <-s.news:
@@ -183,7 +188,7 @@ func TestSynapseInvalidStreamTokenStartsAfresh(t *testing.T) {
 		require.NoError(t, store.Commit(context.Background(), key, &slidingsync.Update{Pos: "42"}))
 		ext := &recordingExt{}
 		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store, Extensions: []slidingsync.Extension{ext}})
-		srv.PushError(http.StatusBadRequest, "M_UNKNOWN", "Invalid stream token", nil)
+		// The server never issued "42": its Synapse personality answers "Invalid stream token".
 		srv.Push(roomResp("s1", "!a:x"))
 		h.run()
 		reqs, err := srv.WaitRequests(context.Background(), 3)
@@ -483,4 +488,27 @@ func TestExplicitMSC3575TakesTheProxyFromWellKnown(t *testing.T) {
 			})
 		})
 	}
+}
+
+func TestServerCappingLongPollsIsNotBackedOff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// A server (or a reverse proxy in front of it) that ends every long-poll after 2 s
+		// with the same pos: the client asks again at once each time.
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
+		cli := srv.NewClient()
+		tr := &synapseIdle{next: cli.Client.Transport, news: make(chan string), capPoll: 2 * time.Second}
+		cli.Client = &http.Client{Transport: tr}
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{})
+		srv.Push(roomResp("p1", "!a:x"))
+		start := time.Now()
+		h.run()
+		time.Sleep(20*time.Second + time.Second)
+		synctest.Wait()
+		require.ErrorIs(t, h.stop(t), context.Canceled)
+		reqs := tr.requests()
+		require.GreaterOrEqual(t, len(reqs), 11)
+		for i, r := range reqs[1:11] {
+			assert.Equal(t, time.Duration(i)*2*time.Second, r.at.Sub(start), "request %d follows the previous answer at once", i+1)
+		}
+	})
 }
