@@ -77,6 +77,9 @@ type Machine struct {
 	keysUp     chan struct{} // closed once the device keys are on the server
 	keysUpOnce sync.Once
 
+	keyMu   sync.Mutex
+	keyNext chan struct{} // closed and replaced when a room key is committed
+
 	mu         sync.Mutex
 	otkSeen    bool                    // otkLast holds counts of a committed State
 	otkLast    map[id.KeyAlgorithm]int // last counts committed
@@ -149,6 +152,7 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 
 		membersFresh: make(map[id.RoomID]struct{}),
 		keysUp:       make(chan struct{}),
+		keyNext:      make(chan struct{}),
 	}
 	m.outdatedDirty.Store(true) // rows left by an earlier run are queried on the first pass
 	m.fallbackDirty.Store(true)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 
 	"github.com/rs/zerolog"
+	"go.mau.fi/util/dbutil"
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/crypto/olm"
 	"maunium.net/go/mautrix/event"
@@ -107,6 +108,9 @@ func (m *Machine) handleOlm(ctx context.Context, evt *event.Event, content *even
 	if err != nil {
 		return fmt.Errorf("crypto: snapshot Olm state: %w", err)
 	}
+	// Inside a caller's transaction the key is committed only when the caller commits, which
+	// this Machine cannot see: it is then not announced to RoomKeyCommitted's waiters.
+	_, inTxn := m.store.DB.Execable(ctx).(*dbutil.LoggingTxn)
 	var dec *mcrypto.DecryptedOlmEvent
 	err = m.store.DB.DoTxn(ctx, nil, func(ctx context.Context) error {
 		peek := *evt
@@ -153,6 +157,9 @@ func (m *Machine) handleOlm(ctx context.Context, evt *event.Event, content *even
 			log.Error().Err(rerr).Msg("Failed to restore the Olm state after a failed decryption")
 		}
 		return fmt.Errorf("crypto: handle Olm message from %s: %w", evt.Sender, err)
+	}
+	if key != nil && !inTxn {
+		m.roomKeyCommitted()
 	}
 	return nil
 }
