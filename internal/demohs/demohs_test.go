@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 )
 
@@ -429,4 +431,84 @@ func TestSyncIsSynapseLike(t *testing.T) {
 	assert.Equal(t, pos, reqs[2].Pos)
 	assert.Equal(t, pos, reqs[2].AnswerPos)
 	assert.GreaterOrEqual(t, reqs[2].Answered.Sub(reqs[2].Arrived), 200*time.Millisecond, "arrival is before the long-poll")
+}
+
+// The server behaviour the SDK's outbox must survive: a send stored whose answer was lost, and
+// (as Dendrite after such a loss) the same transaction ID accepted again as a new event. The
+// sender's own events carry unsigned.transaction_id in /messages (from the end, without a
+// from token) and in the sliding sync timeline, as the client-server API specifies.
+func TestLostSendAnswersWithoutTxnDedup(t *testing.T) {
+	var drop atomic.Bool
+	s, err := NewServer(Options{Rooms: 3, Seed: 7, Dir: t.TempDir(), NoTxnDedup: true,
+		SendFault: func(id.RoomID, string) SendFault {
+			if drop.Load() {
+				return SendStoreDropResponse
+			}
+			return SendAnswer
+		}})
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	bot, dev, token := s.Bot()
+	roomID := s.generated[0]
+	cli, err := mautrix.NewClient(s.URL(), bot, token)
+	require.NoError(t, err)
+	cli.DeviceID = dev
+	ctx := t.Context()
+
+	drop.Store(true)
+	_, err = cli.SendText(ctx, roomID, "hi")
+	require.Error(t, err, "the answer was lost")
+	events := s.RoomEvents(roomID)
+	stored := events[len(events)-1]
+	assert.Equal(t, "hi", stored.Content.Raw["body"], "but the event was stored")
+
+	msgs, err := cli.Messages(ctx, roomID, "", "", mautrix.DirectionBackward, nil, 10)
+	require.NoError(t, err)
+	require.NotEmpty(t, msgs.Chunk)
+	assert.Equal(t, stored.ID, msgs.Chunk[0].ID, "newest first, from the end")
+	txn := msgs.Chunk[0].Unsigned.TransactionID
+	assert.NotEmpty(t, txn, "the sender sees its transaction ID")
+
+	drop.Store(false)
+	_, err = cli.SendMessageEvent(ctx, roomID, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "hi"}, mautrix.ReqSendEvent{TransactionID: txn})
+	require.NoError(t, err)
+	assert.Len(t, s.RoomEvents(roomID), len(events)+1, "the repeated transaction ID made a second event")
+	assert.Equal(t, 1, s.DuplicateSends())
+
+	// Others do not see the transaction ID.
+	alice, err := s.NewPeer(ctx, "@alice:demo.invalid")
+	require.NoError(t, err)
+	room2, err := alice.CreateEncryptedRoom(ctx, "r", bot)
+	require.NoError(t, err)
+	_, err = cli.JoinRoomByID(ctx, room2)
+	require.NoError(t, err)
+	_, err = cli.SendMessageEvent(ctx, room2, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: "mine"}, mautrix.ReqSendEvent{TransactionID: "t-1"})
+	require.NoError(t, err)
+	theirs, err := alice.Client.Messages(ctx, room2, "", "", mautrix.DirectionBackward, nil, 1)
+	require.NoError(t, err)
+	require.Len(t, theirs.Chunk, 1)
+	assert.Empty(t, theirs.Chunk[0].Unsigned.TransactionID)
+	resp := botSync(t, s, "", map[string]any{"lists": map[string]any{"all": map[string]any{
+		"ranges": [][]int{{0, 10}}, "timeline_limit": 1, "required_state": [][]string{}}}})
+	tl := resp["rooms"].(map[string]any)[room2.String()].(map[string]any)["timeline"].([]any)
+	assert.Equal(t, "t-1", tl[len(tl)-1].(map[string]any)["unsigned"].(map[string]any)["transaction_id"])
+}
+
+// POST /login with the bot's password gives the bot's device and token.
+func TestPasswordLogin(t *testing.T) {
+	s := newServer(t, 1)
+	bot, dev, token := s.Bot()
+	cli, err := mautrix.NewClient(s.URL(), "", "")
+	require.NoError(t, err)
+	_, err = cli.Login(t.Context(), &mautrix.ReqLogin{Type: mautrix.AuthTypePassword,
+		Identifier: mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: bot.String()},
+		Password:   "wrong"})
+	require.Error(t, err)
+	resp, err := cli.Login(t.Context(), &mautrix.ReqLogin{Type: mautrix.AuthTypePassword,
+		Identifier: mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: bot.String()},
+		Password:   DefaultBotPassword})
+	require.NoError(t, err)
+	assert.Equal(t, dev, resp.DeviceID)
+	assert.Equal(t, token, resp.AccessToken)
+	assert.Equal(t, 1, s.Logins())
 }

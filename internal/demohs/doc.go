@@ -20,7 +20,12 @@
 //     fallback key, which is marked used so that the next response reports []),
 //     /sendToDevice (queued per device, deduplicated by transaction ID),
 //     PUT /rooms/{id}/send (the same transaction ID from the same device gives the same event
-//     ID), /join, /rooms/{id}/join, /rooms/{id}/members, /account/whoami and /versions.
+//     ID, unless Options.NoTxnDedup makes it store a second event as Dendrite does after a
+//     lost answer; Options.SendFault can store a send and then lose its answer), /join,
+//     /rooms/{id}/join, /rooms/{id}/members, /rooms/{id}/messages (backwards, from a token or
+//     the end), /login (the bot's password), /account/whoami and /versions. The sender of an
+//     event sees its transaction ID in unsigned.transaction_id, in the sync timeline and in
+//     /messages, as the client-server API specifies.
 //
 // Positions encode what the connection has seen (the server's stream position and how many
 // of the generated rooms were sent), so the server keeps no per-connection state: a bot that

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -59,7 +60,35 @@ type Options struct {
 	// DefaultPollTimeout. A short one makes idle long-polls (answered with the request's
 	// pos) come often.
 	PollTimeout time.Duration
+	// BotPassword is the password POST /login accepts for the bot, answering with the bot's
+	// device and token; empty means DefaultBotPassword.
+	BotPassword string
+	// NoTxnDedup makes a room send with a transaction ID the server has seen add a new
+	// event, as Dendrite does after a send whose response was lost (it remembers
+	// transaction IDs only after a response, and only in memory). False: the same
+	// transaction ID from the same device gets the first event ID back.
+	NoTxnDedup bool
+	// SendFault, when set, is asked about every room send of the bot before it is handled;
+	// nil means every send is answered normally.
+	SendFault func(roomID id.RoomID, txnID string) SendFault
 }
+
+// DefaultBotPassword is Options.BotPassword when it is empty.
+const DefaultBotPassword = "demo-bot-password"
+
+// SendFault is what the server does with one room send.
+type SendFault int
+
+const (
+	// SendAnswer stores the event and answers.
+	SendAnswer SendFault = iota
+	// SendStoreDropResponse stores the event and then breaks the connection without an
+	// answer: the client sees a network error for a send that happened.
+	SendStoreDropResponse
+	// SendStoreHang stores the event and then answers nothing until the client goes away
+	// (a crash test kills the client meanwhile).
+	SendStoreHang
+)
 
 func (o Options) withDefaults() Options {
 	if o.ServerName == "" {
@@ -82,6 +111,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.PollTimeout <= 0 {
 		o.PollTimeout = DefaultPollTimeout
+	}
+	if o.BotPassword == "" {
+		o.BotPassword = DefaultBotPassword
 	}
 	return o
 }
@@ -146,6 +178,8 @@ type Server struct {
 	devOrder  map[id.UserID][]id.DeviceID
 	devLists  []devChange
 	txns      map[string]id.EventID
+	sentTxn   map[id.EventID]sentBy // the device and transaction ID of each room send
+	logins    int
 	toDevSeq  int64
 	toDevTxns map[string]bool
 	keysAt    int64 // stream position of the last change of the bot's key counts
@@ -157,6 +191,7 @@ type Server struct {
 	held             int // HoldSync calls not released yet
 	uploadRejections int // uploads rejected for a one-time key ID reused with another key
 	repeatedSends    int // room sends that repeated a transaction ID
+	storedSends      map[string]int // events stored per device and transaction ID
 
 	uploads   []Upload
 	queries   []Query
@@ -182,8 +217,11 @@ func NewServer(opts Options) (*Server, error) {
 		devices:   map[id.UserID]map[id.DeviceID]*device{},
 		devOrder:  map[id.UserID][]id.DeviceID{},
 		txns:      map[string]id.EventID{},
+		sentTxn:   map[id.EventID]sentBy{},
 		toDevTxns: map[string]bool{},
 		dir:       opts.Dir,
+
+		storedSends: map[string]int{},
 	}
 	s.addDevice(opts.BotUserID, opts.BotDeviceID)
 	if s.dir == "" {
@@ -406,6 +444,7 @@ func (s *Server) routes() http.Handler {
 	const v3 = "/_matrix/client/v3"
 	mux.Handle("GET "+slidingsynctest.VersionsPath, s.ss)
 	mux.HandleFunc("POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync", s.serveSync)
+	mux.HandleFunc("POST "+v3+"/login", s.login)
 	mux.HandleFunc("GET "+v3+"/account/whoami", s.auth(s.whoami))
 	mux.HandleFunc("POST "+v3+"/keys/upload", s.auth(s.keysUpload))
 	mux.HandleFunc("POST "+v3+"/keys/query", s.auth(s.keysQuery))
@@ -441,8 +480,15 @@ func (s *Server) whoami(w http.ResponseWriter, _ *http.Request, who devRef) {
 	writeJSON(w, http.StatusOK, map[string]any{"user_id": who.user, "device_id": who.device})
 }
 
+// sentBy is the device that sent an event and the transaction ID it used.
+type sentBy struct {
+	dev devRef
+	txn string
+}
+
 // roomSend appends an event to a room's timeline. A repeated transaction ID of the same
-// device gets the first event ID back and adds nothing.
+// device gets the first event ID back and adds nothing, unless Options.NoTxnDedup.
+// Options.SendFault may lose the answer to a send that was stored.
 func (s *Server) roomSend(w http.ResponseWriter, r *http.Request, who devRef) {
 	roomID := id.RoomID(r.PathValue("room"))
 	var content map[string]any
@@ -450,23 +496,99 @@ func (s *Server) roomSend(w http.ResponseWriter, r *http.Request, who devRef) {
 		writeError(w, http.StatusBadRequest, "M_NOT_JSON", "Content not JSON.")
 		return
 	}
+	txn := r.PathValue("txn")
+	fault := SendAnswer
+	if s.opts.SendFault != nil && who.user == s.opts.BotUserID {
+		fault = s.opts.SendFault(roomID, txn)
+	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	txnKey := fmt.Sprintf("%s\x00%s\x00%s", who.user, who.device, r.PathValue("txn"))
-	if evtID, ok := s.txns[txnKey]; ok {
+	txnKey := fmt.Sprintf("%s\x00%s\x00%s", who.user, who.device, txn)
+	if evtID, ok := s.txns[txnKey]; ok && !s.opts.NoTxnDedup {
 		s.repeatedSends++
+		s.mu.Unlock()
 		writeJSON(w, http.StatusOK, map[string]any{"event_id": evtID})
 		return
 	}
 	rm := s.rooms[roomID]
 	if rm == nil || rm.membership(who.user) != event.MembershipJoin {
+		s.mu.Unlock()
 		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
 		return
 	}
 	evt := s.newEvent(roomID, event.Type{Type: r.PathValue("type"), Class: event.MessageEventType}, nil, who.user, content, time.Now().UnixMilli())
 	s.appendLocked(rm, evt)
 	s.txns[txnKey] = evt.ID
+	s.sentTxn[evt.ID] = sentBy{who, txn}
+	s.storedSends[txnKey]++
+	s.mu.Unlock()
+	switch fault {
+	case SendStoreDropResponse:
+		panic(http.ErrAbortHandler)
+	case SendStoreHang:
+		<-r.Context().Done()
+		return
+	}
 	writeJSON(w, http.StatusOK, map[string]any{"event_id": evt.ID})
+}
+
+// DuplicateSends returns how many events were stored beyond the first for one device's
+// transaction ID: sends the server stored twice (only with Options.NoTxnDedup).
+func (s *Server) DuplicateSends() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.storedSends {
+		n += c - 1
+	}
+	return n
+}
+
+// viewLocked returns evt as the device viewer sees it: with unsigned.transaction_id when
+// viewer sent it, as the client-server API specifies. Caller holds s.mu.
+func (s *Server) viewLocked(evt *event.Event, viewer devRef) *event.Event {
+	sb, ok := s.sentTxn[evt.ID]
+	if !ok || sb.dev != viewer {
+		return evt
+	}
+	cp := *evt
+	cp.Unsigned.TransactionID = sb.txn
+	return &cp
+}
+
+// login answers POST /login for the bot's password with the bot's device and token.
+func (s *Server) login(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Type       string `json:"type"`
+		Identifier struct {
+			User string `json:"user"`
+		} `json:"identifier"`
+		Password string `json:"password"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "M_NOT_JSON", "Content not JSON.")
+		return
+	}
+	user := req.Identifier.User
+	if !strings.HasPrefix(user, "@") {
+		user = id.NewUserID(user, s.opts.ServerName).String()
+	}
+	if req.Type != "m.login.password" || id.UserID(user) != s.opts.BotUserID || req.Password != s.opts.BotPassword {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "Invalid username or password")
+		return
+	}
+	s.mu.Lock()
+	s.logins++
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{
+		"user_id": s.opts.BotUserID, "device_id": s.opts.BotDeviceID, "access_token": s.opts.BotToken,
+	})
+}
+
+// Logins returns how many password logins the server answered.
+func (s *Server) Logins() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.logins
 }
 
 // join joins a room the user is invited to (or already in).
@@ -511,15 +633,21 @@ func (s *Server) members(w http.ResponseWriter, r *http.Request, who devRef) {
 }
 
 // messages pages backwards through a room's timeline (dir=b only): from "s<stream>" (a
-// prev_batch of a limited sync timeline, or the end of an earlier page) it returns up to limit
-// events older than that position, newest first.
+// prev_batch of a limited sync timeline, or the end of an earlier page), or from the end
+// without from, it returns up to limit events older than that position, newest first.
 func (s *Server) messages(w http.ResponseWriter, r *http.Request, who devRef) {
 	roomID := id.RoomID(r.PathValue("room"))
 	q := r.URL.Query()
-	var from int64
-	if _, err := fmt.Sscanf(q.Get("from"), "s%d", &from); err != nil || q.Get("dir") != "b" {
-		writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "Only dir=b from a token of this server.")
+	from := int64(math.MaxInt64)
+	if q.Get("dir") != "b" {
+		writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "Only dir=b.")
 		return
+	}
+	if f := q.Get("from"); f != "" {
+		if _, err := fmt.Sscanf(f, "s%d", &from); err != nil {
+			writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "Only a from token of this server.")
+			return
+		}
 	}
 	limit, err := strconv.Atoi(q.Get("limit"))
 	if err != nil || limit <= 0 || limit > 1000 {
@@ -536,7 +664,7 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, who devRef) {
 	end := ""
 	for i := len(rm.timeline) - 1; i >= 0 && len(chunk) < limit; i-- {
 		if e := rm.timeline[i]; e.stream < from {
-			chunk = append(chunk, e.evt)
+			chunk = append(chunk, s.viewLocked(e.evt, who))
 			end = fmt.Sprintf("s%d", e.stream)
 		}
 	}

@@ -321,7 +321,7 @@ func (s *Server) roomEntryLocked(rm *room, lc slidingsync.ListConfig, base posit
 	}
 	senders := map[string]bool{} // $LAZY: the members of the timeline's senders, as Synapse sends them
 	for _, e := range events {
-		rr.Timeline = append(rr.Timeline, e.evt)
+		rr.Timeline = append(rr.Timeline, s.viewLocked(e.evt, devRef{s.opts.BotUserID, s.opts.BotDeviceID}))
 		senders[e.evt.Sender.String()] = true
 	}
 	var joined, invited int
