@@ -188,9 +188,9 @@ type Server struct {
 	peerDBs   []*dbutil.Database
 	closed    bool
 
-	held             int // HoldSync calls not released yet
-	uploadRejections int // uploads rejected for a one-time key ID reused with another key
-	repeatedSends    int // room sends that repeated a transaction ID
+	held             int            // HoldSync calls not released yet
+	uploadRejections int            // uploads rejected for a one-time key ID reused with another key
+	repeatedSends    int            // room sends that repeated a transaction ID
 	storedSends      map[string]int // events stored per device and transaction ID
 
 	uploads   []Upload
