@@ -1,0 +1,202 @@
+package bot
+
+import (
+	"bytes"
+	"context"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/slidingsync"
+)
+
+// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// testCtx returns a context whose logger keeps the logs, shown if the test fails.
+func testCtx(t *testing.T) (context.Context, *syncBuffer) {
+	t.Helper()
+	logs := &syncBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	})
+	log := zerolog.New(logs).Level(zerolog.DebugLevel).With().Timestamp().Logger()
+	return log.WithContext(t.Context()), logs
+}
+
+// fixture is a demo homeserver with alice, an encrypted room she invited the bot to, and the
+// bot's database.
+type fixture struct {
+	t     *testing.T
+	srv   *demohs.Server
+	alice *demohs.Peer
+	room  id.RoomID
+	db    string
+}
+
+func newFixture(t *testing.T, opts demohs.Options) *fixture {
+	t.Helper()
+	opts.Dir = t.TempDir()
+	if opts.Rooms == 0 {
+		opts.Rooms = 10
+	}
+	srv, err := demohs.NewServer(opts)
+	require.NoError(t, err)
+	t.Cleanup(srv.Close)
+	bot, _, _ := srv.Bot()
+	alice, err := srv.NewPeer(t.Context(), "@alice:"+demohs.DefaultServerName)
+	require.NoError(t, err)
+	room, err := alice.CreateEncryptedRoom(t.Context(), "Encrypted", bot)
+	require.NoError(t, err)
+	return &fixture{t: t, srv: srv, alice: alice, room: room, db: filepath.Join(t.TempDir(), "bot.db")}
+}
+
+// client returns a client of the bot, with its access token.
+func (f *fixture) client() *mautrix.Client {
+	bot, dev, token := f.srv.Bot()
+	cli, err := mautrix.NewClient(f.srv.URL(), bot, token)
+	require.NoError(f.t, err)
+	cli.DeviceID = dev
+	return cli
+}
+
+// running is a bot started by start.
+type running struct {
+	h    *Helper
+	cli  *mautrix.Client
+	done chan error
+	stop func() error
+}
+
+// start runs an echo bot (or what setup registers) until the returned stop is called.
+func (f *fixture) start(ctx context.Context, cli *mautrix.Client, cfg Config, setup func(h *Helper, cli *mautrix.Client)) *running {
+	f.t.Helper()
+	if cfg.DB == nil {
+		cfg.DB = f.db
+	}
+	cfg.AutoJoin = true
+	cfg.Protocol = slidingsync.ProtocolMSC4186
+	h, err := New(cli, cfg)
+	require.NoError(f.t, err)
+	cli.Crypto = h
+	if setup == nil {
+		setup = echo
+	}
+	setup(h, cli)
+	ctx, cancel := context.WithCancel(ctx)
+	r := &running{h: h, cli: cli, done: make(chan error, 1)}
+	go func() { r.done <- h.Run(ctx) }()
+	var once sync.Once
+	var err2 error
+	r.stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case err2 = <-r.done:
+			case <-time.After(30 * time.Second):
+				f.t.Error("Run did not return within 30 s of the end of its context")
+			}
+		})
+		return err2
+	}
+	f.t.Cleanup(func() { _ = r.stop() })
+	return r
+}
+
+// echo answers every text message with "echo: <body>".
+func echo(h *Helper, cli *mautrix.Client) {
+	h.OnEventType(event.EventMessage, func(ctx context.Context, evt *event.Event) {
+		if _, err := cli.SendText(ctx, evt.RoomID, "echo: "+evt.Content.AsMessage().Body); err != nil {
+			zerolog.Ctx(ctx).Error().Err(err).Msg("echo failed")
+		}
+	})
+}
+
+// waitJoined waits until the bot joined the fixture's room and its keys are up.
+func (f *fixture) waitJoined(ctx context.Context, r *running) {
+	f.t.Helper()
+	bot, _, _ := f.srv.Bot()
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	require.NoError(f.t, f.srv.WaitFor(wctx, func() bool {
+		select {
+		case err := <-r.done:
+			f.t.Fatalf("the bot stopped: %v", err)
+		default:
+		}
+		return f.srv.Membership(f.room, bot) == event.MembershipJoin
+	}), "the bot joins the room it was invited to")
+}
+
+// replies returns the bodies alice decrypts from the bot, up to n of them or until timeout.
+func (f *fixture) replies(ctx context.Context, n int, timeout time.Duration) []string {
+	f.t.Helper()
+	bot, _, _ := f.srv.Bot()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var out []string
+	for len(out) < n {
+		evt, err := f.alice.NextMessage(ctx, f.room, bot)
+		if err != nil {
+			f.t.Logf("alice read %d replies: %v", len(out), err)
+			break
+		}
+		out = append(out, evt.Content.AsMessage().Body)
+	}
+	return out
+}
+
+// The bot in one call: it joins the encrypted room it is invited to, the handler receives
+// alice's message decrypted, and its plain cli.SendText goes out encrypted (cli.Crypto), for
+// alice to decrypt.
+func TestEchoInEncryptedRoom(t *testing.T) {
+	ctx, _ := testCtx(t)
+	f := newFixture(t, demohs.Options{})
+	var got []*event.Event
+	var mu sync.Mutex
+	r := f.start(ctx, f.client(), Config{}, func(h *Helper, cli *mautrix.Client) {
+		h.OnEventType(event.EventMessage, func(ctx context.Context, evt *event.Event) {
+			mu.Lock()
+			got = append(got, evt)
+			mu.Unlock()
+			assert.NotEmpty(t, IdempotencyKey(ctx), "a handler gets an idempotency key")
+		})
+		echo(h, cli)
+	})
+	f.waitJoined(ctx, r)
+	_, err := f.alice.SendEncrypted(ctx, f.room, "hello")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"echo: hello"}, f.replies(ctx, 1, 30*time.Second))
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, got, 1)
+	assert.True(t, got[0].Mautrix.WasEncrypted, "the handler got the decrypted event")
+	assert.Equal(t, f.room, got[0].RoomID)
+	require.ErrorIs(t, r.stop(), context.Canceled)
+}
