@@ -3,8 +3,11 @@ package bot
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -199,4 +202,118 @@ func TestEchoInEncryptedRoom(t *testing.T) {
 	assert.True(t, got[0].Mautrix.WasEncrypted, "the handler got the decrypted event")
 	assert.Equal(t, f.room, got[0].RoomID)
 	require.ErrorIs(t, r.stop(), context.Canceled)
+}
+
+// botReplies returns the bot's events in the fixture's room.
+func (f *fixture) botReplies() []*event.Event {
+	bot, _, _ := f.srv.Bot()
+	var out []*event.Event
+	for _, e := range f.srv.RoomEvents(f.room) {
+		if e.Sender == bot && e.Type == event.EventEncrypted {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// An encrypted message that arrives before its room key waits for it, and is dispatched once
+// the key is committed: the dispatcher has no retry timer (only Config.KeyWait, an hour), so
+// a missed wake-up fails this test.
+func TestEventWaitsForItsRoomKey(t *testing.T) {
+	ctx, logs := testCtx(t)
+	f := newFixture(t, demohs.Options{})
+	r := f.start(ctx, f.client(), Config{}, nil)
+	f.waitJoined(ctx, r)
+
+	release := f.srv.HoldToDevice()
+	_, err := f.alice.SendEncrypted(ctx, f.room, "before its key")
+	require.NoError(t, err)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	require.NoError(t, f.srv.WaitFor(wctx, func() bool {
+		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
+	}), "the bot saw the message without its key")
+	release()
+	assert.Equal(t, []string{"echo: before its key"}, f.replies(ctx, 1, 30*time.Second))
+}
+
+// The server stores a reply and loses its answer, and does not deduplicate transaction IDs
+// (Dendrite after a lost answer): the bot looks for its own event by transaction ID before
+// sending again, so every message is answered exactly once.
+func TestLostAnswerIsNotSentTwice(t *testing.T) {
+	ctx, _ := testCtx(t)
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	f := newFixture(t, demohs.Options{NoTxnDedup: true, SendFault: func(_ id.RoomID, txn string) demohs.SendFault {
+		mu.Lock()
+		defer mu.Unlock()
+		if seen[txn] {
+			return demohs.SendAnswer
+		}
+		seen[txn] = true
+		return demohs.SendStoreDropResponse // every send's first attempt: stored, answer lost
+	}})
+	r := f.start(ctx, f.client(), Config{}, nil)
+	f.waitJoined(ctx, r)
+	const n = 3
+	for i := range n {
+		_, err := f.alice.SendEncrypted(ctx, f.room, fmt.Sprintf("m%d", i))
+		require.NoError(t, err)
+	}
+	got := f.replies(ctx, n, 30*time.Second)
+	assert.ElementsMatch(t, []string{"echo: m0", "echo: m1", "echo: m2"}, got)
+	time.Sleep(200 * time.Millisecond) // a duplicate would come right after
+	assert.Len(t, f.botReplies(), n, "one event per reply")
+	assert.Zero(t, f.srv.DuplicateSends())
+}
+
+// A bot stopped while the server holds a stored reply's answer handles the message again when
+// it restarts: the handler's first send, known done in the outbox, is answered from it
+// without a request, and the second, attempted with an unknown outcome, is found by its
+// transaction ID. No reply is sent twice.
+func TestRestartDuringSendSendsNothingTwice(t *testing.T) {
+	ctx, _ := testCtx(t)
+	var hang atomic.Bool
+	hung := make(chan struct{}, 1)
+	var attempts atomic.Int32
+	f := newFixture(t, demohs.Options{NoTxnDedup: true, SendFault: func(_ id.RoomID, txn string) demohs.SendFault {
+		attempts.Add(1)
+		if strings.HasSuffix(txn, ".1") && hang.Load() {
+			hung <- struct{}{}
+			return demohs.SendStoreHang
+		}
+		return demohs.SendAnswer
+	}})
+	twice := func(h *Helper, cli *mautrix.Client) {
+		h.OnEventType(event.EventMessage, func(ctx context.Context, evt *event.Event) {
+			body := evt.Content.AsMessage().Body
+			if _, err := cli.SendText(ctx, evt.RoomID, "first: "+body); err != nil {
+				return
+			}
+			_, _ = cli.SendText(ctx, evt.RoomID, "second: "+body)
+		})
+	}
+	hang.Store(true)
+	r := f.start(ctx, f.client(), Config{}, twice)
+	f.waitJoined(ctx, r)
+	_, err := f.alice.SendEncrypted(ctx, f.room, "x")
+	require.NoError(t, err)
+	select {
+	case <-hung:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the second send never reached the server")
+	}
+	require.ErrorIs(t, r.stop(), context.Canceled)
+	hang.Store(false)
+	before := attempts.Load()
+
+	r = f.start(ctx, f.client(), Config{}, twice)
+	f.waitJoined(ctx, r)
+	_, err = f.alice.SendEncrypted(ctx, f.room, "y")
+	require.NoError(t, err)
+	got := f.replies(ctx, 4, 30*time.Second)
+	assert.Equal(t, []string{"first: x", "second: x", "first: y", "second: y"}, got)
+	assert.Len(t, f.botReplies(), 4)
+	assert.Zero(t, f.srv.DuplicateSends())
+	assert.Equal(t, before+2, attempts.Load(), "after the restart only y's two sends reached the server")
 }

@@ -189,6 +189,7 @@ type Server struct {
 	closed    bool
 
 	held             int            // HoldSync calls not released yet
+	toDeviceHeld     int            // HoldToDevice calls not released yet
 	uploadRejections int            // uploads rejected for a one-time key ID reused with another key
 	repeatedSends    int            // room sends that repeated a transaction ID
 	storedSends      map[string]int // events stored per device and transaction ID
@@ -687,6 +688,24 @@ func (s *Server) HoldSync() (release func()) {
 		once.Do(func() {
 			s.mu.Lock()
 			s.held--
+			s.notifyLocked()
+			s.mu.Unlock()
+		})
+	}
+}
+
+// HoldToDevice keeps the bot's to-device messages (room keys) out of its sync responses until
+// release is called, while everything else is delivered: the bot then sees encrypted
+// messages before their room keys, as a client does when a key is slow to arrive.
+func (s *Server) HoldToDevice() (release func()) {
+	s.mu.Lock()
+	s.toDeviceHeld++
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.toDeviceHeld--
 			s.notifyLocked()
 			s.mu.Unlock()
 		})

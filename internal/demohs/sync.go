@@ -417,7 +417,7 @@ func (s *Server) toDeviceLocked(raw json.RawMessage) (json.RawMessage, bool) {
 	events := []json.RawMessage{}
 	next := since
 	for _, m := range d.toDevice {
-		if len(events) == limit {
+		if len(events) == limit || s.toDeviceHeld > 0 {
 			break
 		}
 		events = append(events, m.raw)
