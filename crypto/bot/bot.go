@@ -108,7 +108,7 @@ type Helper struct {
 	mach    *crypto.Machine
 	olm     *mcrypto.OlmMachine
 	conn    *slidingsync.Conn
-	state   *sqlstatestore.SQLStateStore
+	state   *stateStore
 	account string
 	ready   chan struct{}
 
@@ -250,10 +250,11 @@ func (h *Helper) Run(ctx context.Context) error {
 // held.
 func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slidingsync.Store, sess session) error {
 	log := zerolog.Ctx(ctx)
-	state := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db", "state").Logger()), false)
-	if err := state.Upgrade(ctx); err != nil {
+	sql := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db", "state").Logger()), false)
+	if err := sql.Upgrade(ctx); err != nil {
 		return fmt.Errorf("bot: upgrade the state store: %w", err)
 	}
+	state := &stateStore{SQLStateStore: sql, cli: h.cli, plain: map[id.RoomID]bool{}}
 	h.cli.StateStore = state
 	cs := mcrypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(log.With().Str("db", "crypto").Logger()), h.cli.UserID.String(), h.cli.DeviceID, sess.pickleKey)
 	if err := cs.DB.Upgrade(ctx); err != nil {

@@ -14,7 +14,6 @@ import (
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
-	"maunium.net/go/mautrix/sqlstatestore"
 
 	"github.com/sliding-e2ee/sdk/crypto"
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -46,7 +45,7 @@ type ownSend struct {
 type inbox struct {
 	h       *Helper
 	db      *dbutil.Database
-	state   *sqlstatestore.SQLStateStore
+	state   *stateStore
 	mach    *crypto.Machine
 	account string
 	created time.Time // events older than the bot's first start are history

@@ -23,7 +23,7 @@
 //     ID, unless Options.NoTxnDedup makes it store a second event as Dendrite does after a
 //     lost answer; Options.SendFault can store a send and then lose its answer), /join,
 //     /rooms/{id}/join, /rooms/{id}/members, /rooms/{id}/messages (backwards, from a token or
-//     the end), /login (the bot's password), /account/whoami and /versions. The sender of an
+//     the end), GET /rooms/{id}/state/{type}/{key}, /login (the bot's password), /account/whoami and /versions. The sender of an
 //     event sees its transaction ID in unsigned.transaction_id, in the sync timeline and in
 //     /messages, as the client-server API specifies.
 //

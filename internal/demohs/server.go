@@ -456,6 +456,8 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("POST "+v3+"/rooms/{room}/join", s.auth(s.join))
 	mux.HandleFunc("GET "+v3+"/rooms/{room}/members", s.auth(s.members))
 	mux.HandleFunc("GET "+v3+"/rooms/{room}/messages", s.auth(s.messages))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/state/{type}", s.auth(s.stateEvent))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/state/{type}/{key...}", s.auth(s.stateEvent))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "M_UNRECOGNIZED", "Unrecognized request")
 	})
@@ -612,6 +614,24 @@ func (s *Server) join(w http.ResponseWriter, r *http.Request, who devRef) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"room_id": roomID})
+}
+
+// stateEvent returns the content of one current state event of a room the user is in.
+func (s *Server) stateEvent(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rm := s.rooms[roomID]
+	if rm == nil || rm.membership(who.user) != event.MembershipJoin {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
+		return
+	}
+	e, ok := rm.state[[2]string{r.PathValue("type"), r.PathValue("key")}]
+	if !ok {
+		writeError(w, http.StatusNotFound, "M_NOT_FOUND", "Event not found.")
+		return
+	}
+	writeJSON(w, http.StatusOK, e.evt.Content.Raw)
 }
 
 // members returns the room's member events.

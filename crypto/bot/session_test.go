@@ -1,0 +1,122 @@
+package bot
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
+	"maunium.net/go/mautrix/event"
+	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/slidingsync"
+)
+
+// The bot logs in once with its password and keeps the session: a restart without a
+// password reuses the device, and its handlers answer as before.
+func TestLoginOnceAndKeepTheSession(t *testing.T) {
+	ctx, _ := testCtx(t)
+	f := newFixture(t, demohs.Options{})
+	bot, dev, _ := f.srv.Bot()
+	newClient := func() *mautrix.Client {
+		cli, err := mautrix.NewClient(f.srv.URL(), "", "")
+		require.NoError(t, err)
+		return cli
+	}
+	cli := newClient()
+	r := f.start(ctx, cli, Config{LoginAs: PasswordLogin(bot, demohs.DefaultBotPassword)}, nil)
+	f.waitJoined(ctx, r)
+	require.ErrorIs(t, r.stop(), context.Canceled)
+	assert.Equal(t, dev, cli.DeviceID)
+	assert.Equal(t, 1, f.srv.Logins())
+
+	cli = newClient()
+	r = f.start(ctx, cli, Config{LoginAs: PasswordLogin(bot, "a password that would fail")}, nil)
+	_, err := f.alice.SendEncrypted(ctx, f.room, "after the restart")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"echo: after the restart"}, f.replies(ctx, 1, 30*time.Second))
+	assert.Equal(t, 1, f.srv.Logins(), "the stored session was used")
+	assert.Equal(t, dev, cli.DeviceID)
+	require.ErrorIs(t, r.stop(), context.Canceled)
+}
+
+// A bare localpart cannot find its stored session again: refused before any request.
+func TestLoginNeedsAFullUserID(t *testing.T) {
+	ctx, _ := testCtx(t)
+	f := newFixture(t, demohs.Options{})
+	cli, err := mautrix.NewClient(f.srv.URL(), "", "")
+	require.NoError(t, err)
+	h, err := New(cli, Config{DB: f.db, LoginAs: PasswordLogin("bot", demohs.DefaultBotPassword)})
+	require.NoError(t, err)
+	err = h.Run(ctx)
+	assert.ErrorContains(t, err, "not a full user ID")
+	assert.Zero(t, f.srv.Logins())
+}
+
+// countingTransport counts requests and answers none.
+type countingTransport struct{ n atomic.Int32 }
+
+func (c *countingTransport) RoundTrip(*http.Request) (*http.Response, error) {
+	c.n.Add(1)
+	return nil, errors.New("no network here")
+}
+
+// A homeserver on plain http:// that is not on loopback is refused before the login: the
+// password never leaves, and the client's transport refuses such requests from then on.
+func TestPlainHTTPRefusedBeforeLogin(t *testing.T) {
+	ctx, _ := testCtx(t)
+	cli, err := mautrix.NewClient("http://matrix.example.org", "", "")
+	require.NoError(t, err)
+	tr := &countingTransport{}
+	cli.Client = &http.Client{Transport: tr}
+	h, err := New(cli, Config{DB: t.TempDir() + "/bot.db", LoginAs: PasswordLogin("@bot:example.org", "secret")})
+	require.NoError(t, err)
+	err = h.Run(ctx)
+	require.ErrorIs(t, err, slidingsync.ErrInsecureHTTP)
+	_, err = cli.Login(ctx, PasswordLogin("@bot:example.org", "secret"))
+	require.ErrorIs(t, err, slidingsync.ErrInsecureHTTP)
+	assert.Zero(t, tr.n.Load(), "no request was sent")
+}
+
+// The Helper is the client's CryptoHelper: a send outside any handler to an encrypted room
+// is encrypted; under WithIdempotencyKey, repeating it sends nothing new.
+func TestClientSendsEncryptThroughTheHelper(t *testing.T) {
+	ctx, _ := testCtx(t)
+	f := newFixture(t, demohs.Options{NoTxnDedup: true})
+	cli := f.client()
+	r := f.start(ctx, cli, Config{}, func(*Helper, *mautrix.Client) {})
+	f.waitJoined(ctx, r)
+	select {
+	case <-r.h.Ready():
+	case <-time.After(30 * time.Second):
+		t.Fatal("not ready")
+	}
+	kctx := WithIdempotencyKey(ctx, "announcement 1")
+	first, err := cli.SendText(kctx, f.room, "announcement")
+	require.NoError(t, err)
+	again, err := cli.SendText(WithIdempotencyKey(ctx, "announcement 1"), f.room, "announcement")
+	require.NoError(t, err)
+	assert.Equal(t, first.EventID, again.EventID, "the repeat is answered from the outbox")
+	assert.Equal(t, []string{"announcement"}, f.replies(ctx, 1, 30*time.Second))
+	assert.Len(t, f.botReplies(), 1)
+	var sent *event.Event
+	for _, e := range f.srv.RoomEvents(f.room) {
+		if e.ID == first.EventID {
+			sent = e
+		}
+	}
+	require.NotNil(t, sent)
+	assert.Equal(t, event.EventEncrypted.Type, sent.Type.Type, "sent encrypted")
+
+	// Outside Run, the Helper refuses to encrypt rather than send in clear.
+	require.ErrorIs(t, r.stop(), context.Canceled)
+	_, err = r.h.Encrypt(ctx, f.room, event.EventMessage, &event.MessageEventContent{Body: "x"})
+	assert.ErrorIs(t, err, ErrNotRunning)
+	_ = id.RoomID("")
+}
