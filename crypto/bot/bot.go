@@ -110,7 +110,9 @@ type Helper struct {
 	conn    *slidingsync.Conn
 	state   *stateStore
 	account string
-	ready   chan struct{}
+
+	ready     chan struct{}
+	readyOnce sync.Once
 
 	sendLocks [64]sync.Mutex // by transaction ID: one attempt at a time per send
 }
@@ -136,7 +138,7 @@ func New(cli *mautrix.Client, cfg Config) (*Helper, error) {
 	if cfg.KeyWait <= 0 {
 		cfg.KeyWait = DefaultKeyWait
 	}
-	h := &Helper{cli: cli, cfg: cfg, syncer: cfg.Syncer}
+	h := &Helper{cli: cli, cfg: cfg, syncer: cfg.Syncer, ready: make(chan struct{})}
 	if h.syncer == nil {
 		if s, ok := cli.Syncer.(*mautrix.DefaultSyncer); ok {
 			h.syncer = s
@@ -181,13 +183,9 @@ func (h *Helper) Machine() *crypto.Machine {
 	return h.mach
 }
 
-// Ready returns a channel that is closed once the current Run has its device keys on the
-// server and dispatches events, nil before Run started.
-func (h *Helper) Ready() <-chan struct{} {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.ready
-}
+// Ready returns a channel that is closed once the first Run has its device keys on the
+// server and dispatches events.
+func (h *Helper) Ready() <-chan struct{} { return h.ready }
 
 // Run runs the bot until ctx is done or something fails for good: it opens and upgrades
 // every store, restores or creates the session, takes the device's lease (waiting in standby
@@ -311,9 +309,8 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 	if err != nil {
 		return err
 	}
-	ready := make(chan struct{})
 	h.mu.Lock()
-	h.db, h.mach, h.olm, h.conn, h.state, h.account, h.ready = botDB, mach, olm, conn, state, in.account, ready
+	h.db, h.mach, h.olm, h.conn, h.state, h.account = botDB, mach, olm, conn, state, in.account
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
@@ -341,7 +338,7 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 		machErr = mach.Run(ctx)
 		cancel(machErr)
 	})
-	wg.Go(func() { dispErr = in.dispatchLoop(ctx, ready); cancel(dispErr) })
+	wg.Go(func() { dispErr = in.dispatchLoop(ctx); cancel(dispErr) })
 	wg.Wait()
 	var errs []error
 	for _, err := range []error{connErr, machErr, dispErr} {

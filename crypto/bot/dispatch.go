@@ -56,13 +56,13 @@ func (in *inbox) load(ctx context.Context, after int64) ([]*item, error) {
 // is done. It starts once the device keys are on the server. An event whose room key has not
 // arrived waits without holding back the others, and is tried again when a room key is
 // committed.
-func (in *inbox) dispatchLoop(ctx context.Context, ready chan struct{}) error {
+func (in *inbox) dispatchLoop(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		return context.Cause(ctx)
 	case <-in.mach.KeysUploaded():
 	}
-	close(ready)
+	in.h.readyOnce.Do(func() { close(in.h.ready) })
 	log := zerolog.Ctx(ctx)
 	var queue []*item
 	after := int64(math.MinInt64)

@@ -45,15 +45,6 @@ type demo struct {
 	count     int
 	allKnown  time.Duration
 	shrunk    bool // the window was shrunk once every room was known
-	echoes    []echo
-	conn      *slidingsync.Conn
-}
-
-// echo is a reply the bot sent.
-type echo struct {
-	roomID    id.RoomID
-	body      string
-	encrypted bool
 }
 
 func (d *demo) printf(format string, args ...any) {
@@ -95,24 +86,6 @@ func (d *demo) onResponse(_ context.Context, res *slidingsync.Result) {
 		d.allKnown = time.Since(d.started)
 		fmt.Fprintf(d.out, "sync: every room known after %s (%d responses)\n", d.allKnown.Round(time.Millisecond), d.responses)
 	}
-}
-
-func (d *demo) onEcho(roomID id.RoomID, body string, encrypted bool) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.echoes = append(d.echoes, echo{roomID, body, encrypted})
-}
-
-// echoed reports whether the bot sent body encrypted in roomID.
-func (d *demo) echoed(roomID id.RoomID, body string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, e := range d.echoes {
-		if e.roomID == roomID && e.body == body && e.encrypted {
-			return true
-		}
-	}
-	return false
 }
 
 // runDemoTo is runDemo writing to out.
@@ -169,16 +142,19 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 		protocol:    string(slidingsync.ProtocolMSC4186),
 		connID:      o.connID,
 	}
-	hooks := botHooks{
-		onResponse: d.onResponse,
-		onEcho:     d.onEcho,
-		onConn: func(conn *slidingsync.Conn, _ *crypto.Machine) {
-			d.mu.Lock()
-			d.conn = conn
-			d.mu.Unlock()
-		},
-		// A short rotation interval makes the replacement of a used fallback key visible.
-		crypto: crypto.Config{FallbackKeyRotation: time.Second},
+	cli, cfg, err := config(ctx, botOpts)
+	if err != nil {
+		return err
+	}
+	cfg.OnResponse = func(ctx context.Context, res *slidingsync.Result) error {
+		d.onResponse(ctx, res)
+		return nil
+	}
+	// A short rotation interval makes the replacement of a used fallback key visible.
+	cfg.Crypto = crypto.Config{FallbackKeyRotation: time.Second}
+	h, err := newEcho(cli, cfg)
+	if err != nil {
+		return err
 	}
 	botCtx, stopBot := context.WithCancel(ctx)
 	defer stopBot()
@@ -186,7 +162,7 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 	var botErr error
 	go func() {
 		defer close(exited)
-		botErr = runBot(botCtx, botOpts, hooks)
+		botErr = h.Run(botCtx)
 	}()
 
 	sc := &script{d: d, srv: srv, alice: alice, roomID: roomID, bot: botUser, botDevice: botDevice, exited: exited, botErr: &botErr}
@@ -201,9 +177,7 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 	}
 
 	// Reopen what was committed, as a restarted bot would.
-	d.mu.Lock()
-	conn := d.conn
-	d.mu.Unlock()
+	conn := h.Conn()
 	store, closeStore, err := openStore(context.WithoutCancel(ctx), dbTarget)
 	if err != nil {
 		return fmt.Errorf("demo failed: reload: %w", err)
@@ -424,14 +398,11 @@ func (sc *script) exchange(ctx context.Context, peer *demohs.Peer, body string) 
 	}
 	sc.d.printf("peer: alice sent an encrypted message (room key shared with the bot's device over to-device)")
 	want := "echo: " + body
-	if err := sc.wait(ctx, "the bot's answer to "+body, func() bool { return sc.d.echoed(sc.roomID, want) }); err != nil {
-		return err
-	}
-	sc.d.printf("bot: decrypted it and replied encrypted")
 	reply, err := peer.NextMessage(actx, sc.roomID, sc.bot)
 	if err != nil {
-		return fmt.Errorf("alice decrypting the reply: %w", err)
+		return fmt.Errorf("the bot's answer to %s, decrypted by alice: %w", body, err)
 	}
+	sc.d.printf("bot: decrypted it and replied encrypted")
 	if got := replyBody(reply); got != want {
 		return fmt.Errorf("alice decrypted %q, want %q", got, want)
 	}

@@ -127,7 +127,7 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 		botCtx, botCancel := context.WithCancel(zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).
 			With().Str("side", "bot").Logger().WithContext(context.Background()))
 		done := make(chan error, 1)
-		go func() { done <- runBot(botCtx, opts, botHooks{}) }()
+		go func() { done <- runBot(botCtx, opts) }()
 		return func() {
 			botCancel()
 			select {
@@ -222,6 +222,6 @@ func storedDevice(t *testing.T, dbPath string) id.DeviceID {
 	require.NoError(t, err)
 	defer db.Close()
 	var dev id.DeviceID
-	require.NoError(t, db.QueryRow(context.Background(), `SELECT device_id FROM e2eebot_session`).Scan(&dev))
+	require.NoError(t, db.QueryRow(context.Background(), `SELECT device_id FROM ssbot_session`).Scan(&dev))
 	return dev
 }

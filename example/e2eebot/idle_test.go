@@ -21,8 +21,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix"
 
-	"github.com/sliding-e2ee/sdk/crypto"
+	"github.com/sliding-e2ee/sdk/crypto/bot"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
@@ -238,49 +239,32 @@ func jsonResponse(req *http.Request, status int, body string) *http.Response {
 // idleBot is a running bot on an idleServer, warmed up: keys uploaded and a few idle cycles
 // done, waiting for the next idle response.
 type idleBot struct {
-	srv  *idleServer
-	mach *crypto.Machine
+	srv *idleServer
 }
 
 func startIdleBot(tb testing.TB) *idleBot {
 	tb.Helper()
 	log := zerolog.New(io.Discard).Level(zerolog.InfoLevel)
-	ctx, cancel := context.WithCancel(log.WithContext(context.Background()))
 	srv := newIdleServer()
-	machs := make(chan *crypto.Machine, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- runBot(ctx, options{
-			homeserver: "https://hs.example.org", user: "@bot:example.org", accessToken: "token", deviceID: "IDLEBOT",
-			db: filepath.Join(tb.TempDir(), "bot.db"), protocol: "msc4186",
-		}, botHooks{
-			transport: srv,
-			openDB:    openCounting,
-			onConn:    func(_ *slidingsync.Conn, mach *crypto.Machine) { machs <- mach },
-		})
-	}()
-	tb.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	db, err := openCounting(filepath.Join(tb.TempDir(), "bot.db"))
+	require.NoError(tb, err)
+	tb.Cleanup(func() { _ = db.Close() })
+	h, _ := startBot(tb, log.WithContext(context.Background()), options{
+		homeserver: "https://hs.example.org", user: "@bot:example.org", accessToken: "token", deviceID: "IDLEBOT",
+		protocol: "msc4186",
+	}, func(cli *mautrix.Client, cfg *bot.Config) {
+		cli.Client = &http.Client{Transport: srv}
+		cfg.DB = db
+	}, nil)
 	b := &idleBot{srv: srv}
-	select {
-	case b.mach = <-machs:
-	case err := <-done:
-		tb.Fatalf("bot stopped: %v", err)
-	}
 	timeout := time.After(30 * time.Second)
 	select {
-	case <-b.mach.KeysUploaded():
-	case err := <-done:
-		tb.Fatalf("bot stopped: %v", err)
+	case <-h.Ready():
 	case <-timeout:
 		tb.Fatal("the bot did not upload its keys")
 	}
 	select {
 	case <-srv.arrived:
-	case err := <-done:
-		tb.Fatalf("bot stopped: %v", err)
 	case <-timeout:
 		tb.Fatal("the bot did not send a request with pos")
 	}

@@ -6,16 +6,16 @@
 //	     [-access-token TOKEN -device-id ID] [-db PATH_OR_POSTGRES_URI] [-protocol auto|msc4186|msc3575|v4]
 //	     [-conn-id ID]
 //
-// It logs in with the password once and stores the session in the database (SQLite by
-// default, PostgreSQL for a postgres:// URI), so a restart reuses the device and its identity.
-// It uploads its keys, syncs with the e2ee and to_device extensions, joins the rooms it is
-// invited to (once its keys are on the server) and answers every text message from others
-// with "echo: <body>", encrypted in encrypted rooms, fetching the events a limited timeline
-// left out. Tasks (joins, replies) are queued in the transaction that commits the
-// response they came from and marked done after they happened: a crash repeats a task rather
-// than losing it, and a repeated reply carries the same transaction ID, which the homeserver
-// deduplicates. SIGINT and SIGTERM stop it cleanly; logs go to stderr, without secrets or
-// message contents.
+// It is a thin program on package crypto/bot, which does the work: it logs in with the
+// password once and keeps the session in the database (SQLite by default, PostgreSQL for a
+// postgres:// URI), so a restart reuses the device and its identity; it uploads its keys,
+// syncs with the e2ee and to_device extensions, joins the rooms it is invited to (once its
+// keys are on the server) and answers every text message from others with "echo: <body>",
+// encrypted in encrypted rooms, fetching the events a limited timeline left out. Every
+// message is answered exactly once, across crashes and on servers that do not deduplicate
+// transaction IDs. SIGINT and SIGTERM stop it cleanly; logs go to stderr, without secrets,
+// request bodies or message contents. E2EEBOT_PICKLE_KEY, when set, is the key of the Olm
+// account in the database.
 package main
 
 import (
@@ -74,7 +74,9 @@ func main() {
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) { o.dbSet = o.dbSet || f.Name == "db" })
 
-	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly}).Level(zerolog.InfoLevel).With().Timestamp().Logger()
+	// mautrix logs request bodies (the plain text of sends to unencrypted rooms): drop them.
+	out := slidingsync.RedactRequestBodies(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly})
+	log := zerolog.New(out).Level(zerolog.InfoLevel).With().Timestamp().Logger()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	ctx = log.WithContext(ctx)
@@ -83,19 +85,10 @@ func main() {
 	if o.homeserver == "" {
 		err = runDemo(ctx, o)
 	} else {
-		err = runBot(ctx, o, botHooks{})
+		err = runBot(ctx, o)
 	}
 	if err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintln(os.Stderr, "e2eebot:", err)
 		os.Exit(1)
 	}
-}
-
-func protocolOf(s string) slidingsync.Protocol {
-	p, err := slidingsync.ParseProtocol(s)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2eebot:", err)
-		os.Exit(2)
-	}
-	return p
 }

@@ -13,9 +13,10 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/event"
-	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/crypto/bot"
 	"github.com/sliding-e2ee/sdk/internal/demohs"
 )
 
@@ -108,7 +109,7 @@ func TestBotDiscoversDemoServer(t *testing.T) {
 		done <- runBot(ctx, options{
 			homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
 			db: filepath.Join(t.TempDir(), "bot.db"), protocol: "auto",
-		}, botHooks{})
+		})
 	}()
 	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	defer wcancel()
@@ -138,15 +139,8 @@ func TestBotRestartsAgainstDemoServer(t *testing.T) {
 	}
 	echoed := make(chan string, 32)
 	start := func() (stop func()) {
-		ctx, cancel := context.WithCancel(demoContext(t))
-		done := make(chan error, 1)
-		go func() {
-			done <- runBot(ctx, o, botHooks{onEcho: func(_ id.RoomID, body string, _ bool) { echoed <- body }})
-		}()
-		return func() {
-			cancel()
-			<-done // stopped: whatever it says, it must return
-		}
+		_, stop = startBot(t, demoContext(t), o, nil, func(e answered) { echoed <- e.body })
+		return stop
 	}
 	wctx, wcancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer wcancel()
@@ -187,4 +181,42 @@ func TestBotRestartsAgainstDemoServer(t *testing.T) {
 	for _, u := range srv.Uploads(bot, dev)[1:] {
 		assert.False(t, u.DeviceKeys, "the restarted bot keeps its device")
 	}
+}
+
+// answered is a message the bot answered.
+type answered struct {
+	body string // the answer's
+	at   time.Time
+}
+
+// startBot runs the echo bot of o as the command does, with setup applied to its client and
+// configuration first; onAnswer is told of every answer once it was sent. stop cancels the
+// bot and waits until Run returned.
+func startBot(t testing.TB, ctx context.Context, o options, setup func(*mautrix.Client, *bot.Config), onAnswer func(answered)) (h *bot.Helper, stop func()) {
+	t.Helper()
+	cli, cfg, err := config(ctx, o)
+	require.NoError(t, err)
+	if setup != nil {
+		setup(cli, &cfg)
+	}
+	h, err = newEcho(cli, cfg)
+	require.NoError(t, err)
+	if onAnswer != nil {
+		// Handlers run in order: this one after the echo's send returned.
+		h.OnEventType(event.EventMessage, func(_ context.Context, evt *event.Event) {
+			onAnswer(answered{"echo: " + evt.Content.AsMessage().Body, time.Now()})
+		})
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- h.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			<-done // stopped: whatever it says, it must return
+		})
+	}
+	t.Cleanup(stop)
+	return h, stop
 }

@@ -10,7 +10,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix/event"
-	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/demohs"
 )
@@ -43,26 +42,14 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 	roomID, err := alice.CreateEncryptedRoom(t.Context(), "Idle", bot)
 	require.NoError(t, err)
 
-	type echo struct {
-		body string
-		at   time.Time
-	}
-	echoed := make(chan echo, 16)
-	ctx, cancel := context.WithCancel(demoContext(t))
-	done := make(chan error, 1)
-	go func() {
-		done <- runBot(ctx, options{
-			homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
-			db: filepath.Join(t.TempDir(), "bot.db"), protocol: "msc4186", pollTimeout: idle,
-		}, botHooks{onEcho: func(_ id.RoomID, body string, _ bool) { echoed <- echo{body, time.Now()} }})
-	}()
-	defer func() {
-		cancel()
-		<-done
-	}()
+	echoed := make(chan answered, 16)
+	startBot(t, demoContext(t), options{
+		homeserver: srv.URL(), user: bot.String(), accessToken: token, deviceID: dev.String(),
+		db: filepath.Join(t.TempDir(), "bot.db"), protocol: "msc4186", pollTimeout: idle,
+	}, nil, func(e answered) { echoed <- e })
 	wctx, wcancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer wcancel()
-	waitEcho := func(body string) echo {
+	waitEcho := func(body string) answered {
 		t.Helper()
 		for {
 			select {
