@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -299,4 +300,140 @@ func TestCrashHarness(t *testing.T) {
 	assert.Empty(t, lost, "messages left unanswered: %s", strings.Join(lost, ", "))
 	assert.Zero(t, srv.UploadRejections(), "key uploads rejected for a reused key ID")
 	assert.Greater(t, len(stream.sent), 10, "the stream sent messages")
+}
+
+// crashSendKillsEnv overrides the number of kills of TestCrashDuringReplySend (100).
+const crashSendKillsEnv = "E2EEBOT_CRASH_SEND_KILLS"
+
+// The bot is killed during every reply's send, after the server stored the reply and before
+// it answers, on a server that does not deduplicate transaction IDs (Dendrite accepts a
+// transaction ID again after a lost answer). The restarted bot handles the message again and
+// must find its own stored reply by transaction ID instead of sending it again: every message
+// is answered exactly once.
+func TestCrashDuringReplySend(t *testing.T) {
+	if testing.Short() {
+		t.Skip("the crash test takes a minute")
+	}
+	_, kills := crashtest.Plan(t, crashSeedEnv, crashSendKillsEnv, 100)
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Minute)
+	defer cancel()
+	var hang atomic.Bool
+	hang.Store(true)
+	hung := make(chan string, 1)
+	var mu sync.Mutex
+	attempts := map[string]int{}
+	srv, err := demohs.NewServer(demohs.Options{Rooms: 20, Dir: t.TempDir(), NoTxnDedup: true,
+		SendFault: func(_ id.RoomID, txn string) demohs.SendFault {
+			mu.Lock()
+			attempts[txn]++
+			first := attempts[txn] == 1
+			mu.Unlock()
+			if first && hang.Load() {
+				select {
+				case hung <- txn:
+				default:
+				}
+				return demohs.SendStoreHang
+			}
+			return demohs.SendAnswer
+		}})
+	require.NoError(t, err)
+	defer srv.Close()
+	bot, dev, token := srv.Bot()
+	alice, err := srv.NewPeer(ctx, "@alice:demo.invalid")
+	require.NoError(t, err)
+	room, err := alice.CreateEncryptedRoom(ctx, "crash during send", bot)
+	require.NoError(t, err)
+
+	dir := t.TempDir()
+	args, err := json.Marshal([]string{
+		"-homeserver", srv.URL(), "-user", bot.String(), "-access-token", token, "-device-id", dev.String(),
+		"-db", filepath.Join(dir, "bot.db"), "-protocol", "msc4186",
+	})
+	require.NoError(t, err)
+	logPath := filepath.Join(dir, "bot.log")
+	logFile, err := os.Create(logPath)
+	require.NoError(t, err)
+	defer logFile.Close()
+	defer func() {
+		if t.Failed() {
+			if b, err := os.ReadFile(logPath); err == nil {
+				t.Logf("bot log (last 6 KiB):\n%s", b[max(0, len(b)-6<<10):])
+			}
+		}
+	}()
+	start := func() *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), crashChildEnv+"="+string(args))
+		cmd.Stdout, cmd.Stderr = logFile, logFile
+		require.NoError(t, cmd.Start())
+		return cmd
+	}
+
+	began := time.Now()
+	for i := range kills {
+		cmd := start()
+		if i == 0 {
+			require.NoError(t, srv.WaitFor(ctx, func() bool { return srv.Membership(room, bot) == "join" }), "the bot joins")
+		}
+		_, err := alice.SendEncrypted(ctx, room, fmt.Sprintf("message %d", i))
+		require.NoError(t, err)
+		select {
+		case <-hung: // the reply is stored; its answer is held
+		case <-time.After(60 * time.Second):
+			_ = cmd.Process.Kill()
+			t.Fatalf("kill %d: the reply to message %d never reached the server", i, i)
+		}
+		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+		_ = cmd.Wait()
+	}
+	killTime := time.Since(began)
+
+	// A last run answers normally and must settle the last message without sending again.
+	hang.Store(false)
+	cmd := start()
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+	}()
+	_, err = alice.SendEncrypted(ctx, room, "final")
+	require.NoError(t, err)
+	counts := map[string]int{}
+	for {
+		readCtx, done := context.WithTimeout(ctx, 30*time.Second)
+		evt, err := alice.NextMessage(readCtx, room, bot)
+		done()
+		if err != nil {
+			break
+		}
+		body := evt.Content.AsMessage().Body
+		counts[body]++
+		if body == "echo: final" {
+			break
+		}
+	}
+	time.Sleep(500 * time.Millisecond) // a repeated send would come right after
+	var botEvents int
+	for _, e := range srv.RoomEvents(room) {
+		if e.Sender == bot && e.Type.Type == "m.room.encrypted" {
+			botEvents++
+		}
+	}
+	var missing, doubled []string
+	for i := range kills {
+		switch body := fmt.Sprintf("echo: message %d", i); counts[body] {
+		case 1:
+		case 0:
+			missing = append(missing, body)
+		default:
+			doubled = append(doubled, body)
+		}
+	}
+	t.Logf("%d kills during a reply's send in %s; replies stored %d for %d messages, stored twice by the server %d, sends repeated %d",
+		kills, killTime.Round(time.Second), botEvents, kills+1, srv.DuplicateSends(), srv.RepeatedSends())
+	assert.Empty(t, missing, "messages not answered")
+	assert.Empty(t, doubled, "messages answered twice")
+	assert.Equal(t, 1, counts["echo: final"])
+	assert.Equal(t, kills+1, botEvents, "one stored reply per message")
+	assert.Zero(t, srv.DuplicateSends(), "no transaction ID stored twice")
 }
