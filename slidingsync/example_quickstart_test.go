@@ -86,7 +86,7 @@ func TestReadmeQuickstartInSync(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	block := regexp.MustCompile("(?s)<!-- quickstart -->\\s*```go\\n(.*?)```").FindSubmatch(readme)
+	block := regexp.MustCompile("(?s)<!-- quickstart-conn -->\\s*```go\\n(.*?)```").FindSubmatch(readme)
 	code := regexp.MustCompile(`(?s)// quickstart:start\n(.*?)\s*// quickstart:end`).FindSubmatch(src)
 	if block == nil || code == nil {
 		t.Fatal("quick-start markers not found in README.md or example_quickstart_test.go")
