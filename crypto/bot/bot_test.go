@@ -317,3 +317,11 @@ func TestRestartDuringSendSendsNothingTwice(t *testing.T) {
 	assert.Zero(t, f.srv.DuplicateSends())
 	assert.Equal(t, before+2, attempts.Load(), "after the restart only y's two sends reached the server")
 }
+
+// newClientFor returns a client of the bot at url.
+func newClientFor(tb testing.TB, url string, user id.UserID, dev id.DeviceID, token string) *mautrix.Client {
+	cli, err := mautrix.NewClient(url, user, token)
+	require.NoError(tb, err)
+	cli.DeviceID = dev
+	return cli
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -119,4 +121,28 @@ func TestClientSendsEncryptThroughTheHelper(t *testing.T) {
 	_, err = r.h.Encrypt(ctx, f.room, event.EventMessage, &event.MessageEventContent{Body: "x"})
 	assert.ErrorIs(t, err, ErrNotRunning)
 	_ = id.RoomID("")
+}
+
+// A homeserver without sliding sync fails Run at once with the discovery's error, and the
+// failure leaves nothing half done: the crypto Machine starts only after the first committed
+// response, so no key upload or account save is cut short ("Failed to save account").
+func TestFastFailureStartsNoKeyWork(t *testing.T) {
+	ctx, logs := testCtx(t)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/_matrix/client/versions" {
+			_, _ = w.Write([]byte(`{"versions":["v1.11"]}`))
+			return
+		}
+		w.WriteHeader(http.StatusNotFound)
+		_, _ = w.Write([]byte(`{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}`))
+	}))
+	defer hs.Close()
+	cli := newClientFor(t, hs.URL, "@bot:example.org", "BOTDEV", "token")
+	h, err := New(cli, Config{DB: t.TempDir() + "/bot.db"})
+	require.NoError(t, err)
+	err = h.Run(ctx)
+	require.ErrorIs(t, err, slidingsync.ErrNoSlidingSync)
+	assert.False(t, strings.Contains(logs.String(), "Failed to save account"), "an account save was cut short")
+	assert.False(t, strings.Contains(logs.String(), "keys/upload"), "a key upload was attempted")
 }
