@@ -62,7 +62,10 @@
 //     message hashes and skipped. A message that does not decrypt (bad ciphertext, unknown
 //     session) or carries an unusable key is logged and skipped, so one peer cannot block the
 //     queue. Each message is decrypted twice, once to learn which key it carries (mautrix
-//     does not return it), then for real.
+//     does not return it), then for real. Once the transaction that stored a room key has
+//     committed, [Machine.RoomKeyCommitted] is closed ([Machine.WaitForRoomKey] waits on it):
+//     mautrix's own session-received signal fires inside that transaction, and for the
+//     rolled-back first decryption, so a reader it wakes may not find the key yet.
 //
 //   - Fallback keys (mautrix has no support; this package drives goolm's account, so New
 //     fails with ErrFallbackNeedsGoolm on another backend unless Config.DisableFallbackKeys):

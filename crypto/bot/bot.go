@@ -281,7 +281,7 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 	}
 	defer toDevice.Close()
 	in := &inbox{h: h, db: botDB, state: state, mach: mach, account: accountKey(h.cli), created: sess.created,
-		wake: make(chan struct{}, 1), committed: make(chan struct{})}
+		wake: make(chan struct{}, 1), responded: make(chan struct{})}
 	if err := in.start(ctx); err != nil {
 		return err
 	}
@@ -322,8 +322,8 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 
 	// Three goroutines: the connection, the Machine's network work and the dispatcher.
 	// Whichever stops first stops the others; run returns once all have stopped. The Machine
-	// starts after the first commit, so a connection that fails at once (a wrong URL, no
-	// sliding sync) leaves no key upload half done.
+	// starts when the first response arrives, so a connection that fails at once (a wrong
+	// URL, no sliding sync) leaves no key upload half done.
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
@@ -333,7 +333,7 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 		select {
 		case <-ctx.Done():
 			return
-		case <-in.committed:
+		case <-in.responded:
 		}
 		machErr = mach.Run(ctx)
 		cancel(machErr)

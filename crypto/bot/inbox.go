@@ -62,7 +62,7 @@ type inbox struct {
 	invited   map[id.RoomID]bool // rooms with an invite row
 
 	wake      chan struct{} // a commit queued events
-	committed chan struct{} // closed after the first commit
+	responded chan struct{} // closed when the first response arrives
 	firstOnce sync.Once
 }
 
@@ -99,6 +99,7 @@ func (*inbox) Process(context.Context, slidingsync.RequestInfo, json.RawMessage)
 // onResponse is the Conn's response handler: it stages the response's events for the
 // commit, filling the gaps of limited timelines first.
 func (in *inbox) onResponse(ctx context.Context, res *slidingsync.Result) error {
+	in.firstOnce.Do(func() { close(in.responded) })
 	in.res, in.staged, in.own, in.uninvited = res, in.staged[:0], in.own[:0], in.uninvited[:0]
 	me := in.h.cli.UserID
 	for roomID, room := range res.Response.Rooms {
@@ -274,7 +275,6 @@ func (in *inbox) AfterCommit(context.Context) {
 	}
 	in.invitedMu.Unlock()
 	in.res, in.staged, in.own, in.uninvited = nil, in.staged[:0], in.own[:0], in.uninvited[:0]
-	in.firstOnce.Do(func() { close(in.committed) })
 	if queued {
 		select {
 		case in.wake <- struct{}{}:
