@@ -290,7 +290,9 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 		require.Less(t, claimed, 200, "the server holds more one-time keys than the bot keeps")
 	}
 	t.Logf("claimed %d one-time keys until none was left", claimed)
-	require.Equal(t, 50, claimed, "the bot keeps 50 one-time keys on the server")
+	// At least the 50 the bot held; more when a count reported during the claims (a stale one,
+	// or one woken by the bot's own reply) made it top up in between.
+	require.GreaterOrEqual(t, claimed, 50, "the bot held 50 one-time keys on the server")
 	// A message wakes the bot's long-poll, whose response carries the count of 0.
 	_, err = alice.SendText(ctx, room, "third message")
 	require.NoError(t, err)
