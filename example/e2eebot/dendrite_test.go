@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto/cryptohelper"
 	"maunium.net/go/mautrix/crypto/signatures"
@@ -146,6 +147,7 @@ type acceptanceRun struct {
 	peerPassword string
 	peers        []*peerDevice
 	syncs        *syncRecorder
+	botDB        *dbutil.Database // the bot's database, to read what it stored
 }
 
 // newPeer logs in a new device of alice and starts it as a peer device.
@@ -162,6 +164,19 @@ func (r *acceptanceRun) newPeer(t *testing.T) *peerDevice {
 	p := newPeerDevice(t, r.ctx, cli, r.bot)
 	r.peers = append(r.peers, p)
 	return p
+}
+
+// waitBotKnows waits until the bot's crypto store holds the keys of p's device, which it
+// learns only by querying alice's keys after device_lists.changed (or a gap) named her.
+func (r *acceptanceRun) waitBotKnows(t *testing.T, p *peerDevice) {
+	t.Helper()
+	waitFor(t, "the bot to learn the keys of device "+p.cli.DeviceID.String(), func() bool {
+		var n int
+		err := r.botDB.QueryRow(r.ctx, `SELECT COUNT(*) FROM crypto_device WHERE user_id=$1 AND device_id=$2 AND NOT deleted`,
+			p.cli.UserID, p.cli.DeviceID).Scan(&n)
+		require.NoError(t, err)
+		return n == 1
+	})
 }
 
 // waitEchoEverywhere waits until every peer device has decrypted the bot's echo of body.
@@ -235,14 +250,22 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	// A restart reuses the stored session: same device, no second login.
 	botDevice := storedDevice(t, dbPath)
 	run.botDevice = botDevice
+	run.botDB, err = dbopen.Open(dbPath, dbopen.Config{})
+	require.NoError(t, err)
+	defer run.botDB.Close()
 	stopBot()
 	opts.password = "" // a second login would fail now
 	stopBot = startBot()
 	require.Equal(t, botDevice, storedDevice(t, dbPath))
 
 	// 2. The peer adds a second device; the bot learns of it from device_lists.changed, and
-	// the new device can decrypt the bot's next reply.
+	// the new device can decrypt the bot's next reply. Dendrite writes a key upload's
+	// device-list change to /sync asynchronously: a message sent right after the upload can
+	// reach the bot first (seen through the proxy: the change of the login, then the message,
+	// then the change of the upload), and the bot then rightly answers for the devices it
+	// knows. So the message waits until the bot knows the new device.
 	peer2 := run.newPeer(t)
+	run.waitBotKnows(t, peer2)
 	_, err = alice.SendText(ctx, room, "second message")
 	require.NoError(t, err)
 	waitFor(t, "the second device to decrypt the echo", func() bool { return peer2.received("echo: second message") })
