@@ -113,9 +113,11 @@ func TestEncryptedEchoAgainstDendrite(t *testing.T) {
 // Dendrite, found the way the bot finds it by default: -protocol auto against Dendrite's own
 // URL, whose /versions does not advertise sliding sync and whose .well-known names the proxy.
 // The proxy never reports a one-time key count of 0 over Dendrite and forgets every pos when
-// it restarts (M_UNKNOWN_POS); after the common steps it is killed with SIGKILL and started
-// again on the same port and database, and a room key and a new peer device that arrive
-// while it is down, and a message sent right after the restart, must all still be handled.
+// it restarts (M_UNKNOWN_POS). After the echo and second-device steps (and before the
+// one-time key steps, since a new peer device needs one of the bot's keys) it is killed with
+// SIGKILL and started again on the same port and database; a room key and a new peer device
+// that arrive while it is down, and a message sent right after the restart, must all still
+// be handled.
 func TestEncryptedEchoThroughProxyFoundByWellKnownSurvivesProxyRestart(t *testing.T) {
 	srv, proxy := proxytest.Start(t)
 	env := acceptanceEnv{srv: srv, homeserver: srv.URL, protocol: "auto", proxy: proxy, zeroCountUnreported: true}
@@ -130,7 +132,7 @@ type acceptanceEnv struct {
 	homeserver string // the bot's -homeserver
 	protocol   string // the bot's -protocol
 	// proxy, when set, is the MSC3575 proxy the bot should find and use; the run then also
-	// checks that the bot's sync requests went there and restarts the proxy at the end.
+	// checks that the bot's sync requests went there and restarts the proxy (proxyRestart).
 	proxy *proxytest.Proxy
 	// zeroCountUnreported says that the bot is never told that its one-time keys ran out.
 	zeroCountUnreported bool
@@ -187,6 +189,8 @@ func (r *acceptanceRun) waitEchoEverywhere(t *testing.T, body string) {
 	}
 }
 
+// acceptance runs the steps both acceptance tests share, with the bot's database at dbPath
+// and name telling the users of this run apart from those of another run on the same server.
 func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	const botPassword, peerPassword = "bot-password-1", "peer-password-1"
 	srv := env.srv
