@@ -24,7 +24,7 @@
 //
 // A cold build takes about 3.5 minutes, most of it downloading and compiling the proxy's
 // dependencies; with a warm Go build cache it takes about 5 s. The proxy answers about 0.1 to
-// 0.5 s after it starts (its database migrations included). TestProxyOverDendrite... takes
+// 0.5 s after it starts (its database migrations included). The test of this package takes
 // 10 to 20 s.
 //
 // # Observed behaviour of the proxy over Dendrite v0.13.8
@@ -38,8 +38,9 @@
 //     slidingsync.Discover selects the msc3575 dialect at the proxy's URL. The proxy serves
 //     only the sync endpoints; every other request goes to Dendrite.
 //   - pos is a decimal counter per connection, starting at "1", and every response carries a
-//     new one, an idle long-poll that ran out included (never the request's own pos). After a
-//     restart the counters start again.
+//     new one, an idle long-poll that ran out included (never the request's own pos). The same
+//     request sent again (a client whose response was lost) gets the same response, with the
+//     same new pos. After a restart the counters start again.
 //   - The first response of a connection comes at once for timeout=0 and has no e2ee section
 //     when the proxy has only polled Dendrite's initial v2 /sync for the device, which never
 //     carries device_one_time_keys_count. The count comes with the next v2 response that

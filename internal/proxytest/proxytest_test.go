@@ -106,6 +106,13 @@ type ssClient struct {
 	token   string
 	http    *http.Client
 	toSince string
+
+	// last is the previous request, for retransmit.
+	last struct {
+		pos     string
+		timeout int
+		since   string
+	}
 }
 
 // errResponse is a non-200 answer of the proxy.
@@ -118,6 +125,7 @@ func (e *errResponse) Error() string { return fmt.Sprintf("HTTP %d: %v", e.statu
 
 func (c *ssClient) sync(ctx context.Context, pos string, timeoutMS int) (*ssResponse, error) {
 	c.t.Helper()
+	c.last.pos, c.last.timeout, c.last.since = pos, timeoutMS, c.toSince
 	q := url.Values{"timeout": {strconv.Itoa(timeoutMS)}}
 	if pos != "" {
 		q.Set("pos", pos)
@@ -176,6 +184,14 @@ func (c *ssClient) mustSync(ctx context.Context, pos string, timeoutMS int) *ssR
 	r, err := c.sync(ctx, pos, timeoutMS)
 	require.NoError(c.t, err)
 	return r
+}
+
+// retransmit sends the previous request again, byte for byte, as a client does whose
+// response was lost.
+func (c *ssClient) retransmit(ctx context.Context) *ssResponse {
+	c.t.Helper()
+	c.toSince = c.last.since
+	return c.mustSync(ctx, c.last.pos, c.last.timeout)
 }
 
 // pollUntil long-polls from pos (2 s at a time, at most 45 s) until cond holds for a response;
@@ -287,6 +303,13 @@ func TestProxyOverDendriteOmitsFirstE2EEAndZeroCountAndForgetsPosOnRestart(t *te
 	assert.Equal(t, 3, n)
 	pos := r.Pos
 
+	// The same request again (a client whose response was lost) gets the same response: the
+	// same new pos, the same count.
+	again := c.retransmit(ctx)
+	assert.Equal(t, r.Pos, again.Pos, "a retransmitted request gets the response it had, with its pos")
+	n, ok := again.otkCount(t)
+	assert.True(t, ok && n == 3, "the retransmitted response carries the count again")
+
 	// 3. One claim: the count goes down to 2 once a v2 response carries it.
 	require.True(t, claimOne(t, ctx, bob, alice.UserID, alice.DeviceID))
 	_, err = alice.SendText(ctx, room.RoomID, "wake 1")
@@ -338,8 +361,8 @@ func TestProxyOverDendriteOmitsFirstE2EEAndZeroCountAndForgetsPosOnRestart(t *te
 
 	// The first response of the new connection repeats the last count the proxy stored, 2,
 	// although the real count is 0.
-	again := c.mustSync(ctx, "", 0)
-	n, ok := again.otkCount(t)
+	again = c.mustSync(ctx, "", 0)
+	n, ok = again.otkCount(t)
 	assert.True(t, ok, "the first response after the restart carries the stored count")
 	assert.Equal(t, 2, n, "the stored count is the last non-zero one")
 	if !contains(again.changed(t), bob.UserID) {
