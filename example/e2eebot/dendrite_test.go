@@ -403,12 +403,19 @@ type syncOutcome struct {
 	summary string // what a 200 response carried: pos, the e2ee section, timeline event IDs
 }
 
-// summarize returns pos, the e2ee section and the timeline event IDs of a sync response.
+// summarize returns pos, the e2ee section and, for each room, what shapes the bot's handling
+// of it (initial, limited, prev_batch, invite state, required state, timeline event IDs).
 func summarize(body []byte) string {
 	var r struct {
 		Pos   string `json:"pos"`
 		Rooms map[string]struct {
-			Timeline []struct {
+			Initial       bool              `json:"initial"`
+			Limited       bool              `json:"limited"`
+			PrevBatch     string            `json:"prev_batch"`
+			NumLive       int               `json:"num_live"`
+			InviteState   []json.RawMessage `json:"invite_state"`
+			RequiredState []json.RawMessage `json:"required_state"`
+			Timeline      []struct {
 				ID   string `json:"event_id"`
 				Type string `json:"type"`
 			} `json:"timeline"`
@@ -418,13 +425,16 @@ func summarize(body []byte) string {
 	if err := json.Unmarshal(body, &r); err != nil {
 		return "undecodable: " + err.Error()
 	}
-	var evts []string
-	for _, room := range r.Rooms {
+	var rooms []string
+	for id, room := range r.Rooms {
+		var evts []string
 		for _, e := range room.Timeline {
 			evts = append(evts, e.Type+" "+e.ID)
 		}
+		rooms = append(rooms, fmt.Sprintf("%s{initial=%v limited=%v prev_batch=%v num_live=%d invite_state=%d required_state=%d timeline=%v}",
+			id, room.Initial, room.Limited, room.PrevBatch != "", room.NumLive, len(room.InviteState), len(room.RequiredState), evts))
 	}
-	return fmt.Sprintf("pos=%s e2ee=%s timeline=%v", r.Pos, r.Extensions["e2ee"], evts)
+	return fmt.Sprintf("pos=%s e2ee=%s rooms=%v", r.Pos, r.Extensions["e2ee"], rooms)
 }
 
 // dump logs every recorded outcome.
