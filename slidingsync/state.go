@@ -334,9 +334,27 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 			return old, fmt.Errorf("op %d: %w", i, err)
 		}
 	}
-	// Copy the window only when an op changes it: most responses carry a count or a SYNC of
-	// what is already known, and a large window is costly to copy on every response.
-	rooms, owned := old.Rooms, false
+	rooms := applyOps(old.Rooms, next.Count, lr.Ops)
+	if len(rooms) > next.Count {
+		rooms = rooms[:next.Count]
+	}
+	// Trailing unknown positions carry no information.
+	for len(rooms) > 0 && rooms[len(rooms)-1] == "" {
+		rooms = rooms[:len(rooms)-1]
+	}
+	if len(rooms) == 0 {
+		rooms = nil
+	}
+	// Sharing old's array is safe: windows are never written in place once built.
+	next.Rooms = slices.Clip(rooms)
+	return next, nil
+}
+
+// applyOps applies validated list ops to a window and returns the new window. It copies the
+// window only when an op changes it: most responses carry a count or a SYNC of what is
+// already known, and a large window is costly to copy on every response.
+func applyOps(rooms []id.RoomID, count int, ops []ListOp) []id.RoomID {
+	owned := false
 	own := func() {
 		if !owned {
 			rooms, owned = slices.Clone(rooms), true
@@ -352,12 +370,12 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 		}
 		rooms[j] = roomID
 	}
-	for _, op := range lr.Ops {
+	for _, op := range ops {
 		switch op.Op {
 		case ListOpSync:
 			// Positions past the given IDs are unknown: clear what is there, but do not
 			// materialise them. Positions past the count are cut at the end anyway.
-			for j := op.Range.Start; j <= op.Range.End && j < next.Count; j++ {
+			for j := op.Range.Start; j <= op.Range.End && j < count; j++ {
 				if k := j - op.Range.Start; k < len(op.RoomIDs) {
 					set(j, op.RoomIDs[k])
 				} else if j < len(rooms) {
@@ -372,12 +390,12 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 			}
 		case ListOpDelete:
 			// An op at or past the count only moves positions that are cut at the end.
-			if *op.Index < len(rooms) && *op.Index < next.Count {
+			if *op.Index < len(rooms) && *op.Index < count {
 				own()
 				rooms = slices.Delete(rooms, *op.Index, *op.Index+1)
 			}
 		case ListOpInsert:
-			if *op.Index >= next.Count {
+			if *op.Index >= count {
 				continue
 			}
 			own()
@@ -387,19 +405,7 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 			rooms = slices.Insert(rooms, *op.Index, op.RoomID)
 		}
 	}
-	if len(rooms) > next.Count {
-		rooms = rooms[:next.Count]
-	}
-	// Trailing unknown positions carry no information.
-	for len(rooms) > 0 && rooms[len(rooms)-1] == "" {
-		rooms = rooms[:len(rooms)-1]
-	}
-	if len(rooms) == 0 {
-		rooms = nil
-	}
-	// Sharing old's array is safe: windows are never written in place once built.
-	next.Rooms = slices.Clip(rooms)
-	return next, nil
+	return rooms
 }
 
 type roomStateAlias RoomState

@@ -1,16 +1,24 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto/cryptohelper"
 	"maunium.net/go/mautrix/crypto/signatures"
@@ -20,6 +28,7 @@ import (
 	"github.com/sliding-e2ee/sdk/internal/dendritetest"
 	"github.com/sliding-e2ee/sdk/internal/dendritetest/ssfront"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
+	"github.com/sliding-e2ee/sdk/internal/proxytest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -93,15 +102,98 @@ func TestEncryptedEchoAgainstDendrite(t *testing.T) {
 	t.Cleanup(front.Close)
 
 	t.Run("sqlite", func(t *testing.T) {
-		acceptance(t, srv, front.URL, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
+		acceptance(t, acceptanceEnv{srv: srv, homeserver: front.URL, protocol: "msc4186"}, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
 	})
 	t.Run("postgres", func(t *testing.T) {
-		acceptance(t, srv, front.URL, "pg", pgtest.NewDatabase(t))
+		acceptance(t, acceptanceEnv{srv: srv, homeserver: front.URL, protocol: "msc4186"}, "pg", pgtest.NewDatabase(t))
 	})
 }
 
-func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath string) {
+// The same acceptance run through the real MSC3575 sliding sync proxy (v0.99.19) in front of
+// Dendrite, found the way the bot finds it by default: -protocol auto against Dendrite's own
+// URL, whose /versions does not advertise sliding sync and whose .well-known names the proxy.
+// The proxy never reports a one-time key count of 0 over Dendrite and forgets every pos when
+// it restarts (M_UNKNOWN_POS). After the echo and second-device steps (and before the
+// one-time key steps, since a new peer device needs one of the bot's keys) it is killed with
+// SIGKILL and started again on the same port and database; a room key and a new peer device
+// that arrive while it is down, and a message sent right after the restart, must all still
+// be handled.
+func TestEncryptedEchoThroughProxyFoundByWellKnownSurvivesProxyRestart(t *testing.T) {
+	srv, proxy := proxytest.Start(t)
+	env := acceptanceEnv{srv: srv, homeserver: srv.URL, protocol: "auto", proxy: proxy, zeroCountUnreported: true}
+	t.Run("sqlite", func(t *testing.T) {
+		acceptance(t, env, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
+	})
+}
+
+// acceptanceEnv is where an acceptance run takes place.
+type acceptanceEnv struct {
+	srv        *dendritetest.Server
+	homeserver string // the bot's -homeserver
+	protocol   string // the bot's -protocol
+	// proxy, when set, is the MSC3575 proxy the bot should find and use; the run then also
+	// checks that the bot's sync requests went there and restarts the proxy (proxyRestart).
+	proxy *proxytest.Proxy
+	// zeroCountUnreported says that the bot is never told that its one-time keys ran out.
+	zeroCountUnreported bool
+}
+
+// acceptanceRun is the state of one acceptance run, shared by its steps.
+type acceptanceRun struct {
+	env          acceptanceEnv
+	ctx          context.Context
+	room         id.RoomID
+	bot          id.UserID
+	botDevice    id.DeviceID
+	alice        *mautrix.Client
+	peerPassword string
+	peers        []*peerDevice
+	syncs        *syncRecorder
+	botDB        *dbutil.Database // the bot's database, to read what it stored
+}
+
+// newPeer logs in a new device of alice and starts it as a peer device.
+func (r *acceptanceRun) newPeer(t *testing.T) *peerDevice {
+	t.Helper()
+	cli := r.env.srv.Client(t)
+	_, err := cli.Login(r.ctx, &mautrix.ReqLogin{
+		Type:             mautrix.AuthTypePassword,
+		Identifier:       mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: r.alice.UserID.String()},
+		Password:         r.peerPassword,
+		StoreCredentials: true,
+	})
+	require.NoError(t, err)
+	p := newPeerDevice(t, r.ctx, cli, r.bot)
+	r.peers = append(r.peers, p)
+	return p
+}
+
+// waitBotKnows waits until the bot's crypto store holds the keys of p's device, which it
+// learns only by querying alice's keys after device_lists.changed (or a gap) named her.
+func (r *acceptanceRun) waitBotKnows(t *testing.T, p *peerDevice) {
+	t.Helper()
+	waitFor(t, "the bot to learn the keys of device "+p.cli.DeviceID.String(), func() bool {
+		var n int
+		err := r.botDB.QueryRow(r.ctx, `SELECT COUNT(*) FROM crypto_device WHERE user_id=$1 AND device_id=$2 AND NOT deleted`,
+			p.cli.UserID, p.cli.DeviceID).Scan(&n)
+		require.NoError(t, err)
+		return n == 1
+	})
+}
+
+// waitEchoEverywhere waits until every peer device has decrypted the bot's echo of body.
+func (r *acceptanceRun) waitEchoEverywhere(t *testing.T, body string) {
+	t.Helper()
+	for i, p := range r.peers {
+		waitFor(t, fmt.Sprintf("peer device %d to decrypt the echo of %q", i+1, body), func() bool { return p.received("echo: " + body) })
+	}
+}
+
+// acceptance runs the steps both acceptance tests share, with the bot's database at dbPath
+// and name telling the users of this run apart from those of another run on the same server.
+func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	const botPassword, peerPassword = "bot-password-1", "peer-password-1"
+	srv := env.srv
 	botReg := srv.RegisterWithPassword(t, "echobot-"+name, botPassword)
 	alice := srv.RegisterWithPassword(t, "alice-"+name, peerPassword)
 	var err error
@@ -109,6 +201,13 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	peer1 := newPeerDevice(t, ctx, alice, botReg.UserID)
+	run := &acceptanceRun{env: env, ctx: ctx, bot: botReg.UserID, alice: alice, peerPassword: peerPassword,
+		peers: []*peerDevice{peer1}, syncs: &syncRecorder{}}
+	t.Cleanup(func() {
+		if t.Failed() {
+			run.syncs.dump(t)
+		}
+	})
 
 	// An encrypted room the bot is invited to.
 	resp, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{
@@ -121,13 +220,27 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 	})
 	require.NoError(t, err)
 	room := resp.RoomID
+	run.room = room
 
-	opts := options{homeserver: frontURL, user: botReg.UserID.String(), password: botPassword, db: dbPath, protocol: "msc4186"}
+	opts := options{homeserver: env.homeserver, user: botReg.UserID.String(), password: botPassword, db: dbPath, protocol: env.protocol}
 	startBot := func() (stop func()) {
 		botCtx, botCancel := context.WithCancel(zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).
 			With().Str("side", "bot").Logger().WithContext(context.Background()))
 		done := make(chan error, 1)
-		go func() { done <- runBot(botCtx, opts) }()
+		go func() {
+			cli, cfg, err := config(botCtx, opts)
+			if err != nil {
+				done <- err
+				return
+			}
+			cli.Client = &http.Client{Transport: run.syncs}
+			h, err := newEcho(cli, cfg)
+			if err != nil {
+				done <- err
+				return
+			}
+			done <- h.Run(botCtx)
+		}()
 		return func() {
 			botCancel()
 			select {
@@ -153,28 +266,36 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 
 	// A restart reuses the stored session: same device, no second login.
 	botDevice := storedDevice(t, dbPath)
+	run.botDevice = botDevice
+	run.botDB, err = dbopen.Open(dbPath, dbopen.Config{})
+	require.NoError(t, err)
+	defer run.botDB.Close()
 	stopBot()
 	opts.password = "" // a second login would fail now
 	stopBot = startBot()
 	require.Equal(t, botDevice, storedDevice(t, dbPath))
 
 	// 2. The peer adds a second device; the bot learns of it from device_lists.changed, and
-	// the new device can decrypt the bot's next reply.
-	alice2 := srv.Client(t)
-	_, err = alice2.Login(ctx, &mautrix.ReqLogin{
-		Type:             mautrix.AuthTypePassword,
-		Identifier:       mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: alice.UserID.String()},
-		Password:         peerPassword,
-		StoreCredentials: true,
-	})
-	require.NoError(t, err)
-	peer2 := newPeerDevice(t, ctx, alice2, botReg.UserID)
+	// the new device can decrypt the bot's next reply. Dendrite writes a key upload's
+	// device-list change to /sync asynchronously: a message sent right after the upload can
+	// reach the bot first (seen through the proxy: the change of the login, then the message,
+	// then the change of the upload), and the bot then rightly answers for the devices it
+	// knows. So the message waits until the bot knows the new device.
+	peer2 := run.newPeer(t)
+	run.waitBotKnows(t, peer2)
 	_, err = alice.SendText(ctx, room, "second message")
 	require.NoError(t, err)
 	waitFor(t, "the second device to decrypt the echo", func() bool { return peer2.received("echo: second message") })
-	require.True(t, peer1.received("echo: second message"))
+	// Each device decrypts on its own sync: the first may be a moment behind the second.
+	run.waitEchoEverywhere(t, "second message")
 
-	// 3. The bot's one-time keys are claimed until none is left; the bot tops up.
+	if env.proxy != nil {
+		proxyRestart(t, run)
+	}
+
+	// 3. Some of the bot's one-time keys are claimed; the bot tops up from the count the next
+	// response reports.
+	botToken := storedToken(t, dbPath)
 	claim := func() (id.KeyID, *mautrix.OneTimeKey) {
 		res, err := alice.ClaimKeys(ctx, &mautrix.ReqClaimKeys{
 			OneTimeKeys: mautrix.OneTimeKeysRequest{botReg.UserID: {botDevice: id.KeyAlgorithmSignedCurve25519}},
@@ -185,6 +306,20 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 		}
 		return "", nil
 	}
+	for i := 0; i < 30; i++ {
+		keyID, _ := claim()
+		require.NotEmpty(t, keyID, "claim %d of 30", i+1)
+	}
+	// A message wakes the bot's long-poll (and the proxy's v2 poll for the bot), whose
+	// response carries the lower count.
+	_, err = alice.SendText(ctx, room, "after some claims")
+	require.NoError(t, err)
+	run.waitEchoEverywhere(t, "after some claims")
+	waitFor(t, "the bot to top its one-time keys up to 50 again", func() bool {
+		return serverOTKCount(t, ctx, env.srv, botToken) == 50
+	})
+
+	// 4. The bot's one-time keys are claimed until none is left; the bot tops up.
 	claimed := 0
 	for {
 		keyID, _ := claim()
@@ -195,11 +330,22 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 		require.Less(t, claimed, 200, "the server holds more one-time keys than the bot keeps")
 	}
 	t.Logf("claimed %d one-time keys until none was left", claimed)
-	require.GreaterOrEqual(t, claimed, 1)
+	// At least the 50 the bot held; more when a count reported during the claims (a stale one,
+	// or one woken by the bot's own reply) made it top up in between.
+	require.GreaterOrEqual(t, claimed, 50, "the bot held 50 one-time keys on the server")
 	// A message wakes the bot's long-poll, whose response carries the count of 0.
 	_, err = alice.SendText(ctx, room, "third message")
 	require.NoError(t, err)
 	waitFor(t, "the echo of the third message", func() bool { return peer1.received("echo: third message") })
+	if env.zeroCountUnreported {
+		// KNOWN GAP: the proxy never reports a count of 0 over Dendrite (see internal/proxytest)
+		// and the crypto Machine acts on reported counts only, so the bot does not top up
+		// here and nobody can start a new Olm session with it. Once the Machine learns the
+		// count another way (an empty /keys/upload), drop zeroCountUnreported.
+		t.Logf("KNOWN GAP: after exhaustion the bot's one-time keys are not topped up through the proxy (server count %d)",
+			serverOTKCount(t, ctx, env.srv, botToken))
+		return
+	}
 	var topped *mautrix.OneTimeKey
 	waitFor(t, "a claimable one-time key after the top-up", func() bool {
 		_, topped = claim()
@@ -213,6 +359,173 @@ func acceptance(t *testing.T, srv *dendritetest.Server, frontURL, name, dbPath s
 	ok, err := signatures.VerifySignatureJSON(topped, botReg.UserID, botDevice.String(), dev.SigningKey)
 	require.NoError(t, err)
 	require.True(t, ok, "the topped-up one-time key carries a valid signature")
+}
+
+// serverOTKCount asks the server how many signed_curve25519 one-time keys the device of token
+// holds, with an empty /keys/upload (whose answer lists every algorithm with keys left).
+func serverOTKCount(t *testing.T, ctx context.Context, srv *dendritetest.Server, token string) int {
+	t.Helper()
+	cli := srv.Client(t)
+	cli.AccessToken = token
+	resp, err := cli.UploadKeys(ctx, &mautrix.ReqUploadKeys{})
+	require.NoError(t, err)
+	return resp.OneTimeKeyCounts.SignedCurve25519
+}
+
+// proxyRestart checks that the bot used the proxy it discovered, then kills the proxy
+// (SIGKILL) and starts it again on the same port and database. While it is down, alice adds a
+// device, which sends a message under a new megolm session (its room key reaches the bot as a
+// to-device message the bot cannot fetch yet); right after the restart the first device sends
+// another. The bot must get M_UNKNOWN_POS for its old pos, start a new connection, and answer
+// both messages so that every device of alice, the new one included, decrypts the answers.
+func proxyRestart(t *testing.T, r *acceptanceRun) {
+	proxy := r.env.proxy
+	syncPath := proxy.URL + "/_matrix/client/unstable/org.matrix.msc3575/sync"
+	require.NotZero(t, r.syncs.count(syncPath, http.StatusOK), "the bot synced through the proxy named by .well-known")
+	require.Zero(t, r.syncs.otherSyncs(syncPath), "the bot sent no sync request elsewhere")
+
+	proxy.Kill(t)
+	down := r.newPeer(t)
+	_, err := down.cli.SendText(r.ctx, r.room, "sent while the proxy is down")
+	require.NoError(t, err)
+	proxy.Restart(t)
+	_, err = r.alice.SendText(r.ctx, r.room, "sent after the restart")
+	require.NoError(t, err)
+
+	r.waitEchoEverywhere(t, "sent while the proxy is down")
+	r.waitEchoEverywhere(t, "sent after the restart")
+	assert.NotZero(t, r.syncs.count(syncPath, http.StatusBadRequest, "M_UNKNOWN_POS"), "the restarted proxy answered the old pos with M_UNKNOWN_POS")
+
+	// The bot keeps answering on its new connection.
+	_, err = r.alice.SendText(r.ctx, r.room, "still there?")
+	require.NoError(t, err)
+	r.waitEchoEverywhere(t, "still there?")
+}
+
+// syncRecorder is the bot's HTTP transport: it passes every request on and records the
+// outcome of the sliding sync ones (URL without query, status, and errcode of an error).
+type syncRecorder struct {
+	mu   sync.Mutex
+	seen []syncOutcome
+}
+
+type syncOutcome struct {
+	url     string
+	status  int
+	errcode string
+	summary string // what a 200 response carried: pos, the e2ee section, timeline event IDs
+}
+
+// summarize returns pos, the e2ee section and, for each room, what shapes the bot's handling
+// of it (initial, limited, prev_batch, invite state, required state, timeline event IDs).
+func summarize(body []byte) string {
+	var r struct {
+		Pos   string `json:"pos"`
+		Rooms map[string]struct {
+			Initial       bool              `json:"initial"`
+			Limited       bool              `json:"limited"`
+			PrevBatch     string            `json:"prev_batch"`
+			NumLive       int               `json:"num_live"`
+			InviteState   []json.RawMessage `json:"invite_state"`
+			RequiredState []json.RawMessage `json:"required_state"`
+			Timeline      []struct {
+				ID   string `json:"event_id"`
+				Type string `json:"type"`
+			} `json:"timeline"`
+		} `json:"rooms"`
+		Extensions map[string]json.RawMessage `json:"extensions"`
+	}
+	if err := json.Unmarshal(body, &r); err != nil {
+		return "undecodable: " + err.Error()
+	}
+	var rooms []string
+	for id, room := range r.Rooms {
+		var evts []string
+		for _, e := range room.Timeline {
+			evts = append(evts, e.Type+" "+e.ID)
+		}
+		rooms = append(rooms, fmt.Sprintf("%s{initial=%v limited=%v prev_batch=%v num_live=%d invite_state=%d required_state=%d timeline=%v}",
+			id, room.Initial, room.Limited, room.PrevBatch != "", room.NumLive, len(room.InviteState), len(room.RequiredState), evts))
+	}
+	return fmt.Sprintf("pos=%s e2ee=%s rooms=%v", r.Pos, r.Extensions["e2ee"], rooms)
+}
+
+// dump logs every recorded outcome.
+func (s *syncRecorder) dump(t *testing.T) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, o := range s.seen {
+		t.Logf("sync %d: %s -> %d %s %s", i+1, o.url, o.status, o.errcode, o.summary)
+	}
+}
+
+func (s *syncRecorder) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if !strings.HasSuffix(req.URL.Path, "/sync") || req.Method != http.MethodPost {
+		return resp, err
+	}
+	u := *req.URL
+	u.RawQuery = ""
+	out := syncOutcome{url: u.String()}
+	if err == nil {
+		out.status = resp.StatusCode
+		body, rerr := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		resp.Body = io.NopCloser(bytes.NewReader(body))
+		switch {
+		case rerr != nil:
+			out.summary = "body: " + rerr.Error()
+		case resp.StatusCode == http.StatusOK:
+			out.summary = summarize(body)
+		default:
+			var e struct {
+				Errcode string `json:"errcode"`
+			}
+			_ = json.Unmarshal(body, &e)
+			out.errcode = e.Errcode
+		}
+	}
+	s.mu.Lock()
+	s.seen = append(s.seen, out)
+	s.mu.Unlock()
+	return resp, err
+}
+
+// count returns how many sync requests to url got status (and errcode, if given).
+func (s *syncRecorder) count(url string, status int, errcode ...string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, o := range s.seen {
+		if o.url == url && o.status == status && (len(errcode) == 0 || o.errcode == errcode[0]) {
+			n++
+		}
+	}
+	return n
+}
+
+// otherSyncs returns how many sync requests went to another URL than url.
+func (s *syncRecorder) otherSyncs(url string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, o := range s.seen {
+		if o.url != url {
+			n++
+		}
+	}
+	return n
+}
+
+// storedToken reads the access token of the session the bot stored.
+func storedToken(t *testing.T, dbPath string) string {
+	t.Helper()
+	db, err := dbopen.Open(dbPath, dbopen.Config{})
+	require.NoError(t, err)
+	defer db.Close()
+	var token string
+	require.NoError(t, db.QueryRow(context.Background(), `SELECT access_token FROM ssbot_session`).Scan(&token))
+	return token
 }
 
 // storedDevice reads the device of the session the bot stored.

@@ -138,13 +138,18 @@ func printCrypto(ctx context.Context, out io.Writer, db *dbutil.Database, maxUse
 			fmt.Fprint(tw, l)
 		}
 	}
-	if has("e2eebot_task") {
-		var pending, done int
-		if err := db.QueryRow(ctx, `SELECT COALESCE(SUM(CASE WHEN done THEN 0 ELSE 1 END), 0), COALESCE(SUM(CASE WHEN done THEN 1 ELSE 0 END), 0) FROM e2eebot_task`).
+	if has("ssbot_inbox") {
+		var pending, done, sends, unsettled int
+		if err := db.QueryRow(ctx, `SELECT COALESCE(SUM(CASE WHEN done THEN 0 ELSE 1 END), 0), COALESCE(SUM(CASE WHEN done THEN 1 ELSE 0 END), 0) FROM ssbot_inbox`).
 			Scan(&pending, &done); err != nil {
-			return fmt.Errorf("count bot tasks: %w", err)
+			return fmt.Errorf("count bot events: %w", err)
 		}
-		fmt.Fprintf(tw, "bot tasks\t%d pending, %d done\n", pending, done)
+		if err := db.QueryRow(ctx, `SELECT COUNT(*), COALESCE(SUM(CASE WHEN event_id IS NULL THEN 1 ELSE 0 END), 0) FROM ssbot_outbox`).
+			Scan(&sends, &unsettled); err != nil {
+			return fmt.Errorf("count bot sends: %w", err)
+		}
+		fmt.Fprintf(tw, "bot events\t%d pending, %d handled\n", pending, done)
+		fmt.Fprintf(tw, "bot sends\t%d, %d with an unknown outcome\n", sends, unsettled)
 	}
 	return nil
 }

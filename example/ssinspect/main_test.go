@@ -100,5 +100,5 @@ func TestInspectPrintsCryptoState(t *testing.T) {
 	} {
 		assert.Contains(t, got, want)
 	}
-	assert.NotContains(t, got, "bot tasks", "no bot tables in this database")
+	assert.NotContains(t, got, "bot events", "no bot tables in this database")
 }

@@ -163,12 +163,33 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
+// Option changes how [Start] configures Dendrite.
+type Option func(*settings)
+
+type settings struct {
+	slidingSyncProxy string
+}
+
+// WithSlidingSyncProxy makes Dendrite advertise a sliding sync proxy at proxyURL: its
+// /.well-known/matrix/client then names the server itself as m.homeserver (its own loopback
+// URL) and proxyURL under "org.matrix.msc3575.proxy" (Dendrite's
+// global.well_known_client_name and global.well_known_sliding_sync_proxy). Without it Dendrite
+// serves no .well-known/matrix/client. The proxy need not run yet: Dendrite only passes the
+// URL on.
+func WithSlidingSyncProxy(proxyURL string) Option {
+	return func(s *settings) { s.slidingSyncProxy = proxyURL }
+}
+
 // Start starts a fresh Dendrite for the test (SQLite databases in a temporary directory,
 // client API on a free loopback port, federation, presence and rate limiting off, open
 // registration) and stops it when the test ends. Without a Dendrite binary the test is
 // skipped with a message that starts with "DENDRITE NOT TESTED", or fails if EnvRequire is 1.
-func Start(t testing.TB) *Server {
+func Start(t testing.TB, opts ...Option) *Server {
 	t.Helper()
+	var set settings
+	for _, o := range opts {
+		o(&set)
+	}
 	bin, err := Binary()
 	if err != nil {
 		msg := "DENDRITE NOT TESTED: " + err.Error()
@@ -182,15 +203,17 @@ func Start(t testing.TB) *Server {
 	if err = writeKey(filepath.Join(dir, "matrix_key.pem")); err != nil {
 		t.Fatalf("dendritetest: %v", err)
 	}
-	if err = os.WriteFile(filepath.Join(dir, "dendrite.yaml"), []byte(config(dir)), 0o644); err != nil {
-		t.Fatalf("dendritetest: %v", err)
-	}
 	// The port is picked by listening on :0 and closing; another process could take it in
 	// between, so a start that fails to answer is retried on a new port.
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
 		port, err := freePort()
 		if err != nil {
+			t.Fatalf("dendritetest: %v", err)
+		}
+		// The configuration names the server's own URL in .well-known, so it is written
+		// for each port.
+		if err = os.WriteFile(filepath.Join(dir, "dendrite.yaml"), []byte(config(dir, port, set)), 0o644); err != nil {
 			t.Fatalf("dendritetest: %v", err)
 		}
 		s, err := launch(bin, dir, port)
@@ -348,15 +371,20 @@ func (s *Server) RegisterWithPassword(t testing.TB, localpart, password string) 
 }
 
 // config is the Dendrite configuration: SQLite under dir, everything that would reach out
-// or slow tests down off.
-func config(dir string) string {
+// or slow tests down off, and the .well-known entries that set asks for.
+func config(dir string, port int, set settings) string {
 	db := func(name string) string {
 		return "    connection_string: file:" + filepath.Join(dir, name+".db") + "\n"
+	}
+	wellKnown := ""
+	if set.slidingSyncProxy != "" {
+		wellKnown = fmt.Sprintf("  well_known_client_name: %q\n  well_known_sliding_sync_proxy: %q\n",
+			fmt.Sprintf("http://127.0.0.1:%d", port), set.slidingSyncProxy)
 	}
 	return `version: 2
 global:
   server_name: ` + ServerName + `
-  private_key: ` + filepath.Join(dir, "matrix_key.pem") + `
+` + wellKnown + `  private_key: ` + filepath.Join(dir, "matrix_key.pem") + `
   key_validity_period: 168h0m0s
   disable_federation: true
   presence:

@@ -62,6 +62,14 @@ func Main(m *testing.M) int {
 	return code
 }
 
+// Available reports whether NewDatabase can create databases, starting the throwaway cluster
+// if that is how it would get them. A test that needs PostgreSQL for a server it starts (not
+// for the code under test) calls it to skip with its own message.
+func Available() error {
+	_, err := server()
+	return err
+}
+
 // NewDatabase creates an empty database for the test, drops it when the test ends, and returns
 // its URI for lib/pq ("postgres" driver).
 func NewDatabase(t testing.TB) string {
