@@ -108,7 +108,6 @@ type Helper struct {
 	mach    *crypto.Machine
 	olm     *mcrypto.OlmMachine
 	conn    *slidingsync.Conn
-	state   *stateStore
 	account string
 
 	ready     chan struct{}
@@ -310,7 +309,7 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 		return err
 	}
 	h.mu.Lock()
-	h.db, h.mach, h.olm, h.conn, h.state, h.account = botDB, mach, olm, conn, state, in.account
+	h.db, h.mach, h.olm, h.conn, h.account = botDB, mach, olm, conn, in.account
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
