@@ -321,18 +321,23 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 
 	// Three goroutines: the connection, the Machine's network work and the dispatcher.
 	// Whichever stops first stops the others; run returns once all have stopped. The Machine
-	// starts when the first response arrives, so a connection that fails at once (a wrong
-	// URL, no sliding sync) leaves no key upload half done.
+	// of a new device starts when the first response arrives, so a connection that fails at
+	// once (a wrong URL, no sliding sync) leaves no first key upload half done; a known device
+	// starts it at once, so its device-list queries are done by the time the first response
+	// asks for a key top-up.
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
 	var connErr, machErr, dispErr error
 	wg.Go(func() { connErr = conn.Run(ctx); cancel(connErr) })
+	newDevice := !olm.GetAccount().Shared
 	wg.Go(func() {
-		select {
-		case <-ctx.Done():
-			return
-		case <-in.responded:
+		if newDevice {
+			select {
+			case <-ctx.Done():
+				return
+			case <-in.responded:
+			}
 		}
 		machErr = mach.Run(ctx)
 		cancel(machErr)

@@ -124,8 +124,9 @@ func TestClientSendsEncryptThroughTheHelper(t *testing.T) {
 }
 
 // A homeserver without sliding sync fails Run at once with the discovery's error, and the
-// failure leaves nothing half done: the crypto Machine starts only when the first sync
-// response arrives, so no key upload or account save is cut short ("Failed to save account").
+// failure leaves nothing half done: the crypto Machine of a new device starts only when the
+// first sync response arrives, so no first key upload or account save is cut short ("Failed
+// to save account").
 func TestFastFailureStartsNoKeyWork(t *testing.T) {
 	ctx, logs := testCtx(t)
 	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
