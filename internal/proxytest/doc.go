@@ -71,7 +71,7 @@
 //     uploaded its keys and the first device then sent a message, the bot's responses
 //     carried the login's device-list change, then the message, then the key upload's
 //     device-list change.
-//   - Rarely (3 runs in about 150), the proxy loses a room's first events after an invite
+//   - Rarely (3 runs in about 250), the proxy loses a room's first events after an invite
 //     turned into a join: it logs "GlobalCache.LoadRoom: no metadata for this room,
 //     returning stub", although Dendrite's v2 responses carried the join (limited, the
 //     room's timeline from m.room.create) and, 250 ms later, a message. The bot's connection
