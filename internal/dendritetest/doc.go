@@ -6,7 +6,9 @@
 // temporary directory, the client API on a free 127.0.0.1 port and nothing else, federation,
 // presence, server notices, search, metrics and rate limiting off, open registration without
 // captcha. [Server.Register] registers a user with the m.login.dummy flow and returns a
-// logged-in mautrix client.
+// logged-in mautrix client. With [WithSlidingSyncProxy] the server's
+// /.well-known/matrix/client names a sliding sync proxy (internal/proxytest runs the real
+// one).
 //
 // The binary is the one named by SLIDINGSYNC_DENDRITE_BIN, else a cached build in the user
 // cache directory ([CachedBinaryPath], $HOME/.cache/sliding-e2ee/dendrite-v0.13.8), else one
