@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 
 	"github.com/rs/zerolog"
@@ -38,6 +39,18 @@ func config(ctx context.Context, o options) (*mautrix.Client, bot.Config, error)
 	if o.syncURL != "" && proto == slidingsync.ProtocolAuto {
 		proto = slidingsync.ProtocolMSC3575 // a separate sync server is a proxy
 	}
+	if err := checkURLFlag("-homeserver", o.homeserver, o.insecure); err != nil {
+		return nil, bot.Config{}, err
+	}
+	if err := checkURLFlag("-sliding-sync-url", o.syncURL, o.insecure); o.syncURL != "" && err != nil {
+		return nil, bot.Config{}, err
+	}
+	if len(o.connID) > 16 {
+		return nil, bot.Config{}, fmt.Errorf("-conn-id %q: at most 16 characters", o.connID)
+	}
+	if o.leaseDuration <= 0 {
+		return nil, bot.Config{}, fmt.Errorf("-lease %s: must be positive", o.leaseDuration)
+	}
 	cli, err := mautrix.NewClient(o.homeserver, user, o.accessToken)
 	if err != nil {
 		return nil, bot.Config{}, fmt.Errorf("-homeserver: %w", err)
@@ -63,6 +76,19 @@ func config(ctx context.Context, o options) (*mautrix.Client, bot.Config, error)
 		cfg.LoginAs.InitialDeviceDisplayName = "e2eebot"
 	}
 	return cli, cfg, nil
+}
+
+// checkURLFlag refuses a URL flag without a scheme and host, and plain http:// to a host that
+// is not on this machine unless -allow-insecure-http is given, before any request is made.
+func checkURLFlag(flag, raw string, insecure bool) error {
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("%s %q: give a URL with its scheme, like https://matrix.example.org", flag, raw)
+	}
+	if err := slidingsync.CheckTransport(u); err != nil && !insecure {
+		return fmt.Errorf("%s %q: plain HTTP to a host that is not on this machine would send the password and token in clear; use https:// or -allow-insecure-http", flag, raw)
+	}
+	return nil
 }
 
 // newEcho returns the echo bot: every text message from others is answered with
