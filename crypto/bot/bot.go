@@ -210,18 +210,11 @@ func (h *Helper) Run(ctx context.Context) error {
 			}
 		}
 	}
-	db, _ := h.cfg.DB.(*dbutil.Database)
-	if path, ok := h.cfg.DB.(string); ok {
-		var err error
-		if db, err = dbopen.Open(path, dbopen.Config{}); err != nil {
-			return fmt.Errorf("bot: %w", err)
-		}
-		defer db.Close()
+	db, botDB, closeDB, err := h.openDB(ctx)
+	if err != nil {
+		return err
 	}
-	botDB := db.Child(VersionTableName, UpgradeTable, nil)
-	if err := botDB.Upgrade(ctx); err != nil {
-		return fmt.Errorf("bot: upgrade the bot's tables: %w", err)
-	}
+	defer closeDB()
 	sess, err := h.session(ctx, botDB)
 	if err != nil {
 		return err
@@ -241,6 +234,25 @@ func (h *Helper) Run(ctx context.Context) error {
 		return context.Cause(ctx)
 	}
 	return err
+}
+
+// openDB opens Config.DB (unless it is a *dbutil.Database already) and upgrades the bot's
+// tables. closeDB closes what openDB opened.
+func (h *Helper) openDB(ctx context.Context) (db, botDB *dbutil.Database, closeDB func(), err error) {
+	db, _ = h.cfg.DB.(*dbutil.Database)
+	closeDB = func() {}
+	if path, ok := h.cfg.DB.(string); ok {
+		if db, err = dbopen.Open(path, dbopen.Config{}); err != nil {
+			return nil, nil, nil, fmt.Errorf("bot: %w", err)
+		}
+		closeDB = func() { _ = db.Close() }
+	}
+	botDB = db.Child(VersionTableName, UpgradeTable, nil)
+	if err := botDB.Upgrade(ctx); err != nil {
+		closeDB()
+		return nil, nil, nil, fmt.Errorf("bot: upgrade the bot's tables: %w", err)
+	}
+	return db, botDB, closeDB, nil
 }
 
 // run builds the stores, the Machine and the connection, and runs them while the lease is

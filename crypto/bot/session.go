@@ -11,7 +11,11 @@ import (
 	"github.com/rs/zerolog"
 	"go.mau.fi/util/dbutil"
 	"maunium.net/go/mautrix"
+	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
 )
 
 // session is what Run needs of the stored session.
@@ -101,7 +105,7 @@ func (h *Helper) session(ctx context.Context, db *dbutil.Database) (session, err
 	if err != nil {
 		return session{}, fmt.Errorf("bot: store the session: %w", err)
 	}
-	zerolog.Ctx(ctx).Info().Stringer("device_id", h.cli.DeviceID).Msg("New device; session stored")
+	zerolog.Ctx(ctx).Info().Stringer("device_id", h.cli.DeviceID).Msg("No session in this database: logged in as a new device, whose session is now stored (-logout deletes it)")
 	return h.withPickleKey(session{pickleKey: pickleKey, created: now}), nil
 }
 
@@ -119,4 +123,62 @@ func PasswordLogin(user id.UserID, password string) *mautrix.ReqLogin {
 		Identifier: mautrix.UserIdentifier{Type: mautrix.IdentifierTypeUser, User: user.String()},
 		Password:   password,
 	}
+}
+
+// Logout deletes the stored session's device on the server (its keys go with it, so peers
+// stop encrypting for it) and forgets the session and the device's Olm account, so that the
+// next Run logs in as a new device. It waits for the device's lease, so it never pulls the
+// device from under a running bot. Without a stored session it does nothing.
+func (h *Helper) Logout(ctx context.Context) error {
+	if !h.cfg.AllowInsecureHTTP {
+		if err := slidingsync.CheckTransport(h.cli.HomeserverURL); err != nil {
+			return fmt.Errorf("bot: homeserver: %w", err)
+		}
+	}
+	db, botDB, closeDB, err := h.openDB(ctx)
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	user, err := h.userOf()
+	if err != nil {
+		return err
+	}
+	var deviceID id.DeviceID
+	var token string
+	err = botDB.QueryRow(ctx, `SELECT device_id, access_token FROM ssbot_session WHERE user_id=$1`, user).Scan(&deviceID, &token)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("bot: read the stored session: %w", err)
+	}
+	store := sqlstore.New(db, nil)
+	if err := store.Upgrade(ctx); err != nil {
+		return fmt.Errorf("bot: upgrade the sliding sync store: %w", err)
+	}
+	cs := mcrypto.NewSQLCryptoStore(db, nil, user.String(), deviceID, nil)
+	if err := cs.DB.Upgrade(ctx); err != nil {
+		return fmt.Errorf("bot: upgrade the crypto store: %w", err)
+	}
+	return store.RunWithLease(ctx, user, deviceID, h.cfg.Lease, func(ctx context.Context, _ *sqlstore.Lease) error {
+		h.cli.UserID, h.cli.DeviceID, h.cli.AccessToken = user, deviceID, token
+		if _, err := h.cli.Logout(ctx); err != nil && !errors.Is(err, mautrix.MUnknownToken) {
+			return fmt.Errorf("bot: log out device %s: %w", deviceID, err)
+		}
+		err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
+			// mautrix keys its crypto rows by user; the next device needs a new account.
+			for _, table := range []string{"crypto_olm_session", "crypto_megolm_inbound_session", "crypto_megolm_outbound_session", "crypto_secrets", "crypto_account"} {
+				if _, err := db.Exec(ctx, "DELETE FROM "+table+" WHERE account_id=$1", user); err != nil {
+					return fmt.Errorf("forget %s: %w", table, err)
+				}
+			}
+			_, err := botDB.Exec(ctx, `DELETE FROM ssbot_session WHERE user_id=$1`, user)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("bot: forget the session: %w", err)
+		}
+		zerolog.Ctx(ctx).Info().Stringer("device_id", deviceID).Msg("Logged out; the device is deleted")
+		return nil
+	})
 }

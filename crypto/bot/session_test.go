@@ -147,3 +147,41 @@ func TestFastFailureStartsNoKeyWork(t *testing.T) {
 	assert.False(t, strings.Contains(logs.String(), "Failed to save account"), "an account save was cut short")
 	assert.False(t, strings.Contains(logs.String(), "keys/upload"), "a key upload was attempted")
 }
+
+// Logout deletes the device on the server and forgets the session and its Olm account: the
+// old token is refused and the next Run logs in again, with a new account that answers.
+func TestLogoutForgetsTheSession(t *testing.T) {
+	ctx, _ := testCtx(t)
+	f := newFixture(t, demohs.Options{})
+	bot, _, _ := f.srv.Bot()
+	cli, err := mautrix.NewClient(f.srv.URL(), "", "")
+	require.NoError(t, err)
+	cfg := Config{LoginAs: PasswordLogin(bot, demohs.DefaultBotPassword)}
+	r := f.start(ctx, cli, cfg, nil)
+	f.waitJoined(ctx, r)
+	require.ErrorIs(t, r.stop(), context.Canceled)
+	oldToken := cli.AccessToken
+
+	cfg.DB = f.db
+	out, err := mautrix.NewClient(f.srv.URL(), "", "")
+	require.NoError(t, err)
+	h, err := New(out, cfg)
+	require.NoError(t, err)
+	require.NoError(t, h.Logout(ctx))
+	assert.Equal(t, 1, f.srv.Logouts())
+	stale, err := mautrix.NewClient(f.srv.URL(), bot, oldToken)
+	require.NoError(t, err)
+	_, err = stale.Whoami(ctx)
+	require.ErrorIs(t, err, mautrix.MUnknownToken, "the device's token no longer works")
+
+	cli, err = mautrix.NewClient(f.srv.URL(), "", "")
+	require.NoError(t, err)
+	r = f.start(ctx, cli, cfg, nil)
+	require.Eventually(t, func() bool { return f.srv.Logins() == 2 }, 30*time.Second, 10*time.Millisecond, "the next run logs in again")
+	select {
+	case <-r.h.Ready():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the bot on its new account did not get ready")
+	}
+	require.ErrorIs(t, r.stop(), context.Canceled)
+}

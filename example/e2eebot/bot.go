@@ -71,7 +71,7 @@ func config(ctx context.Context, o options) (*mautrix.Client, bot.Config, error)
 		AllowInsecureHTTP: o.insecure,
 		Lease:             sqlstore.LeaseConfig{Duration: o.leaseDuration, Holder: o.leaseHolder},
 	}
-	if o.password != "" {
+	if o.password != "" && !o.logout {
 		cfg.LoginAs = bot.PasswordLogin(user, o.password)
 		cfg.LoginAs.InitialDeviceDisplayName = "e2eebot"
 	}
@@ -125,6 +125,9 @@ func runBot(ctx context.Context, o options) error {
 	h, err := newEcho(cli, cfg)
 	if err != nil {
 		return err
+	}
+	if o.logout {
+		return h.Logout(ctx)
 	}
 	return h.Run(ctx)
 }

@@ -47,6 +47,7 @@ type options struct {
 	demoRooms   int
 	dbSet       bool // -db was given; the demo then keeps its database there
 	insecure    bool
+	logout      bool // delete the stored device and exit
 	// leaseDuration is how long a bot that died keeps others from taking over its device.
 	leaseDuration time.Duration
 	// leaseHolder names this bot in the lease; a restart with the same name takes the lease
@@ -68,6 +69,7 @@ func main() {
 	flag.StringVar(&o.syncURL, "sliding-sync-url", "", "sliding sync server when it is not the homeserver (an MSC3575 proxy); implies -protocol msc3575 unless another is given. Without it, -protocol msc3575 takes the proxy from .well-known")
 	flag.StringVar(&o.connID, "conn-id", "", "sliding sync conn_id")
 	flag.IntVar(&o.demoRooms, "demo-rooms", 2000, "rooms in the demo account")
+	flag.BoolVar(&o.logout, "logout", false, "delete the device stored in -db on the server (peers stop encrypting for it) and forget it, then exit")
 	flag.BoolVar(&o.insecure, "allow-insecure-http", false, "allow plain http:// to a homeserver that is not on loopback")
 	flag.DurationVar(&o.leaseDuration, "lease", sqlstore.DefaultLeaseDuration, "how long a bot that died keeps another process from taking over its device")
 	flag.StringVar(&o.leaseHolder, "lease-holder", "", "a stable name for this bot in the lease, so that a restart takes it back at once; only when a supervisor guarantees one process at a time")

@@ -180,6 +180,7 @@ type Server struct {
 	txns      map[string]id.EventID
 	sentTxn   map[id.EventID]sentBy // the device and transaction ID of each room send
 	logins    int
+	logouts   int
 	toDevSeq  int64
 	toDevTxns map[string]bool
 	keysAt    int64 // stream position of the last change of the bot's key counts
@@ -447,6 +448,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync", s.serveSync)
 	mux.HandleFunc("POST "+v3+"/login", s.login)
 	mux.HandleFunc("GET "+v3+"/account/whoami", s.auth(s.whoami))
+	mux.HandleFunc("POST "+v3+"/logout", s.auth(s.logout))
 	mux.HandleFunc("POST "+v3+"/keys/upload", s.auth(s.keysUpload))
 	mux.HandleFunc("POST "+v3+"/keys/query", s.auth(s.keysQuery))
 	mux.HandleFunc("POST "+v3+"/keys/claim", s.auth(s.keysClaim))
@@ -581,10 +583,32 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	s.logins++
+	s.tokens[s.opts.BotToken] = devRef{s.opts.BotUserID, s.opts.BotDeviceID}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, map[string]any{
 		"user_id": s.opts.BotUserID, "device_id": s.opts.BotDeviceID, "access_token": s.opts.BotToken,
 	})
+}
+
+// logout forgets the access token and the device's keys, as a server deleting the device
+// does. The bot's next login gets the same device ID back (the server keeps one device for
+// it), without keys.
+func (s *Server) logout(w http.ResponseWriter, r *http.Request, who devRef) {
+	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	s.mu.Lock()
+	delete(s.tokens, token)
+	// The device's keys go with it: a device logged in again under the ID starts without.
+	s.devices[who.user][who.device] = &device{seen: map[id.KeyID]string{}}
+	s.logouts++
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{})
+}
+
+// Logouts returns how many logouts the server answered.
+func (s *Server) Logouts() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.logouts
 }
 
 // Logins returns how many password logins the server answered.
