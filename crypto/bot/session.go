@@ -105,7 +105,7 @@ func (h *Helper) session(ctx context.Context, db *dbutil.Database) (session, err
 	if err != nil {
 		return session{}, fmt.Errorf("bot: store the session: %w", err)
 	}
-	zerolog.Ctx(ctx).Info().Stringer("device_id", h.cli.DeviceID).Msg("No session in this database: logged in as a new device, whose session is now stored (-logout deletes it)")
+	zerolog.Ctx(ctx).Info().Stringer("device_id", h.cli.DeviceID).Msg("No session in this database: logged in as a new device, whose session is now stored (Helper.Logout deletes the device)")
 	return h.withPickleKey(session{pickleKey: pickleKey, created: now}), nil
 }
 
