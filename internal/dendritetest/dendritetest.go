@@ -13,13 +13,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"maunium.net/go/mautrix"
+
+	"github.com/sliding-e2ee/sdk/internal/cachedbin"
 )
 
 const (
@@ -64,51 +65,15 @@ type Server struct {
 
 // CachedBinaryPath is where the harness caches the Dendrite binary it builds:
 // <user cache dir>/sliding-e2ee/dendrite-<Version>.
-func CachedBinaryPath() (string, error) {
-	dir, err := os.UserCacheDir()
-	if err != nil {
-		return "", err
-	}
-	return filepath.Join(dir, "sliding-e2ee", "dendrite-"+Version), nil
-}
+func CachedBinaryPath() (string, error) { return cachedbin.Path(binSpec) }
+
+var binSpec = cachedbin.Spec{Name: "dendrite", Version: Version, EnvBin: EnvBin, Build: Build}
 
 // Binary returns the path of a Dendrite binary: the one named by EnvBin, else the cached one,
 // else one it builds into the cache. The result is computed once per process.
 func Binary() (string, error) {
-	binOnce.Do(func() { binPath, binErr = findOrBuild() })
+	binOnce.Do(func() { binPath, binErr = cachedbin.Find(binSpec) })
 	return binPath, binErr
-}
-
-func findOrBuild() (string, error) {
-	if p := os.Getenv(EnvBin); p != "" {
-		if err := checkExecutable(p); err != nil {
-			return "", fmt.Errorf("%s=%s: %w", EnvBin, p, err)
-		}
-		return p, nil
-	}
-	cached, err := CachedBinaryPath()
-	if err != nil {
-		return "", fmt.Errorf("no cache directory for the Dendrite binary: %w", err)
-	}
-	if checkExecutable(cached) == nil {
-		return cached, nil
-	}
-	fmt.Fprintf(os.Stderr, "dendritetest: building Dendrite %s into %s (once; a few minutes when cold)\n", Version, cached)
-	if err = Build(cached); err != nil {
-		return "", err
-	}
-	return cached, nil
-}
-
-func checkExecutable(p string) error {
-	st, err := os.Stat(p)
-	if err != nil {
-		return err
-	}
-	if st.IsDir() || st.Mode()&0o111 == 0 {
-		return errors.New("not an executable file")
-	}
-	return nil
 }
 
 // Build builds Dendrite Version into dst in a throwaway module, so that Dendrite's
@@ -145,16 +110,9 @@ func Build(dst string) error {
 	}
 	cmd.WaitDelay = 5 * time.Second
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("cannot build Dendrite %s (is the Go module proxy reachable?): %w: %s", Version, err, tail(out, 2000))
+		return fmt.Errorf("cannot build Dendrite %s (is the Go module proxy reachable?): %w: %s", Version, err, cachedbin.Tail(out, 2000))
 	}
 	return os.Rename(tmp, dst)
-}
-
-func tail(b []byte, n int) string {
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return strings.TrimSpace(string(b))
 }
 
 func randomHex(n int) string {
@@ -308,7 +266,7 @@ func (s *Server) waitReady() error {
 // Log returns the tail of the server's log.
 func (s *Server) Log() string {
 	b, _ := os.ReadFile(s.logPath)
-	return tail(b, 8000)
+	return cachedbin.Tail(b, 8000)
 }
 
 func (s *Server) stop() error {

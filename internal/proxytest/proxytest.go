@@ -6,19 +6,18 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/sliding-e2ee/sdk/internal/cachedbin"
 	"github.com/sliding-e2ee/sdk/internal/dendritetest"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
 )
@@ -56,51 +55,15 @@ var (
 
 // CachedBinaryPath is where the harness caches the proxy binary it builds:
 // <user cache dir>/sliding-e2ee/syncv3-<Version>.
-func CachedBinaryPath() (string, error) {
-	dir, err := os.UserCacheDir()
-	if err != nil {
-		return "", err
-	}
-	return filepath.Join(dir, "sliding-e2ee", "syncv3-"+Version), nil
-}
+func CachedBinaryPath() (string, error) { return cachedbin.Path(binSpec) }
+
+var binSpec = cachedbin.Spec{Name: "syncv3", Version: Version, EnvBin: EnvBin, Build: Build}
 
 // Binary returns the path of a proxy binary: the one named by EnvBin, else the cached one,
 // else one it builds into the cache. The result is computed once per process.
 func Binary() (string, error) {
-	binOnce.Do(func() { binPath, binErr = findOrBuild() })
+	binOnce.Do(func() { binPath, binErr = cachedbin.Find(binSpec) })
 	return binPath, binErr
-}
-
-func findOrBuild() (string, error) {
-	if p := os.Getenv(EnvBin); p != "" {
-		if err := checkExecutable(p); err != nil {
-			return "", fmt.Errorf("%s=%s: %w", EnvBin, p, err)
-		}
-		return p, nil
-	}
-	cached, err := CachedBinaryPath()
-	if err != nil {
-		return "", fmt.Errorf("no cache directory for the proxy binary: %w", err)
-	}
-	if checkExecutable(cached) == nil {
-		return cached, nil
-	}
-	fmt.Fprintf(os.Stderr, "proxytest: building the sliding sync proxy %s into %s (once; a few minutes when cold)\n", Version, cached)
-	if err = Build(cached); err != nil {
-		return "", err
-	}
-	return cached, nil
-}
-
-func checkExecutable(p string) error {
-	st, err := os.Stat(p)
-	if err != nil {
-		return err
-	}
-	if st.IsDir() || st.Mode()&0o111 == 0 {
-		return errors.New("not an executable file")
-	}
-	return nil
 }
 
 // Build builds the proxy Version into dst. The Go module proxy does not serve the module's
@@ -131,11 +94,11 @@ func Build(dst string) error {
 	dl.Stderr = &stderr
 	out, err := dl.Output()
 	if err != nil {
-		return fmt.Errorf("cannot download %s@%s (is the Go module proxy reachable?): %w: %s%s", Module, Version, err, tail(out, 1000), tail(stderr.Bytes(), 1000))
+		return fmt.Errorf("cannot download %s@%s (is the Go module proxy reachable?): %w: %s%s", Module, Version, err, cachedbin.Tail(out, 1000), cachedbin.Tail(stderr.Bytes(), 1000))
 	}
 	var mod struct{ Dir, Error string }
 	if err = json.Unmarshal(out, &mod); err != nil || mod.Dir == "" {
-		return fmt.Errorf("go mod download %s@%s: no module directory in %q (%v)", Module, Version, tail(out, 1000), err)
+		return fmt.Errorf("go mod download %s@%s: no module directory in %q (%v)", Module, Version, cachedbin.Tail(out, 1000), err)
 	}
 	src := filepath.Join(work, "src")
 	if err = os.CopyFS(src, os.DirFS(mod.Dir)); err != nil {
@@ -146,16 +109,9 @@ func Build(dst string) error {
 	build := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-o", tmp, Command)
 	build.Dir, build.Env, build.WaitDelay = src, env, 5*time.Second
 	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("cannot build the proxy %s (is the Go module proxy reachable?): %w: %s", Version, err, tail(out, 2000))
+		return fmt.Errorf("cannot build the proxy %s (is the Go module proxy reachable?): %w: %s", Version, err, cachedbin.Tail(out, 2000))
 	}
 	return os.Rename(tmp, dst)
-}
-
-func tail(b []byte, n int) string {
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return strings.TrimSpace(string(b))
 }
 
 func randomHex(n int) string {
@@ -346,7 +302,7 @@ func (p *Proxy) Log() string {
 
 func (p *Proxy) logTail() string {
 	b, _ := os.ReadFile(p.logPath)
-	return tail(b, 8000)
+	return cachedbin.Tail(b, 8000)
 }
 
 func (p *Proxy) stop() error {
