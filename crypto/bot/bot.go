@@ -259,26 +259,8 @@ func (h *Helper) openDB(ctx context.Context) (db, botDB *dbutil.Database, closeD
 // held.
 func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slidingsync.Store, sess session) error {
 	log := zerolog.Ctx(ctx)
-	sql := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db", "state").Logger()), false)
-	if err := sql.Upgrade(ctx); err != nil {
-		return fmt.Errorf("bot: upgrade the state store: %w", err)
-	}
-	state := &stateStore{SQLStateStore: sql, cli: h.cli, plain: map[id.RoomID]bool{}}
-	h.cli.StateStore = state
-	cs := mcrypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(log.With().Str("db", "crypto").Logger()), h.cli.UserID.String(), h.cli.DeviceID, sess.pickleKey)
-	if err := cs.DB.Upgrade(ctx); err != nil {
-		return fmt.Errorf("bot: upgrade the crypto store: %w", err)
-	}
-	olmLog := log.With().Str("component", "olm").Logger()
-	olm := mcrypto.NewOlmMachine(h.cli, &olmLog, cs, state)
-	if err := olm.Load(ctx); err != nil {
-		return fmt.Errorf("bot: load the Olm account: %w", err)
-	}
-	mach, err := crypto.New(h.cli, olm, h.cfg.Crypto)
+	state, olm, mach, err := h.cryptoStores(ctx, db, sess)
 	if err != nil {
-		return err
-	}
-	if err := mach.Upgrade(ctx); err != nil {
 		return err
 	}
 	e2eeExt, err := e2ee.NewE2EE(h.cli.UserID, h.cli.DeviceID, e2ee.Config{Consumer: mach})
@@ -296,27 +278,7 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 	if err := in.start(ctx); err != nil {
 		return err
 	}
-	conn, err := slidingsync.New(h.cli, slidingsync.Config{
-		Protocol:   h.cfg.Protocol,
-		BaseURL:    h.cfg.BaseURL,
-		ConnID:     h.cfg.ConnID,
-		Store:      store,
-		Extensions: []slidingsync.Extension{e2eeExt, toDevice, in},
-		Lists: map[string]slidingsync.ListConfig{"all": {
-			// Every room, scanned 500 at a time, then the 5 most recently active: a room
-			// with news moves into the window.
-			GrowBatch:     500,
-			ShrinkTo:      5,
-			TimelineLimit: 5, // limited timelines are filled from /messages
-			RequiredState: crypto.BotRequiredState(false),
-		}},
-		AllowInsecureHTTP: h.cfg.AllowInsecureHTTP,
-		PollTimeout:       h.cfg.PollTimeout,
-		OnResponse:        in.onResponse,
-		CompactState:      true, // the bot reads events from the responses, not the room model
-		TimelineCap:       5,
-		RoomCache:         1000,
-	})
+	conn, err := h.newConn(store, in, e2eeExt, toDevice)
 	if err != nil {
 		return err
 	}
@@ -330,19 +292,74 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 	}()
 	log.Info().Stringer("user_id", h.cli.UserID).Stringer("device_id", h.cli.DeviceID).
 		Str("identity_key", string(olm.OwnIdentity().IdentityKey)).Msg("Bot starting")
+	return runAll(ctx, conn, mach, in, !olm.GetAccount().Shared)
+}
 
-	// Three goroutines: the connection, the Machine's network work and the dispatcher.
-	// Whichever stops first stops the others; run returns once all have stopped. The Machine
-	// of a new device starts when the first response arrives, so a connection that fails at
-	// once (a wrong URL, no sliding sync) leaves no first key upload half done; a known device
-	// starts it at once, so its device-list queries are done by the time the first response
-	// asks for a key top-up.
+// cryptoStores upgrades mautrix's state and crypto stores and loads the Olm account and the
+// crypto Machine.
+func (h *Helper) cryptoStores(ctx context.Context, db *dbutil.Database, sess session) (*stateStore, *mcrypto.OlmMachine, *crypto.Machine, error) {
+	log := zerolog.Ctx(ctx)
+	sql := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db", "state").Logger()), false)
+	if err := sql.Upgrade(ctx); err != nil {
+		return nil, nil, nil, fmt.Errorf("bot: upgrade the state store: %w", err)
+	}
+	state := &stateStore{SQLStateStore: sql, cli: h.cli, plain: map[id.RoomID]bool{}}
+	h.cli.StateStore = state
+	cs := mcrypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(log.With().Str("db", "crypto").Logger()), h.cli.UserID.String(), h.cli.DeviceID, sess.pickleKey)
+	if err := cs.DB.Upgrade(ctx); err != nil {
+		return nil, nil, nil, fmt.Errorf("bot: upgrade the crypto store: %w", err)
+	}
+	olmLog := log.With().Str("component", "olm").Logger()
+	olm := mcrypto.NewOlmMachine(h.cli, &olmLog, cs, state)
+	if err := olm.Load(ctx); err != nil {
+		return nil, nil, nil, fmt.Errorf("bot: load the Olm account: %w", err)
+	}
+	mach, err := crypto.New(h.cli, olm, h.cfg.Crypto)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := mach.Upgrade(ctx); err != nil {
+		return nil, nil, nil, err
+	}
+	return state, olm, mach, nil
+}
+
+// newConn returns the bot's sliding sync connection: every room, scanned 500 at a time, then
+// the 5 most recently active (a room with news moves into the window).
+func (h *Helper) newConn(store slidingsync.Store, in *inbox, exts ...slidingsync.Extension) (*slidingsync.Conn, error) {
+	return slidingsync.New(h.cli, slidingsync.Config{
+		Protocol:   h.cfg.Protocol,
+		BaseURL:    h.cfg.BaseURL,
+		ConnID:     h.cfg.ConnID,
+		Store:      store,
+		Extensions: append(exts, in),
+		Lists: map[string]slidingsync.ListConfig{"all": {
+			GrowBatch:     500,
+			ShrinkTo:      5,
+			TimelineLimit: 5, // limited timelines are filled from /messages
+			RequiredState: crypto.BotRequiredState(false),
+		}},
+		AllowInsecureHTTP: h.cfg.AllowInsecureHTTP,
+		PollTimeout:       h.cfg.PollTimeout,
+		OnResponse:        in.onResponse,
+		CompactState:      true, // the bot reads events from the responses, not the room model
+		TimelineCap:       5,
+		RoomCache:         1000,
+	})
+}
+
+// runAll runs three goroutines: the connection, the Machine's network work and the
+// dispatcher. Whichever stops first stops the others; runAll returns once all have stopped.
+// The Machine of a new device starts when the first response arrives, so a connection that
+// fails at once (a wrong URL, no sliding sync) leaves no first key upload half done; a known
+// device starts it at once, so its device-list queries are done by the time the first
+// response asks for a key top-up.
+func runAll(ctx context.Context, conn *slidingsync.Conn, mach *crypto.Machine, in *inbox, newDevice bool) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
 	var connErr, machErr, dispErr error
 	wg.Go(func() { connErr = conn.Run(ctx); cancel(connErr) })
-	newDevice := !olm.GetAccount().Shared
 	wg.Go(func() {
 		if newDevice {
 			select {

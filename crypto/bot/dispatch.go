@@ -63,7 +63,6 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 	case <-in.mach.KeysUploaded():
 	}
 	in.h.readyOnce.Do(func() { close(in.h.ready) })
-	log := zerolog.Ctx(ctx)
 	var queue []*item
 	after := int64(math.MinInt64)
 	load, keys := true, false
@@ -80,41 +79,12 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 				queue = append(queue, items...)
 			}
 		}
-		now := time.Now()
 		var next time.Time
-		waiting := false
-		kept := queue[:0]
-		for _, it := range queue {
-			switch {
-			case it.waiting && !keys && now.Sub(it.queuedAt) < in.h.cfg.KeyWait:
-			case !it.nextTry.IsZero() && now.Before(it.nextTry):
-			default:
-				done, err := in.handle(ctx, it)
-				if ctx.Err() != nil {
-					return context.Cause(ctx)
-				}
-				if err != nil {
-					it.tries++
-					it.nextTry = now.Add(min(time.Second<<min(it.tries, 6), time.Minute))
-					log.Warn().Err(err).Stringer("room_id", it.roomID).Int("tries", it.tries).Msg("Dispatching an event failed; retrying")
-				}
-				if done {
-					if _, err := in.db.Exec(ctx, `UPDATE ssbot_inbox SET done=true WHERE account=$1 AND event_key=$2`, in.account, it.key); err != nil {
-						return fmt.Errorf("bot: mark %s done: %w", it.key, err)
-					}
-					continue
-				}
-			}
-			kept = append(kept, it)
-			if it.waiting {
-				waiting = true
-				next = earliest(next, it.queuedAt.Add(in.h.cfg.KeyWait))
-			} else if !it.nextTry.IsZero() {
-				next = earliest(next, it.nextTry)
-			}
+		var waiting bool
+		var err error
+		if queue, next, waiting, err = in.pass(ctx, queue, keys); err != nil {
+			return err
 		}
-		clear(queue[len(kept):])
-		queue = kept
 		var timer <-chan time.Time
 		var t *time.Timer
 		if !next.IsZero() {
@@ -139,6 +109,46 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 			t.Stop()
 		}
 	}
+}
+
+// pass tries every queued event that is due (keys: a room key was committed since the last
+// pass) and returns those still queued, the earliest time one is due again, and whether one
+// waits for a room key.
+func (in *inbox) pass(ctx context.Context, queue []*item, keys bool) (kept []*item, next time.Time, waiting bool, err error) {
+	log := zerolog.Ctx(ctx)
+	now := time.Now()
+	kept = queue[:0]
+	for _, it := range queue {
+		switch {
+		case it.waiting && !keys && now.Sub(it.queuedAt) < in.h.cfg.KeyWait:
+		case !it.nextTry.IsZero() && now.Before(it.nextTry):
+		default:
+			done, err := in.handle(ctx, it)
+			if ctx.Err() != nil {
+				return nil, time.Time{}, false, context.Cause(ctx)
+			}
+			if err != nil {
+				it.tries++
+				it.nextTry = now.Add(min(time.Second<<min(it.tries, 6), time.Minute))
+				log.Warn().Err(err).Stringer("room_id", it.roomID).Int("tries", it.tries).Msg("Dispatching an event failed; retrying")
+			}
+			if done {
+				if _, err := in.db.Exec(ctx, `UPDATE ssbot_inbox SET done=true WHERE account=$1 AND event_key=$2`, in.account, it.key); err != nil {
+					return nil, time.Time{}, false, fmt.Errorf("bot: mark %s done: %w", it.key, err)
+				}
+				continue
+			}
+		}
+		kept = append(kept, it)
+		if it.waiting {
+			waiting = true
+			next = earliest(next, it.queuedAt.Add(in.h.cfg.KeyWait))
+		} else if !it.nextTry.IsZero() {
+			next = earliest(next, it.nextTry)
+		}
+	}
+	clear(queue[len(kept):])
+	return kept, next, waiting, nil
 }
 
 func earliest(a, b time.Time) time.Time {

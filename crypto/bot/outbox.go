@@ -160,6 +160,27 @@ func (h *Helper) outboxDB() (*dbutil.Database, string, error) {
 	return h.db, h.account, nil
 }
 
+// outboxEntry reads the outbox row of a send, or records a first attempt. attempted says
+// whether an earlier attempt was recorded; row.eventID is set when it is known to be done.
+func outboxEntry(ctx context.Context, db *dbutil.Database, account, txn string, roomID id.RoomID) (row outboxRow, attempted bool, err error) {
+	var firstTry int64
+	var eventID sql.NullString
+	err = db.QueryRow(ctx, `SELECT first_try, event_id FROM ssbot_outbox WHERE account=$1 AND txn_id=$2`, account, txn).Scan(&firstTry, &eventID)
+	switch {
+	case err == nil:
+		return outboxRow{firstTry: time.UnixMilli(firstTry), eventID: id.EventID(eventID.String)}, true, nil
+	case !errors.Is(err, sql.ErrNoRows):
+		return row, false, fmt.Errorf("bot: read the outbox: %w", err)
+	}
+	row.firstTry = time.Now()
+	_, err = db.Exec(ctx, `INSERT INTO ssbot_outbox (account, txn_id, room_id, first_try) VALUES ($1, $2, $3, $4)`,
+		account, txn, roomID, row.firstTry.UnixMilli())
+	if err != nil {
+		return row, false, fmt.Errorf("bot: record the send in the outbox: %w", err)
+	}
+	return row, false, nil
+}
+
 // send makes one room send exactly once. Its transaction ID is the dispatch's key and the
 // send's number; the outbox records it before the first attempt. A send the outbox knows
 // happened is answered from the outbox; one that was attempted before with an unknown
@@ -181,27 +202,13 @@ func (h *Helper) send(req *http.Request, next http.RoundTripper, d *dispatch, ro
 	if err != nil {
 		return nil, err
 	}
-	var row outboxRow
-	var firstTry int64
-	var eventID sql.NullString
-	err = db.QueryRow(ctx, `SELECT first_try, event_id FROM ssbot_outbox WHERE account=$1 AND txn_id=$2`, account, txn).Scan(&firstTry, &eventID)
-	attempted := err == nil
-	switch {
-	case err != nil && !errors.Is(err, sql.ErrNoRows):
-		return nil, fmt.Errorf("bot: read the outbox: %w", err)
-	case attempted:
-		row = outboxRow{firstTry: time.UnixMilli(firstTry), eventID: id.EventID(eventID.String)}
-		if row.eventID != "" {
-			log.Debug().Msg("Send already done")
-			return sentResponse(req, row.eventID), nil
-		}
-	default:
-		row.firstTry = time.Now()
-		_, err := db.Exec(ctx, `INSERT INTO ssbot_outbox (account, txn_id, room_id, first_try) VALUES ($1, $2, $3, $4)`,
-			account, txn, roomID, row.firstTry.UnixMilli())
-		if err != nil {
-			return nil, fmt.Errorf("bot: record the send in the outbox: %w", err)
-		}
+	row, attempted, err := outboxEntry(ctx, db, account, txn, roomID)
+	if err != nil {
+		return nil, err
+	}
+	if row.eventID != "" {
+		log.Debug().Msg("Send already done")
+		return sentResponse(req, row.eventID), nil
 	}
 	u := *req.URL
 	escaped := u.EscapedPath()
