@@ -48,8 +48,8 @@ func config(ctx context.Context, o options) (*mautrix.Client, bot.Config, error)
 	if len(o.connID) > 16 {
 		return nil, bot.Config{}, fmt.Errorf("-conn-id %q: at most 16 characters", o.connID)
 	}
-	if o.leaseDuration <= 0 {
-		return nil, bot.Config{}, fmt.Errorf("-lease %s: must be positive", o.leaseDuration)
+	if o.leaseDuration < 0 {
+		return nil, bot.Config{}, fmt.Errorf("-lease %s: must not be negative (0 means the default)", o.leaseDuration)
 	}
 	cli, err := mautrix.NewClient(o.homeserver, user, o.accessToken)
 	if err != nil {

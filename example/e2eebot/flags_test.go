@@ -36,7 +36,7 @@ func TestBadFlagsAreRefusedBeforeAnyRequest(t *testing.T) {
 		{"plain HTTP to a remote homeserver", func(o *options) { o.homeserver = "http://matrix.example.org" }, "-homeserver \"http://matrix.example.org\": plain HTTP"},
 		{"plain HTTP to a remote proxy", func(o *options) { o.syncURL = "http://proxy.example.org" }, "-sliding-sync-url"},
 		{"an access token without its device", func(o *options) { o.password, o.accessToken = "", "syt_x" }, "-access-token needs -device-id"},
-		{"a lease of zero", func(o *options) { o.leaseDuration = 0 }, "-lease"},
+		{"a negative lease", func(o *options) { o.leaseDuration = -time.Second }, "-lease"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := good
