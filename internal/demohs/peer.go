@@ -132,7 +132,23 @@ func (p *Peer) CreateEncryptedRoom(ctx context.Context, name string, invite ...i
 		s.mu.Unlock()
 		return "", errClosed
 	}
-	roomID := s.createRoomLocked(p.UserID, name, invite)
+	roomID := s.createRoomLocked(p.UserID, name, invite, true)
+	s.mu.Unlock()
+	return roomID, p.loadRoomState(ctx, roomID)
+}
+
+// CreatePlainRoom creates an unencrypted room with the peer joined and the given users
+// invited.
+func (p *Peer) CreatePlainRoom(ctx context.Context, name string, invite ...id.UserID) (id.RoomID, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := p.srv
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return "", errClosed
+	}
+	roomID := s.createRoomLocked(p.UserID, name, invite, false)
 	s.mu.Unlock()
 	return roomID, p.loadRoomState(ctx, roomID)
 }

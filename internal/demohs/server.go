@@ -418,7 +418,7 @@ func (s *Server) listLocked() []id.RoomID {
 
 // createRoomLocked creates an encrypted room with creator joined and the others invited.
 // Caller holds s.mu.
-func (s *Server) createRoomLocked(creator id.UserID, name string, invite []id.UserID) id.RoomID {
+func (s *Server) createRoomLocked(creator id.UserID, name string, invite []id.UserID, encrypted bool) id.RoomID {
 	roomID := id.RoomID(fmt.Sprintf("!live%d:%s", len(s.live)+1, s.opts.ServerName))
 	r := &room{id: roomID, generated: -1, state: map[[2]string]stateEntry{}}
 	s.rooms[roomID] = r
@@ -432,7 +432,9 @@ func (s *Server) createRoomLocked(creator id.UserID, name string, invite []id.Us
 	add(event.StateJoinRules.Type, "", creator, map[string]any{"join_rule": "invite"})
 	add(event.StateHistoryVisibility.Type, "", creator, map[string]any{"history_visibility": "shared"})
 	add(event.StateRoomName.Type, "", creator, map[string]any{"name": name})
-	add(event.StateEncryption.Type, "", creator, map[string]any{"algorithm": id.AlgorithmMegolmV1})
+	if encrypted {
+		add(event.StateEncryption.Type, "", creator, map[string]any{"algorithm": id.AlgorithmMegolmV1})
+	}
 	for _, u := range invite {
 		add(event.StateMember.Type, u.String(), creator, map[string]any{"membership": "invite"})
 	}
