@@ -145,36 +145,13 @@ func TestCrashHarness(t *testing.T) {
 	srv, err := demohs.NewServer(demohs.Options{Rooms: 40, Seed: seed, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
-	bot, dev, token := srv.Bot()
+	bot, dev, _ := srv.Bot()
 	alice, err := srv.NewPeer(ctx, "@alice:demo.invalid")
 	require.NoError(t, err)
 	room, err := alice.CreateEncryptedRoom(ctx, "crash room", bot)
 	require.NoError(t, err)
 
-	dir := t.TempDir()
-	args, err := json.Marshal([]string{
-		"-homeserver", srv.URL(), "-user", bot.String(), "-access-token", token, "-device-id", dev.String(),
-		"-db", filepath.Join(dir, "bot.db"), "-protocol", "msc4186", "-lease-holder", "crash-harness",
-	})
-	require.NoError(t, err)
-	logPath := filepath.Join(dir, "bot.log")
-	logFile, err := os.Create(logPath)
-	require.NoError(t, err)
-	defer logFile.Close()
-	start := func() *exec.Cmd {
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), crashChildEnv+"="+string(args))
-		cmd.Stdout, cmd.Stderr = logFile, logFile
-		require.NoError(t, cmd.Start())
-		return cmd
-	}
-	defer func() {
-		if t.Failed() {
-			if b, err := os.ReadFile(logPath); err == nil {
-				t.Logf("bot log (last 6 KiB):\n%s", b[max(0, len(b)-6<<10):])
-			}
-		}
-	}()
+	start := botChild(t, srv, "-protocol", "msc4186", "-lease-holder", "crash-harness")
 
 	// The stream starts once the bot has its keys up and has joined: before that, messages
 	// could not reach it whatever it did.
@@ -353,36 +330,13 @@ func TestCrashDuringReplySend(t *testing.T) {
 		}})
 	require.NoError(t, err)
 	defer srv.Close()
-	bot, dev, token := srv.Bot()
+	bot, _, _ := srv.Bot()
 	alice, err := srv.NewPeer(ctx, "@alice:demo.invalid")
 	require.NoError(t, err)
 	room, err := alice.CreateEncryptedRoom(ctx, "crash during send", bot)
 	require.NoError(t, err)
 
-	dir := t.TempDir()
-	args, err := json.Marshal([]string{
-		"-homeserver", srv.URL(), "-user", bot.String(), "-access-token", token, "-device-id", dev.String(),
-		"-db", filepath.Join(dir, "bot.db"), "-protocol", "msc4186",
-	})
-	require.NoError(t, err)
-	logPath := filepath.Join(dir, "bot.log")
-	logFile, err := os.Create(logPath)
-	require.NoError(t, err)
-	defer logFile.Close()
-	defer func() {
-		if t.Failed() {
-			if b, err := os.ReadFile(logPath); err == nil {
-				t.Logf("bot log (last 6 KiB):\n%s", b[max(0, len(b)-6<<10):])
-			}
-		}
-	}()
-	start := func() *exec.Cmd {
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), crashChildEnv+"="+string(args))
-		cmd.Stdout, cmd.Stderr = logFile, logFile
-		require.NoError(t, cmd.Start())
-		return cmd
-	}
+	start := botChild(t, srv, "-protocol", "msc4186")
 
 	began := time.Now()
 	for i := range kills {
@@ -450,4 +404,37 @@ func TestCrashDuringReplySend(t *testing.T) {
 	assert.Equal(t, 1, counts["echo: final"])
 	assert.Equal(t, kills+1, botEvents, "one stored reply per message")
 	assert.Zero(t, srv.DuplicateSends(), "no transaction ID stored twice")
+}
+
+// botChild returns a function that starts the example bot as a child process (this test
+// binary running the command's main) against srv, logged in as its bot with the access token,
+// with extra flags. Every process shares one database and one log, whose end is shown if the
+// test fails.
+func botChild(t *testing.T, srv *demohs.Server, extra ...string) func() *exec.Cmd {
+	t.Helper()
+	bot, dev, token := srv.Bot()
+	dir := t.TempDir()
+	args, err := json.Marshal(append([]string{
+		"-homeserver", srv.URL(), "-user", bot.String(), "-access-token", token, "-device-id", dev.String(),
+		"-db", filepath.Join(dir, "bot.db"),
+	}, extra...))
+	require.NoError(t, err)
+	logPath := filepath.Join(dir, "bot.log")
+	logFile, err := os.Create(logPath)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = logFile.Close()
+		if t.Failed() {
+			if b, err := os.ReadFile(logPath); err == nil {
+				t.Logf("bot log (last 6 KiB):\n%s", b[max(0, len(b)-6<<10):])
+			}
+		}
+	})
+	return func() *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), crashChildEnv+"="+string(args))
+		cmd.Stdout, cmd.Stderr = logFile, logFile
+		require.NoError(t, cmd.Start())
+		return cmd
+	}
 }

@@ -2,10 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"syscall"
 	"testing"
@@ -30,23 +26,8 @@ func TestRestartAfterKillTakesTheLeaseOverAtOnce(t *testing.T) {
 	srv, err := demohs.NewServer(demohs.Options{Rooms: 10, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
-	bot, dev, token := srv.Bot()
-	dir := t.TempDir()
-	args, err := json.Marshal([]string{
-		"-homeserver", srv.URL(), "-user", bot.String(), "-access-token", token, "-device-id", dev.String(),
-		"-db", filepath.Join(dir, "bot.db"), "-protocol", "msc4186", "-lease", "5m",
-	})
-	require.NoError(t, err)
-	logFile, err := os.Create(filepath.Join(dir, "bot.log"))
-	require.NoError(t, err)
-	defer logFile.Close()
-	start := func() *exec.Cmd {
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), crashChildEnv+"="+string(args))
-		cmd.Stdout, cmd.Stderr = logFile, logFile
-		require.NoError(t, cmd.Start())
-		return cmd
-	}
+	bot, dev, _ := srv.Bot()
+	start := botChild(t, srv, "-protocol", "msc4186", "-lease", "5m")
 	syncsAfter := func(at time.Time) (time.Time, bool) {
 		for _, r := range srv.SyncRequests() {
 			if r.Arrived.After(at) {
