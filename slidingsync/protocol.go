@@ -144,7 +144,7 @@ func Discover(ctx context.Context, cli *mautrix.Client, override Protocol) (Endp
 	} else if proxy != nil {
 		return Endpoint{Protocol: ProtocolMSC3575, BaseURL: proxy}, nil
 	}
-	if len(errs) == 2 && hasTransientCause(errors.Join(errs...)) && allUnreachable(errs) {
+	if len(errs) == 2 && allUnreachable(errs) {
 		// Neither question got an answer: nothing is known about sliding sync yet.
 		return Endpoint{}, fmt.Errorf("slidingsync: cannot reach the homeserver %s: %w", cli.HomeserverURL.Redacted(), errors.Join(errs...))
 	}

@@ -126,8 +126,9 @@ func PasswordLogin(user id.UserID, password string) *mautrix.ReqLogin {
 }
 
 // Logout deletes the stored session's device on the server (its keys go with it, so peers
-// stop encrypting for it) and forgets the session and the device's Olm account, so that the
-// next Run logs in as a new device. It waits for the device's lease, so it never pulls the
+// stop encrypting for it) and forgets the session with everything mautrix stored under its
+// pickle key (the Olm account, its Olm and Megolm sessions, stored secrets), so that the next
+// Run logs in as a new device with a new account. It waits for the device's lease, so it never pulls the
 // device from under a running bot. Without a stored session it does nothing.
 func (h *Helper) Logout(ctx context.Context) error {
 	if !h.cfg.AllowInsecureHTTP {
