@@ -40,8 +40,9 @@
 // # Drivers
 //
 // The package registers no SQL driver. The application opens the database; [dbopen] does it
-// from a path or a postgres:// URI and registers the pure-Go SQLite driver modernc.org/sqlite
-// (the default, no cgo), mattn's cgo driver (sqlite3-fk-wal, with cgo only) and lib/pq. With
+// from a path or a postgres:// URI and registers mattn's cgo SQLite driver (sqlite3-fk-wal, the
+// default in builds with cgo), the pure-Go modernc.org/sqlite (the default without cgo) and
+// lib/pq. With
 // SQLite, open transactions with BEGIN IMMEDIATE (_txlock=immediate), as dbopen does, so that a
 // transaction that reads before it writes cannot fail to take the write lock.
 //

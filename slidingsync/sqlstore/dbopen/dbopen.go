@@ -2,10 +2,13 @@
 // PostgreSQL URI, and registers the SQL drivers that takes. The library packages register no
 // driver; import this package (from a main package or an example) to get the defaults:
 //
-//   - "sqlite": modernc.org/sqlite, pure Go, the default for paths. A binary that uses it and
-//     goolm builds with CGO_ENABLED=0 and cross-compiles to a static binary.
 //   - "sqlite3-fk-wal" (and "litestream"): mattn/go-sqlite3 through
-//     go.mau.fi/util/dbutil/litestream, registered only when built with cgo.
+//     go.mau.fi/util/dbutil/litestream, registered only when built with cgo, and then the
+//     default for paths: the same file format as mautrix's cryptohelper writes, and about a
+//     quarter less CPU than the pure-Go driver to learn a 10 000-room account (BENCHMARKS.md).
+//   - "sqlite": modernc.org/sqlite, pure Go, the default for paths when built without cgo
+//     (CGO_ENABLED=0, or no C compiler). A binary that uses it and goolm cross-compiles to a
+//     static binary.
 //   - "postgres": github.com/lib/pq, for postgres:// and postgresql:// URIs.
 package dbopen
 
@@ -26,20 +29,20 @@ import (
 )
 
 const (
-	// DriverModernc is the pure-Go SQLite driver, the default.
+	// DriverModernc is the pure-Go SQLite driver, the default without cgo.
 	DriverModernc = "sqlite"
 	// DriverCgo is mattn's cgo SQLite driver with foreign keys, WAL and a busy timeout set on
-	// every connection. It exists only in binaries built with cgo.
+	// every connection. It exists only in binaries built with cgo, where it is the default.
 	DriverCgo = "sqlite3-fk-wal"
 	// DriverPostgres is lib/pq.
 	DriverPostgres = "postgres"
 )
 
-// Config says how to open a database. Its zero value opens SQLite files with the pure-Go
-// driver and no connection limits.
+// Config says how to open a database. Its zero value opens SQLite files with the default
+// driver (cgo's when built with cgo, else the pure-Go one) and no connection limits.
 type Config struct {
-	// SQLiteDriver is the driver for file paths: DriverModernc (the default when empty) or
-	// DriverCgo.
+	// SQLiteDriver is the driver for file paths: DriverModernc or DriverCgo. Empty means
+	// DriverCgo in binaries built with cgo and DriverModernc in the others.
 	SQLiteDriver string
 	// MaxOpenConns limits open connections; zero means no limit.
 	MaxOpenConns int
@@ -80,7 +83,7 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 	default:
 		driver := cfg.SQLiteDriver
 		if driver == "" {
-			driver = DriverModernc
+			driver = defaultSQLiteDriver
 		}
 		if err := createPrivate(target); err != nil {
 			return nil, err
