@@ -175,6 +175,7 @@ func TestSlidingSynapseDialect(t *testing.T) {
 	idle := ts.sliding(req)
 	assert.Less(t, time.Since(began), 900*time.Millisecond, "held for IdleHold, not the whole timeout")
 	assert.Empty(t, idle.Rooms)
+	assert.Equal(t, first.Pos, idle.Pos, "Synapse repeats the pos on an idle long-poll")
 	require.Len(t, idle.Lists["all"].Ops, 1)
 	assert.Len(t, idle.Lists["all"].Ops[0].RoomIDs, 10, "Synapse sends the window's room IDs on every response")
 	sec = e2eeOf(t, idle)

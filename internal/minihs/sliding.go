@@ -205,6 +205,10 @@ func (s *Server) slidingLocked(req *slidingsync.Request) (*ssResponse, syncInfo,
 		newData = newData || len(events) > 0
 	}
 	info.idle = req.Pos != "" && !newData
+	if info.idle {
+		// As Synapse: a response with nothing new repeats the request's pos.
+		resp.Pos, info.token = req.Pos, req.Pos
+	}
 	info.allKnown = len(conn.sent) >= count
 	return resp, info, nil
 }
