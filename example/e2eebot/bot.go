@@ -48,6 +48,9 @@ func config(ctx context.Context, o options) (*mautrix.Client, bot.Config, error)
 	if len(o.connID) > 16 {
 		return nil, bot.Config{}, fmt.Errorf("-conn-id %q: at most 16 characters", o.connID)
 	}
+	if o.pollTimeout < 0 {
+		return nil, bot.Config{}, fmt.Errorf("-poll-timeout %s: must not be negative (0 means the default)", o.pollTimeout)
+	}
 	if o.leaseDuration < 0 {
 		return nil, bot.Config{}, fmt.Errorf("-lease %s: must not be negative (0 means the default)", o.leaseDuration)
 	}

@@ -37,6 +37,7 @@ func TestBadFlagsAreRefusedBeforeAnyRequest(t *testing.T) {
 		{"plain HTTP to a remote proxy", func(o *options) { o.syncURL = "http://proxy.example.org" }, "-sliding-sync-url"},
 		{"an access token without its device", func(o *options) { o.password, o.accessToken = "", "syt_x" }, "-access-token needs -device-id"},
 		{"a negative lease", func(o *options) { o.leaseDuration = -time.Second }, "-lease"},
+		{"a negative poll timeout", func(o *options) { o.pollTimeout = -time.Second }, "-poll-timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := good

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -168,12 +169,13 @@ type idleServer struct {
 	allow   chan struct{} // one token per idle response
 	arrived chan struct{} // a request with pos arrived: the previous response is committed
 	pos     atomic.Int64
+	held    atomic.Int64 // nanoseconds spent holding long-polls until their timeout
 }
 
 // idleRooms are the account's rooms: as many as the bot's window holds once shrunk
-// (ShrinkTo), so that every idle response lists 100 room IDs, as Synapse's do.
+// (ShrinkTo), so that every idle response lists the window's room IDs, as Synapse's do.
 var idleRooms = func() []string {
-	rooms := make([]string, 100)
+	rooms := make([]string, 5)
 	for i := range rooms {
 		rooms[i] = fmt.Sprintf("!idle%03d:example.org", i)
 	}
@@ -213,14 +215,22 @@ func (s *idleServer) sync(req *http.Request) (*http.Response, error) {
 			s.pos.Add(1), list, strings.Join(rooms, ","), "")
 		return jsonResponse(req, http.StatusOK, body), nil
 	}
+	arrived := time.Now()
 	s.arrived <- struct{}{}
 	select {
 	case <-s.allow:
 	case <-req.Context().Done():
 		return nil, req.Context().Err()
 	}
+	// As Synapse, an idle long-poll is answered once its timeout ran out, and the pos the
+	// request carried comes back.
+	if ms, err := strconv.Atoi(req.URL.Query().Get("timeout")); err == nil {
+		start := time.Now()
+		time.Sleep(time.Until(arrived.Add(time.Duration(ms) * time.Millisecond)))
+		s.held.Add(int64(time.Since(start)))
+	}
 	body := fmt.Sprintf(`{"pos":"%d",%s,"rooms":{},"extensions":{`+idleE2EE+`}}`,
-		s.pos.Add(1), list, `,"device_lists":{"changed":[],"left":[]}`)
+		s.pos.Load(), list, `,"device_lists":{"changed":[],"left":[]}`)
 	return jsonResponse(req, http.StatusOK, body), nil
 }
 
@@ -251,7 +261,7 @@ func startIdleBot(tb testing.TB) *idleBot {
 	tb.Cleanup(func() { _ = db.Close() })
 	h, _ := startBot(tb, log.WithContext(context.Background()), options{
 		homeserver: "https://hs.example.org", user: "@bot:example.org", accessToken: "token", deviceID: "IDLEBOT",
-		protocol: "msc4186",
+		protocol: "msc4186", pollTimeout: idlePoll,
 	}, func(cli *mautrix.Client, cfg *bot.Config) {
 		cli.Client = &http.Client{Transport: srv}
 		cfg.DB = db
@@ -294,6 +304,10 @@ func cpuTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
+// idlePoll is the bot's long-poll timeout in the idle benchmark; the server holds each idle
+// request until it has run out, as Synapse does.
+const idlePoll = 2 * time.Millisecond
+
 // idleHold is how long the benchmark waits after each cycle, as a server holds the next
 // long-poll: the goroutines the commit woke (the Machine's Run, the replier) finish their
 // work meanwhile instead of merging the work of several cycles.
@@ -311,7 +325,7 @@ func BenchmarkIdleCycle(b *testing.B) {
 	bot := startIdleBot(b)
 	stmts, begins := counter.stmts.Load(), counter.begins.Load()
 	cpu := cpuTime()
-	var held time.Duration
+	held := -time.Duration(bot.srv.held.Load())
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
@@ -320,6 +334,7 @@ func BenchmarkIdleCycle(b *testing.B) {
 		time.Sleep(idleHold)
 		held += time.Since(start)
 	}
+	held += time.Duration(bot.srv.held.Load())
 	n := float64(b.N)
 	b.ReportMetric(float64(b.Elapsed()-held)/n, "ns/op")
 	b.ReportMetric(float64(cpuTime()-cpu)/n, "cpu-ns/op")
@@ -327,10 +342,10 @@ func BenchmarkIdleCycle(b *testing.B) {
 	b.ReportMetric(float64(counter.begins.Load()-begins)/n, "txns/op")
 }
 
-// TestIdleCycleStatements checks what an idle cycle sends to SQLite: one statement, outside a
-// transaction, that writes pos only while the lease is held. No extension has anything to
-// write (the fallback key state the response repeats is known to be stored), and neither the
-// Machine's Run nor the replier reads anything after the commit.
+// TestIdleCycleStatements checks what an idle cycle on Synapse sends to SQLite: nothing. The
+// response repeats the pos, no extension has anything to write (the fallback key state and
+// counts it repeats are known to be stored), so there is nothing to commit, and neither the
+// Machine's Run nor the replier reads anything.
 func TestIdleCycleStatements(t *testing.T) {
 	bot := startIdleBot(t)
 	const cycles = 10
@@ -344,11 +359,7 @@ func TestIdleCycleStatements(t *testing.T) {
 	assert.Equal(t, int64(0), counter.begins.Load()-begins, "no transaction")
 	var got []string
 	for _, q := range slices.Sorted(maps.Keys(texts)) {
-		got = append(got, fmt.Sprintf("%d× %s", texts[q]/cycles, q))
-		assert.Equal(t, 0, texts[q]%cycles, "every cycle runs the same statements: %s", q)
+		got = append(got, fmt.Sprintf("%d in %d cycles: %s", texts[q], cycles, q))
 	}
-	t.Logf("statements per idle cycle:\n%s", strings.Join(got, "\n"))
-	require.Len(t, got, 1, "only pos, fenced by the lease")
-	assert.Contains(t, got[0], "UPDATE slidingsync_conn SET pos")
-	assert.Contains(t, got[0], "slidingsync_lease")
+	assert.Empty(t, got, "statements in idle cycles")
 }
