@@ -43,52 +43,72 @@ func TestProcReaders(t *testing.T) {
 
 func TestTableRatiosAndTargets(t *testing.T) {
 	v2 := &result{name: "v2", ready: sample{at: 10 * time.Second, cpu: 8 * time.Second, in: 1000, out: 999000, measured: true}, peakRSSKB: 200 << 10}
-	sdk := &result{name: "sdk", ready: sample{at: 500 * time.Millisecond, cpu: 2 * time.Second, in: 1000, out: 9000, measured: true},
-		allKnown: sample{at: 11 * time.Second, measured: true}, peakRSSKB: 40 << 10}
+	sdk := func(readyMS int) *result {
+		return &result{name: "sdk", ready: sample{at: time.Duration(readyMS) * time.Millisecond, cpu: 2 * time.Second, in: 1000, out: 9000, measured: true},
+			allKnown: sample{at: 11 * time.Second, cpu: 2500 * time.Millisecond, measured: true}, peakRSSKB: 40 << 10}
+	}
 	var b strings.Builder
-	printTable(&b, v2, sdk)
+	printTable(&b, []string{"v2", "sdk"}, [][]*result{{v2}, {sdk(400), sdk(500), sdk(900)}})
 	out := b.String()
-	assert.Contains(t, out, "| time to ready | 10000 ms | 500 ms | 0.05 | ≤ 1/10 | yes |")
-	assert.Contains(t, out, "| CPU to ready | 8000 ms | 2000 ms | 0.25 | ≤ 1/10 | **no** |")
-	assert.Contains(t, out, "| bytes to ready (both directions) | 1000 KB | 10.0 KB | 0.01 | ≤ 1/20 | yes |")
-	assert.Contains(t, out, "| peak RSS (whole run) | 200 MB | 40.0 MB | 0.2 | ≤ 1/4 | yes |")
-	assert.Contains(t, out, "| every room known | 10000 ms | 11000 ms | 1.1 | SDK ≤ v2 ready | **no** |", "judged against v2's time to ready")
+	assert.Contains(t, out, "| measure | v2 | sdk | sdk / v2 | target | met |")
+	assert.Contains(t, out, "| time to ready | 10000 ms | 500 ms (400–900) | 0.05 | ≤ 1/10 | yes |", "the median of three runs, with their range")
+	assert.Contains(t, out, "| CPU to ready | 8000 ms | 2000 ms (2000–2000) | 0.25 | ≤ 1/10 | **no** |")
+	assert.Contains(t, out, "| bytes to ready (both directions) | 1000 KB | 10.0 KB (10.0–10.0) | 0.01 | ≤ 1/20 | yes |")
+	assert.Contains(t, out, "| peak RSS (whole run) | 200 MB | 40.0 MB (40.0–40.0) | 0.2 | ≤ 1/4 | yes |")
+	assert.Contains(t, out, "| every room known | — | 11000 ms (11000–11000) | 1.1 | ≤ baseline's ready | **no** |", "judged against v2's time to ready")
+	assert.Contains(t, out, "| CPU until every room known | — | 2500 ms (2500–2500) | 0.312 | ≤ 1/3 of baseline's CPU to ready | yes |", "judged against v2's CPU to ready")
 	assert.Contains(t, out, "| idle cycle: CPU | — | — | — | ≤ 1 |  |", "unmeasured figures stay empty")
+
+	b.Reset()
+	printTable(&b, []string{"v2", "sdk", "sdk-nocgo"}, [][]*result{{v2}, {sdk(500)}, {sdk(2000)}})
+	assert.Contains(t, b.String(), "| time to ready | 10000 ms | 500 ms | 2000 ms | 0.05 | 0.2 | ≤ 1/10 | yes, **no** |", "every bot against the first")
+}
+
+func TestParseBots(t *testing.T) {
+	got, err := parseBots("v2, sdk,sdk-nocgo")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"v2", "sdk", "sdk-nocgo"}, got)
+	_, err = parseBots("v2,sdk,v2")
+	assert.ErrorContains(t, err, `"v2" named twice`)
+	_, err = parseBots("v3")
+	assert.ErrorContains(t, err, `unknown bot "v3"`)
 }
 
 var (
-	buildOnce        sync.Once
-	sdkBin, v2BotBin string
-	buildErr         error
+	buildOnce sync.Once
+	benchBins map[string]string
+	buildErr  error
 )
 
-// BenchmarkSideBySide runs both bots at 1000 rooms per op (each as its own process, one after
-// the other) and reports the SDK/v2 ratios the targets are about.
+// BenchmarkSideBySide runs the v2 bot and the SDK's bot at 1000 rooms per op (each as its own
+// process, one after the other) and reports the SDK/v2 ratios the targets are about.
 func BenchmarkSideBySide(b *testing.B) {
+	names := []string{"v2", "sdk"}
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "syncbench-bins")
 		if err != nil {
 			buildErr = err
 			return
 		}
-		sdkBin, v2BotBin, buildErr = buildBots(context.Background(), dir)
+		benchBins, buildErr = buildBots(context.Background(), dir, names)
 	})
 	require.NoError(b, buildErr)
-	acctCfg := options{rooms: 1000, seed: 1}
+	o := options{rooms: 1000, seed: 1, runs: 1}
 	rc := runConfig{dbDir: defaultDBDir(), idleCycles: 20, idleHold: 150 * time.Millisecond, phaseLimit: 2 * time.Minute, churn: 20, logDir: b.TempDir()}
 	for b.Loop() {
-		v2, sdk, err := runPair(context.Background(), acctCfg, rc, v2BotBin, sdkBin)
+		results, err := runAll(context.Background(), o, rc, names, benchBins)
 		require.NoError(b, err)
-		for _, r := range []*result{v2, sdk} {
-			for _, n := range r.notes {
-				b.Logf("%s: %s (log %s)", r.name, n, filepath.Join(rc.logDir, r.name+".log"))
+		for i, rs := range results {
+			for _, n := range rs[0].notes {
+				b.Logf("%s: %s (log %s)", names[i], n, filepath.Join(rc.logDir, names[i]+".log"))
 			}
 		}
-		for _, r := range rows(v2, sdk) {
-			if q, ok := r.ratio(); ok && r.maxRatio > 0 {
-				b.ReportMetric(q, metricName(r.name)+"-sdk/v2")
+		for _, m := range measures {
+			if q, _, ok := m.ratio(results[0], results[1]); ok && m.maxRatio > 0 {
+				b.ReportMetric(q, metricName(m.name)+"-sdk/v2")
 			}
 		}
+		v2, sdk := results[0][0], results[1][0]
 		b.ReportMetric(ms(v2.ready.at), "v2-ready-ms")
 		b.ReportMetric(ms(sdk.ready.at), "sdk-ready-ms")
 		b.ReportMetric(ms(sdk.allKnown.at), "sdk-all-known-ms")

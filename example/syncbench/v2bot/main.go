@@ -3,6 +3,11 @@
 // through cryptohelper, SQLCryptoStore and sqlstatestore on one SQLite database), doing the
 // same work as the SDK's example bot: upload keys at start, track device lists, answer every
 // m.text from others with an encrypted "echo: <body>", join on invite.
+//
+// By default it is written as a mautrix user writes it: cryptohelper.NewCryptoHelper(cli,
+// key, path), which opens the file with mautrix's own driver and settings (mattn's cgo
+// SQLite, WAL, synchronous=NORMAL), so it needs a cgo build. -store dbopen opens the file
+// through the SDK's dbopen instead (pure-Go SQLite, synchronous=FULL), the earlier baseline.
 package main
 
 import (
@@ -32,7 +37,8 @@ func main() {
 	deviceID := flag.String("device-id", "", "device ID of the access token")
 	dbPath := flag.String("db", "v2bot.db", "SQLite path or postgres:// URI")
 	verbose := flag.Bool("v", false, "log at debug level")
-	idleConns := flag.Int("max-idle-conns", 0, "idle SQLite connections kept open; 0 is dbopen's default, negative keeps none (a connection is opened for every statement)")
+	store := flag.String("store", "path", "how the database is opened: path (cryptohelper with a path, as mautrix users do) or dbopen (the SDK's opener)")
+	idleConns := flag.Int("max-idle-conns", 0, "with -store dbopen: idle SQLite connections kept open; 0 is dbopen's default, negative keeps none (a connection is opened for every statement)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
 	if *cpuProfile != "" {
@@ -55,14 +61,14 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	ctx = log.WithContext(ctx)
-	if err := run(ctx, *homeserver, id.UserID(*user), *token, id.DeviceID(*deviceID), *dbPath, *idleConns); err != nil && !errors.Is(err, context.Canceled) {
+	if err := run(ctx, *homeserver, id.UserID(*user), *token, id.DeviceID(*deviceID), *dbPath, *store, *idleConns); err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintln(os.Stderr, "v2bot:", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, homeserver string, userID id.UserID, token string, deviceID id.DeviceID, dbPath string, idleConns int) error {
+func run(ctx context.Context, homeserver string, userID id.UserID, token string, deviceID id.DeviceID, dbPath, store string, idleConns int) error {
 	if homeserver == "" || userID == "" || token == "" || deviceID == "" {
 		return errors.New("-homeserver, -user, -access-token and -device-id are required")
 	}
@@ -72,18 +78,26 @@ func run(ctx context.Context, homeserver string, userID id.UserID, token string,
 	}
 	cli.DeviceID = deviceID
 	cli.Log = *zerolog.Ctx(ctx)
-	db, err := dbopen.Open(dbPath, dbopen.Config{MaxIdleConns: max(idleConns, 0)})
+	var dbArg any = dbPath
+	switch store {
+	case "path":
+	case "dbopen":
+		db, err := dbopen.Open(dbPath, dbopen.Config{MaxIdleConns: max(idleConns, 0)})
+		if err != nil {
+			return err
+		}
+		if idleConns < 0 {
+			db.RawDB.SetMaxIdleConns(0)
+		}
+		dbArg = db
+	default:
+		return fmt.Errorf("-store %q: want path or dbopen", store)
+	}
+	helper, err := cryptohelper.NewCryptoHelper(cli, []byte("syncbench v2bot pickle key"), dbArg)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
-	if idleConns < 0 {
-		db.RawDB.SetMaxIdleConns(0)
-	}
-	helper, err := cryptohelper.NewCryptoHelper(cli, []byte("syncbench v2bot pickle key"), db)
-	if err != nil {
-		return err
-	}
+	defer helper.Close() // closes the database in both cases
 	// Init loads the account and uploads device and one-time keys when the server has none.
 	if err := helper.Init(ctx); err != nil {
 		return fmt.Errorf("crypto init: %w", err)
