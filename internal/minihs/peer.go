@@ -121,22 +121,16 @@ func (s *Server) setUpPeer(ctx context.Context, log zerolog.Logger, db *dbutil.D
 // CreateEncryptedRoom creates an encrypted room (shared history) with the peer joined and
 // the given users invited.
 func (p *Peer) CreateEncryptedRoom(ctx context.Context, name string, invite ...id.UserID) (id.RoomID, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	s := p.srv
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return "", errClosed
-	}
-	roomID := s.createRoomLocked(p.UserID, name, invite, true)
-	s.mu.Unlock()
-	return roomID, p.loadRoomState(ctx, roomID)
+	return p.createRoom(ctx, name, invite, true)
 }
 
 // CreatePlainRoom creates an unencrypted room with the peer joined and the given users
 // invited.
 func (p *Peer) CreatePlainRoom(ctx context.Context, name string, invite ...id.UserID) (id.RoomID, error) {
+	return p.createRoom(ctx, name, invite, false)
+}
+
+func (p *Peer) createRoom(ctx context.Context, name string, invite []id.UserID, encrypted bool) (id.RoomID, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := p.srv
@@ -145,7 +139,7 @@ func (p *Peer) CreatePlainRoom(ctx context.Context, name string, invite ...id.Us
 		s.mu.Unlock()
 		return "", errClosed
 	}
-	roomID := s.createRoomLocked(p.UserID, name, invite, false)
+	roomID := s.createRoomLocked(p.UserID, name, invite, encrypted)
 	s.mu.Unlock()
 	return roomID, p.loadRoomState(ctx, roomID)
 }

@@ -404,13 +404,7 @@ func (f *Front) serveSync(w http.ResponseWriter, r *http.Request) {
 		return strings.Compare(string(a), string(b))
 	})
 	for name, lc := range req.Lists {
-		lr := slidingsync.ListResponse{Count: slidingsync.Some(len(order))}
-		if len(lc.Ranges) > 0 && len(order) > 0 && lc.Ranges[0].Valid() && lc.Ranges[0].Start < len(order) {
-			rg := lc.Ranges[0]
-			rg.End = min(rg.End, len(order)-1)
-			lr.Ops = []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &rg, RoomIDs: slices.Clone(order[rg.Start : rg.End+1])}}
-		}
-		out.Lists[name] = lr
+		out.Lists[name] = slidingsynctest.SynapseListResponse(lc, order)
 	}
 
 	exts := map[string]any{}
