@@ -54,7 +54,9 @@ func TestHandlerTransportServesAnyHandler(t *testing.T) {
 
 func TestWantsStateReadsRequiredStateAsSynapse(t *testing.T) {
 	const me = id.UserID("@bot:example.org")
-	f := func(typ, key string) slidingsync.StateFilter { return slidingsync.StateFilter{Type: typ, StateKey: key} }
+	f := func(typ, key string) slidingsync.StateFilter {
+		return slidingsync.StateFilter{Type: typ, StateKey: key}
+	}
 	senders := map[id.UserID]bool{"@alice:example.org": true}
 	for _, tc := range []struct {
 		name     string
