@@ -87,6 +87,8 @@ type Account struct {
 	Users    []id.UserID       // the pool, peers included
 	Peers    []*AccountPeer    // users with real device keys
 	ToDevice []json.RawMessage // to-device events queued for the bot
+
+	encoded map[id.EventID]json.RawMessage // every room event, encoded once for v2 answers
 }
 
 // Generate builds an account from cfg. Only the Olm key material is random. Events are
@@ -107,8 +109,13 @@ func Generate(cfg GenConfig) (*Account, error) {
 		a.Peers = append(a.Peers, p)
 		a.Users = append(a.Users, p.UserID)
 	}
+	a.encoded = make(map[id.EventID]json.RawMessage, cfg.Rooms*10)
 	for i := range cfg.Rooms {
-		a.Rooms = append(a.Rooms, a.generateRoom(rng, i))
+		r := a.generateRoom(rng, i)
+		for _, evt := range append(slices.Clip(r.State), r.Timeline...) {
+			a.encoded[evt.ID] = eventJSON(evt)
+		}
+		a.Rooms = append(a.Rooms, r)
 	}
 	for i := range max(cfg.ToDevice, 0) {
 		if len(a.Peers) == 0 || len(a.Rooms) == 0 {

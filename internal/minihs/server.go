@@ -229,7 +229,10 @@ func NewServer(opts Options) (*Server, error) {
 func (s *Server) load(acct *Account) {
 	s.addDevice(BotUserID, BotDeviceID)
 	for _, r := range acct.Rooms {
-		rm := &room{id: r.ID, state: make(map[[2]string]entry, len(r.State)+1), members: map[id.UserID]event.Membership{}}
+		rm := &room{id: r.ID, state: make(map[[2]string]entry, len(r.State)+1), members: make(map[id.UserID]event.Membership, len(r.Members))}
+		for _, u := range r.Members {
+			rm.members[u] = event.MembershipJoin
+		}
 		for _, evt := range r.State {
 			s.setState(rm, evt, 0)
 		}
@@ -402,7 +405,8 @@ func (s *Server) setState(r *room, evt *event.Event, at int64) {
 		r.order = append(r.order, key)
 	}
 	r.state[key] = entry{stream: at, evt: evt}
-	if evt.Type.Type == event.StateMember.Type {
+	if evt.Type.Type == event.StateMember.Type && evt.Content.Raw != nil {
+		// Live events; load takes the generated rooms' members from the account.
 		r.members[id.UserID(*evt.StateKey)] = event.Membership(contentString(evt, "membership"))
 	}
 }

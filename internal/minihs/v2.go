@@ -35,12 +35,12 @@ type v2Events struct {
 type v2Room struct {
 	Summary map[string]any `json:"summary"`
 	State   struct {
-		Events []*event.Event `json:"events"`
+		Events []json.RawMessage `json:"events"`
 	} `json:"state"`
 	Timeline struct {
-		Events    []*event.Event `json:"events"`
-		Limited   bool           `json:"limited"`
-		PrevBatch string         `json:"prev_batch"`
+		Events    []json.RawMessage `json:"events"`
+		Limited   bool              `json:"limited"`
+		PrevBatch string            `json:"prev_batch"`
 	} `json:"timeline"`
 	UnreadNotifications map[string]int `json:"unread_notifications"`
 }
@@ -140,7 +140,7 @@ func (s *Server) v2Locked(since string) (*v2Response, bool, error) {
 // the timeline's last events), else the events after since. Caller holds s.mu.
 func (s *Server) v2RoomLocked(rm *room, initial bool, since int64) *v2Room {
 	out := &v2Room{Summary: map[string]any{}, UnreadNotifications: map[string]int{"notification_count": 0, "highlight_count": 0}}
-	out.State.Events, out.Timeline.Events = []*event.Event{}, []*event.Event{}
+	out.State.Events, out.Timeline.Events = []json.RawMessage{}, []json.RawMessage{}
 	first := len(rm.timeline)
 	for first > 0 && (initial || rm.timeline[first-1].stream > since) {
 		first--
@@ -148,7 +148,7 @@ func (s *Server) v2RoomLocked(rm *room, initial bool, since int64) *v2Room {
 	first = max(first, len(rm.timeline)-v2TimelineLimit)
 	inTimeline := map[id.EventID]bool{}
 	for _, e := range rm.timeline[first:] {
-		out.Timeline.Events = append(out.Timeline.Events, s.viewLocked(e.evt, bot))
+		out.Timeline.Events = append(out.Timeline.Events, s.eventJSONLocked(e.evt))
 		inTimeline[e.evt.ID] = true
 	}
 	out.Timeline.Limited = initial || first > 0 && rm.timeline[first-1].stream > since
@@ -160,7 +160,7 @@ func (s *Server) v2RoomLocked(rm *room, initial bool, since int64) *v2Room {
 	for _, key := range rm.order {
 		st := rm.state[key]
 		if !inTimeline[st.evt.ID] {
-			out.State.Events = append(out.State.Events, st.evt)
+			out.State.Events = append(out.State.Events, s.eventJSONLocked(st.evt))
 		}
 		if key[0] == event.StateMember.Type && rm.membership(id.UserID(key[1])) == event.MembershipJoin {
 			joined++
@@ -171,4 +171,39 @@ func (s *Server) v2RoomLocked(rm *room, initial bool, since int64) *v2Room {
 	}
 	out.Summary = map[string]any{"m.heroes": heroes, "m.joined_member_count": joined, "m.invited_member_count": 0}
 	return out
+}
+
+// eventJSONLocked returns evt as the bot sees it, encoded. Caller holds s.mu.
+func (s *Server) eventJSONLocked(evt *event.Event) json.RawMessage {
+	if raw, ok := s.acct.encoded[evt.ID]; ok {
+		return raw
+	}
+	return eventJSON(s.viewLocked(evt, bot))
+}
+
+// eventJSON encodes an event. A generated one (content kept encoded, nothing unsigned) is
+// written directly: mautrix's encoder costs the server seconds on a large initial sync, which
+// would count against the bot being measured.
+func eventJSON(evt *event.Event) json.RawMessage {
+	if evt.Content.Raw != nil || evt.Content.VeryRaw == nil || !evt.Unsigned.IsEmpty() {
+		raw, _ := json.Marshal(evt)
+		return raw
+	}
+	b := make([]byte, 0, 160+len(evt.Content.VeryRaw))
+	field := func(name string, v any) {
+		raw, _ := json.Marshal(v)
+		b = append(append(append(b, ',', '"'), name...), '"', ':')
+		b = append(b, raw...)
+	}
+	field("type", evt.Type.Type)
+	field("sender", evt.Sender)
+	field("event_id", evt.ID)
+	field("room_id", evt.RoomID)
+	field("origin_server_ts", evt.Timestamp)
+	if evt.StateKey != nil {
+		field("state_key", *evt.StateKey)
+	}
+	b = append(append(b, `,"content":`...), evt.Content.VeryRaw...)
+	b[0] = '{'
+	return append(b, '}')
 }
