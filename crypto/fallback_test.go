@@ -16,6 +16,7 @@ import (
 
 	"github.com/sliding-e2ee/sdk/e2ee"
 	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
 func fallbackTypes(types ...id.KeyAlgorithm) *e2ee.Delta {
@@ -150,11 +151,11 @@ func TestFailedFallbackUploadIsRetriedWithTheSameKey(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	require.NoError(t, e.m.shareKeys(ctx))
-	e.cli.Client.Transport = handlerTransport{failing{}}
+	e.cli.Client.Transport = slidingsynctest.HandlerTransport(failing{})
 	_, err := e.m.fallbackWork(ctx)
 	require.Error(t, err)
 	key := e.m.goolm.FallbackKey()
-	e.cli.Client.Transport = handlerTransport{e.hs}
+	e.cli.Client.Transport = slidingsynctest.HandlerTransport(e.hs)
 	_, err = e.m.fallbackWork(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, key, e.m.goolm.FallbackKey())

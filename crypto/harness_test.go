@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -20,6 +19,7 @@ import (
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -227,26 +227,6 @@ func (hs *fakeHS) snapshot() (uploads []json.RawMessage, queries [][]id.UserID) 
 	return slices.Clone(hs.uploads), slices.Clone(hs.queries)
 }
 
-// handlerTransport calls an http.Handler in-process, without sockets, so that it works inside
-// testing/synctest bubbles.
-type handlerTransport struct{ h http.Handler }
-
-func (t handlerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	var body []byte
-	if req.Body != nil {
-		body, _ = io.ReadAll(req.Body)
-		req.Body.Close()
-	}
-	sreq := req.Clone(req.Context())
-	sreq.Body = io.NopCloser(bytes.NewReader(body))
-	rec := httptest.NewRecorder()
-	t.h.ServeHTTP(rec, sreq)
-	if err := req.Context().Err(); err != nil {
-		return nil, err
-	}
-	return rec.Result(), nil
-}
-
 // env is a bot device: a real goolm OlmMachine on a SQLite crypto store and a Machine.
 type env struct {
 	t     *testing.T
@@ -290,7 +270,7 @@ func newDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, ta
 	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
 	require.NoError(tb, err)
 	cli.DeviceID = device
-	cli.Client = &http.Client{Transport: handlerTransport{handler}}
+	cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(handler)}
 	log := zerolog.Nop()
 	cli.Log = log
 	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))

@@ -16,6 +16,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -32,7 +33,7 @@ func newLoggedEnv(t *testing.T, user id.UserID, device id.DeviceID, token string
 	cli, err := mautrix.NewClient("https://hs.example.org", user, token)
 	require.NoError(t, err)
 	cli.DeviceID = device
-	cli.Client = &http.Client{Transport: handlerTransport{hs}}
+	cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(hs)}
 	cli.Log = log
 	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, pickleKey)
 	require.NoError(t, cs.DB.Upgrade(ctx))

@@ -13,7 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix/event"
 
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
@@ -35,11 +35,11 @@ func BenchmarkReplyLatency(b *testing.B) {
 		b.Run(mode, func(b *testing.B) {
 			ctx, cancel := context.WithCancel(zerolog.New(io.Discard).WithContext(context.Background()))
 			defer cancel()
-			srv, err := demohs.NewServer(demohs.Options{Rooms: 3, Dir: b.TempDir()})
+			srv, err := minihs.NewServer(minihs.Options{Rooms: 3, Dir: b.TempDir()})
 			require.NoError(b, err)
 			defer srv.Close()
 			botUser, dev, token := srv.Bot()
-			alice, err := srv.NewPeer(ctx, "@alice:"+demohs.DefaultServerName)
+			alice, err := srv.NewPeer(ctx, "@alice:"+minihs.ServerName)
 			require.NoError(b, err)
 			room, err := alice.CreateEncryptedRoom(ctx, "latency", botUser)
 			require.NoError(b, err)

@@ -18,7 +18,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
@@ -57,23 +57,23 @@ func testCtx(t *testing.T) (context.Context, *syncBuffer) {
 // bot's database.
 type fixture struct {
 	t     *testing.T
-	srv   *demohs.Server
-	alice *demohs.Peer
+	srv   *minihs.Server
+	alice *minihs.Peer
 	room  id.RoomID
 	db    string
 }
 
-func newFixture(t *testing.T, opts demohs.Options) *fixture {
+func newFixture(t *testing.T, opts minihs.Options) *fixture {
 	t.Helper()
 	opts.Dir = t.TempDir()
 	if opts.Rooms == 0 {
 		opts.Rooms = 10
 	}
-	srv, err := demohs.NewServer(opts)
+	srv, err := minihs.NewServer(opts)
 	require.NoError(t, err)
 	t.Cleanup(srv.Close)
 	bot, _, _ := srv.Bot()
-	alice, err := srv.NewPeer(t.Context(), "@alice:"+demohs.DefaultServerName)
+	alice, err := srv.NewPeer(t.Context(), "@alice:"+minihs.ServerName)
 	require.NoError(t, err)
 	room, err := alice.CreateEncryptedRoom(t.Context(), "Encrypted", bot)
 	require.NoError(t, err)
@@ -180,7 +180,7 @@ func (f *fixture) replies(ctx context.Context, n int, timeout time.Duration) []s
 // alice to decrypt.
 func TestEchoInEncryptedRoom(t *testing.T) {
 	ctx, _ := testCtx(t)
-	f := newFixture(t, demohs.Options{})
+	f := newFixture(t, minihs.Options{})
 	var got []*event.Event
 	var mu sync.Mutex
 	r := f.start(ctx, f.client(), Config{}, func(h *Helper, cli *mautrix.Client) {
@@ -221,7 +221,7 @@ func (f *fixture) botReplies() []*event.Event {
 // a missed wake-up fails this test.
 func TestEventWaitsForItsRoomKey(t *testing.T) {
 	ctx, logs := testCtx(t)
-	f := newFixture(t, demohs.Options{})
+	f := newFixture(t, minihs.Options{})
 	r := f.start(ctx, f.client(), Config{}, nil)
 	f.waitJoined(ctx, r)
 
@@ -244,14 +244,14 @@ func TestLostAnswerIsNotSentTwice(t *testing.T) {
 	ctx, _ := testCtx(t)
 	var mu sync.Mutex
 	seen := map[string]bool{}
-	f := newFixture(t, demohs.Options{NoTxnDedup: true, SendFault: func(_ id.RoomID, txn string) demohs.SendFault {
+	f := newFixture(t, minihs.Options{NoTxnDedup: true, SendFault: func(_ id.RoomID, txn string) minihs.SendFault {
 		mu.Lock()
 		defer mu.Unlock()
 		if seen[txn] {
-			return demohs.SendAnswer
+			return minihs.SendAnswer
 		}
 		seen[txn] = true
-		return demohs.SendStoreDropResponse // every send's first attempt: stored, answer lost
+		return minihs.SendStoreDropResponse // every send's first attempt: stored, answer lost
 	}})
 	r := f.start(ctx, f.client(), Config{}, nil)
 	f.waitJoined(ctx, r)
@@ -276,13 +276,13 @@ func TestRestartDuringSendSendsNothingTwice(t *testing.T) {
 	var hang atomic.Bool
 	hung := make(chan struct{}, 1)
 	var attempts atomic.Int32
-	f := newFixture(t, demohs.Options{NoTxnDedup: true, SendFault: func(_ id.RoomID, txn string) demohs.SendFault {
+	f := newFixture(t, minihs.Options{NoTxnDedup: true, SendFault: func(_ id.RoomID, txn string) minihs.SendFault {
 		attempts.Add(1)
 		if strings.HasSuffix(txn, ".1") && hang.Load() {
 			hung <- struct{}{}
-			return demohs.SendStoreHang
+			return minihs.SendStoreHang
 		}
-		return demohs.SendAnswer
+		return minihs.SendAnswer
 	}})
 	twice := func(h *Helper, cli *mautrix.Client) {
 		h.OnEventType(event.EventMessage, func(ctx context.Context, evt *event.Event) {

@@ -15,7 +15,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/crypto/bot"
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 )
 
 // echoBot is the README's quick start; TestReadmeQuickstartInSync keeps them equal.
@@ -58,7 +58,7 @@ func Example() {
 	_ = os.Chdir(dir) // the quick start keeps bot.db in the working directory
 	defer os.Chdir(wd)
 
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 3, Dir: dir})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 3, Dir: dir})
 	if err != nil {
 		panic(err)
 	}
@@ -66,7 +66,7 @@ func Example() {
 	botUser, _, _ := srv.Bot()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	alice, err := srv.NewPeer(ctx, "@alice:"+demohs.DefaultServerName)
+	alice, err := srv.NewPeer(ctx, "@alice:"+minihs.ServerName)
 	if err != nil {
 		panic(err)
 	}
@@ -76,7 +76,7 @@ func Example() {
 	}
 	botCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
-	go func() { done <- echoBot(botCtx, srv.URL(), botUser, demohs.DefaultBotPassword) }()
+	go func() { done <- echoBot(botCtx, srv.URL(), botUser, minihs.BotPassword) }()
 
 	_ = srv.WaitFor(ctx, func() bool { return srv.Membership(room, botUser) == event.MembershipJoin })
 	if _, err := alice.SendEncrypted(ctx, room, "hello"); err != nil {

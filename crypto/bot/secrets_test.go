@@ -14,7 +14,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
@@ -42,11 +42,11 @@ func TestSecretsStayOutOfTheLogs(t *testing.T) {
 
 			var plainRoom atomic.Value
 			var failed atomic.Bool
-			f := newFixture(t, demohs.Options{SendFault: func(roomID id.RoomID, _ string) demohs.SendFault {
+			f := newFixture(t, minihs.Options{SendFault: func(roomID id.RoomID, _ string) minihs.SendFault {
 				if r, _ := plainRoom.Load().(id.RoomID); r == roomID && failed.CompareAndSwap(false, true) {
-					return demohs.SendStoreDropResponse
+					return minihs.SendStoreDropResponse
 				}
-				return demohs.SendAnswer
+				return minihs.SendAnswer
 			}})
 			bot, _, token := f.srv.Bot()
 			plain, err := f.alice.CreatePlainRoom(ctx, "Plain", bot)
@@ -56,7 +56,7 @@ func TestSecretsStayOutOfTheLogs(t *testing.T) {
 			cli, err := mautrix.NewClient(f.srv.URL(), "", "")
 			require.NoError(t, err)
 			cli.Log = log
-			r := f.start(ctx, cli, Config{LoginAs: PasswordLogin(bot, demohs.DefaultBotPassword), PickleKey: []byte(pickle)}, nil)
+			r := f.start(ctx, cli, Config{LoginAs: PasswordLogin(bot, minihs.BotPassword), PickleKey: []byte(pickle)}, nil)
 			f.waitJoined(ctx, r)
 			_, err = f.alice.SendEncrypted(ctx, f.room, encSecret)
 			require.NoError(t, err)
@@ -86,7 +86,7 @@ func TestSecretsStayOutOfTheLogs(t *testing.T) {
 				assert.Contains(t, out, plainSecret, "mautrix logs the body of a send")
 				return
 			}
-			for _, secret := range []string{encSecret, plainSecret, pickle, demohs.DefaultBotPassword, token} {
+			for _, secret := range []string{encSecret, plainSecret, pickle, minihs.BotPassword, token} {
 				assert.False(t, strings.Contains(out, secret), "a secret reached the logs: %q", secret)
 			}
 		})

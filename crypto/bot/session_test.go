@@ -16,7 +16,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
@@ -24,7 +24,7 @@ import (
 // password reuses the device, and its handlers answer as before.
 func TestLoginOnceAndKeepTheSession(t *testing.T) {
 	ctx, _ := testCtx(t)
-	f := newFixture(t, demohs.Options{})
+	f := newFixture(t, minihs.Options{})
 	bot, dev, _ := f.srv.Bot()
 	newClient := func() *mautrix.Client {
 		cli, err := mautrix.NewClient(f.srv.URL(), "", "")
@@ -32,7 +32,7 @@ func TestLoginOnceAndKeepTheSession(t *testing.T) {
 		return cli
 	}
 	cli := newClient()
-	r := f.start(ctx, cli, Config{LoginAs: PasswordLogin(bot, demohs.DefaultBotPassword)}, nil)
+	r := f.start(ctx, cli, Config{LoginAs: PasswordLogin(bot, minihs.BotPassword)}, nil)
 	f.waitJoined(ctx, r)
 	require.ErrorIs(t, r.stop(), context.Canceled)
 	assert.Equal(t, dev, cli.DeviceID)
@@ -51,10 +51,10 @@ func TestLoginOnceAndKeepTheSession(t *testing.T) {
 // A bare localpart cannot find its stored session again: refused before any request.
 func TestLoginNeedsAFullUserID(t *testing.T) {
 	ctx, _ := testCtx(t)
-	f := newFixture(t, demohs.Options{})
+	f := newFixture(t, minihs.Options{})
 	cli, err := mautrix.NewClient(f.srv.URL(), "", "")
 	require.NoError(t, err)
-	h, err := New(cli, Config{DB: f.db, LoginAs: PasswordLogin("bot", demohs.DefaultBotPassword)})
+	h, err := New(cli, Config{DB: f.db, LoginAs: PasswordLogin("bot", minihs.BotPassword)})
 	require.NoError(t, err)
 	err = h.Run(ctx)
 	assert.ErrorContains(t, err, "not a full user ID")
@@ -90,7 +90,7 @@ func TestPlainHTTPRefusedBeforeLogin(t *testing.T) {
 // is encrypted; under WithIdempotencyKey, repeating it sends nothing new.
 func TestClientSendsEncryptThroughTheHelper(t *testing.T) {
 	ctx, _ := testCtx(t)
-	f := newFixture(t, demohs.Options{NoTxnDedup: true})
+	f := newFixture(t, minihs.Options{NoTxnDedup: true})
 	cli := f.client()
 	r := f.start(ctx, cli, Config{}, func(*Helper, *mautrix.Client) {})
 	f.waitJoined(ctx, r)
@@ -152,11 +152,11 @@ func TestFastFailureStartsNoKeyWork(t *testing.T) {
 // old token is refused and the next Run logs in again, with a new account that answers.
 func TestLogoutForgetsTheSession(t *testing.T) {
 	ctx, _ := testCtx(t)
-	f := newFixture(t, demohs.Options{})
+	f := newFixture(t, minihs.Options{})
 	bot, _, _ := f.srv.Bot()
 	cli, err := mautrix.NewClient(f.srv.URL(), "", "")
 	require.NoError(t, err)
-	cfg := Config{LoginAs: PasswordLogin(bot, demohs.DefaultBotPassword)}
+	cfg := Config{LoginAs: PasswordLogin(bot, minihs.BotPassword)}
 	r := f.start(ctx, cli, cfg, nil)
 	f.waitJoined(ctx, r)
 	require.ErrorIs(t, r.stop(), context.Canceled)

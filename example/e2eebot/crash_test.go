@@ -21,7 +21,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/crashtest"
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
 )
 
@@ -62,12 +62,12 @@ type deviceChange struct {
 // changes), and claims of the bot's keys until the fallback key is used. It records what it
 // did for the final checks.
 type crashStream struct {
-	srv   *demohs.Server
+	srv   *minihs.Server
 	room  id.RoomID
-	alice *demohs.Peer
+	alice *minihs.Peer
 
 	mu        sync.Mutex
-	devices   []*demohs.Peer // alice's devices after the first
+	devices   []*minihs.Peer // alice's devices after the first
 	sent      []string       // bodies of the messages sent
 	changes   []deviceChange // each new device of alice
 	rotations int
@@ -142,7 +142,7 @@ func TestCrashHarness(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Minute)
 	defer cancel()
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 40, Seed: seed, Dir: t.TempDir()})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 40, Seed: seed, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
 	bot, dev, _ := srv.Bot()
@@ -228,7 +228,7 @@ func TestCrashHarness(t *testing.T) {
 	}
 	catchUp := time.Now()
 	answered := map[string]bool{}
-	readers := append([]*demohs.Peer{alice}, stream.devices...)
+	readers := append([]*minihs.Peer{alice}, stream.devices...)
 	for len(answered) < len(want) {
 		readCtx, done := context.WithTimeout(catchCtx, 90*time.Second)
 		evt, err := alice.NextMessage(readCtx, room, bot)
@@ -267,7 +267,7 @@ func TestCrashHarness(t *testing.T) {
 	queries := srv.Queries(bot, alice.UserID)
 	changesLost := 0
 	for _, c := range stream.changes {
-		if !slices.ContainsFunc(queries, func(q demohs.Query) bool {
+		if !slices.ContainsFunc(queries, func(q minihs.Query) bool {
 			return q.At.After(c.began) && q.Devices >= c.devices+1 // alice's first device and the new ones
 		}) {
 			changesLost++
@@ -313,8 +313,8 @@ func TestCrashDuringReplySend(t *testing.T) {
 	hung := make(chan string, 1)
 	var mu sync.Mutex
 	attempts := map[string]int{}
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 20, Dir: t.TempDir(), NoTxnDedup: true,
-		SendFault: func(_ id.RoomID, txn string) demohs.SendFault {
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 20, Dir: t.TempDir(), NoTxnDedup: true,
+		SendFault: func(_ id.RoomID, txn string) minihs.SendFault {
 			mu.Lock()
 			attempts[txn]++
 			first := attempts[txn] == 1
@@ -324,9 +324,9 @@ func TestCrashDuringReplySend(t *testing.T) {
 				case hung <- txn:
 				default:
 				}
-				return demohs.SendStoreHang
+				return minihs.SendStoreHang
 			}
-			return demohs.SendAnswer
+			return minihs.SendAnswer
 		}})
 	require.NoError(t, err)
 	defer srv.Close()
@@ -410,7 +410,7 @@ func TestCrashDuringReplySend(t *testing.T) {
 // binary running the command's main) against srv, logged in as its bot with the access token,
 // with extra flags. Every process shares one database and one log, whose end is shown if the
 // test fails.
-func botChild(t *testing.T, srv *demohs.Server, extra ...string) func() *exec.Cmd {
+func botChild(t *testing.T, srv *minihs.Server, extra ...string) func() *exec.Cmd {
 	t.Helper()
 	bot, dev, token := srv.Bot()
 	dir := t.TempDir()

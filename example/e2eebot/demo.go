@@ -15,7 +15,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/crypto"
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
@@ -25,7 +25,7 @@ import (
 const stepTimeout = 30 * time.Second
 
 // demoPeer is the scripted user who talks to the bot.
-const demoPeer = id.UserID("@alice:" + demohs.DefaultServerName)
+const demoPeer = id.UserID("@alice:" + minihs.ServerName)
 
 // runDemo starts the embedded homeserver with a scripted peer, runs the bot against it
 // through runBot and prints what happens on stdout.
@@ -98,9 +98,9 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 	}()
 	rooms := o.demoRooms
 	if rooms <= 0 {
-		rooms = -1 // demohs: no plain rooms
+		rooms = -1 // minihs: no generated rooms
 	}
-	srv, err := demohs.NewServer(demohs.Options{Rooms: rooms, Seed: 1})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: rooms, Seed: 1})
 	if err != nil {
 		return err
 	}
@@ -205,8 +205,8 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 // script is the scripted peer's side of the demo.
 type script struct {
 	d         *demo
-	srv       *demohs.Server
-	alice     *demohs.Peer
+	srv       *minihs.Server
+	alice     *minihs.Peer
 	roomID    id.RoomID
 	bot       id.UserID
 	botDevice id.DeviceID
@@ -390,7 +390,7 @@ func (sc *script) run(ctx context.Context) error {
 
 // exchange has peer send body encrypted and waits for the bot's encrypted answer, which the
 // peer decrypts.
-func (sc *script) exchange(ctx context.Context, peer *demohs.Peer, body string) error {
+func (sc *script) exchange(ctx context.Context, peer *minihs.Peer, body string) error {
 	actx, cancel := stepCtx(ctx)
 	defer cancel()
 	if _, err := peer.SendEncrypted(actx, sc.roomID, body); err != nil {

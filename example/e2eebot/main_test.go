@@ -17,7 +17,7 @@ import (
 	"maunium.net/go/mautrix/event"
 
 	"github.com/sliding-e2ee/sdk/crypto/bot"
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 )
 
 // syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
@@ -98,7 +98,7 @@ func TestDemoFailsWhenInterrupted(t *testing.T) {
 // TestBotDiscoversDemoServer runs the bot as a separate run would, with protocol discovery,
 // against the demo homeserver by URL.
 func TestBotDiscoversDemoServer(t *testing.T) {
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir()})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 30, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
 	bot, dev, token := srv.Bot()
@@ -125,7 +125,7 @@ func TestBotDiscoversDemoServer(t *testing.T) {
 // a crash harness does: the restarted bot resumes from its committed pos and answers a message
 // sent while it was down.
 func TestBotRestartsAgainstDemoServer(t *testing.T) {
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir()})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 30, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
 	bot, dev, token := srv.Bot()

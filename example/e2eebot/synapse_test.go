@@ -11,13 +11,13 @@ import (
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix/event"
 
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 )
 
 // idleAnswers returns the requests that arrived after since and were answered with their
 // own pos: Synapse's idle long-polls.
-func idleAnswers(reqs []demohs.SyncRequest, since time.Time) []demohs.SyncRequest {
-	var out []demohs.SyncRequest
+func idleAnswers(reqs []minihs.SyncRequest, since time.Time) []minihs.SyncRequest {
+	var out []minihs.SyncRequest
 	for _, r := range reqs {
 		if r.Arrived.After(since) && r.Status == http.StatusOK && r.AnswerPos != "" && r.AnswerPos == r.Pos {
 			out = append(out, r)
@@ -33,7 +33,7 @@ func idleAnswers(reqs []demohs.SyncRequest, since time.Time) []demohs.SyncReques
 // and no answer is followed by a pause before the bot's next request.
 func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 	const idle = 2 * time.Second // the bot's long-poll, which the server honours as Synapse does
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 30, Dir: t.TempDir()})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 30, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
 	bot, dev, token := srv.Bot()
@@ -75,7 +75,7 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 	warm := time.Now()
 
 	// Three idle long-polls in a row answered with the request's pos.
-	var third demohs.SyncRequest
+	var third minihs.SyncRequest
 	require.NoError(t, srv.WaitFor(wctx, func() bool {
 		runs := idleAnswers(srv.SyncRequests(), warm)
 		for i := 2; i < len(runs); i++ {
@@ -98,7 +98,7 @@ func TestBotLongPollsAgainAfterSamePos(t *testing.T) {
 
 	// No pause between an answer and the bot's next request.
 	const maxGap = 400 * time.Millisecond
-	var bots []demohs.SyncRequest
+	var bots []minihs.SyncRequest
 	for _, r := range srv.SyncRequests() {
 		if r.Arrived.After(warm) && r.Arrived.Before(end) {
 			bots = append(bots, r)

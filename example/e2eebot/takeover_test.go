@@ -9,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sliding-e2ee/sdk/internal/demohs"
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 )
 
 // The bot restarted after a SIGKILL, with default flags but a 5 min lease, takes its lease
@@ -23,7 +23,7 @@ func TestRestartAfterKillTakesTheLeaseOverAtOnce(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
-	srv, err := demohs.NewServer(demohs.Options{Rooms: 10, Dir: t.TempDir()})
+	srv, err := minihs.NewServer(minihs.Options{Rooms: 10, Dir: t.TempDir()})
 	require.NoError(t, err)
 	defer srv.Close()
 	bot, dev, _ := srv.Bot()

@@ -218,12 +218,12 @@ func (t *tracker) waitFor(ctx context.Context, exited <-chan struct{}, limit tim
 func runBot(ctx context.Context, spec botSpec, acct *minihs.Account, rc runConfig) (*result, error) {
 	res := &result{name: spec.name}
 	tr := newTracker()
-	srv := minihs.NewServer(acct, minihs.Options{API: spec.api, IdleHold: rc.idleHold, Observer: tr.observe})
-	url, err := srv.Start()
+	srv, err := minihs.NewServer(minihs.Options{Account: acct, API: spec.api, IdleHold: rc.idleHold, Observer: tr.observe})
 	if err != nil {
 		return nil, err
 	}
 	defer srv.Close()
+	url := srv.URL()
 
 	db := filepath.Join(rc.dbDir, fmt.Sprintf("syncbench-%s-%d.db", spec.name, time.Now().UnixNano()))
 	defer removeDB(db)

@@ -5,207 +5,359 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"math"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"go.mau.fi/util/dbutil"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
+
+// DefaultRooms is how many rooms the bot is in when Options.Account and Options.Rooms are
+// zero.
+const DefaultRooms = 2000
+
+// DefaultIdleHold caps a sync request's long-poll, whatever it asks for, when
+// Options.IdleHold is zero.
+const DefaultIdleHold = 30 * time.Second
 
 // API selects which sync API a [Server] serves.
 type API int
 
 const (
-	// APISliding serves sliding sync in Synapse's dialect (MSC4186 at the simplified_msc3575
-	// path) and advertises it in /versions.
-	APISliding API = iota + 1
-	// APIV2 serves the classic /sync.
+	// APISliding, the zero value, serves sliding sync in Synapse's dialect (MSC4186 at the
+	// simplified_msc3575 path) and advertises it in /versions.
+	APISliding API = iota
+	// APIV2 serves the classic /sync and a filter endpoint instead.
 	APIV2
 )
 
-// Options configures a [Server].
+// Options configures a [Server]. Every zero value is usable.
 type Options struct {
-	// API is the sync API served; zero means APISliding.
+	// Account is what the bot finds on the server; nil means one generated from Rooms and
+	// Seed with plain rooms, no peers and no to-device messages.
+	Account *Account
+	// Rooms is how many rooms a generated account has; 0 means DefaultRooms, negative none.
+	Rooms int
+	// Seed drives a generated account; the same seed gives the same rooms.
+	Seed uint64
+	// API is the sync API served.
 	API API
-	// IdleHold is the longest a long-poll with nothing new is held before an empty response;
-	// zero means 150 ms. A request's own shorter timeout wins.
+	// IdleHold caps every sync long-poll, whatever the request asks for; zero means
+	// DefaultIdleHold. A short one makes idle long-polls (answered with the request's pos on
+	// sliding sync) come often.
 	IdleHold time.Duration
 	// Observer, when set, is called for every request of interest, synchronously and without
 	// the server's lock held, so it must be quick.
 	Observer func(Event)
+	// Dir holds the peers' crypto databases; empty means a temporary directory removed by
+	// Close.
+	Dir string
+	// NoTxnDedup makes a room send with a transaction ID the server has seen add a new
+	// event, as Dendrite does after a send whose response was lost. False: the same
+	// transaction ID from the same device gets the first event ID back.
+	NoTxnDedup bool
+	// SendFault, when set, is asked about every room send of the bot before it is handled;
+	// nil means every send is answered normally.
+	SendFault func(roomID id.RoomID, txnID string) SendFault
 }
 
-// Kind says what an [Event] reports.
-type Kind string
+// SendFault is what the server does with one room send.
+type SendFault int
 
-// Kinds of [Event].
 const (
-	KindSyncRequest  Kind = "sync_request"  // a sync request arrived (Token: its pos or since)
-	KindSyncResponse Kind = "sync_response" // a sync response was written (Token: the new one)
-	KindKeysUpload   Kind = "keys_upload"
-	KindKeysQuery    Kind = "keys_query" // Users: who was queried
-	KindKeysClaim    Kind = "keys_claim"
-	KindSendToDevice Kind = "send_to_device"
-	KindRoomSend     Kind = "room_send" // RoomID, EventType
-	KindJoin         Kind = "join"
-	KindOther        Kind = "other" // any other endpoint, known or not (Path)
+	// SendAnswer stores the event and answers.
+	SendAnswer SendFault = iota
+	// SendStoreDropResponse stores the event and then breaks the connection without an
+	// answer: the client sees a network error for a send that happened.
+	SendStoreDropResponse
+	// SendStoreHang stores the event and then answers nothing until the client goes away.
+	SendStoreHang
 )
 
-// Event reports one request to the observer.
-type Event struct {
-	Kind Kind
-	At   time.Time
-	// BytesIn and BytesOut are the server's totals on the wire (headers included) when the
-	// event happened.
-	BytesIn, BytesOut int64
-	// Token is the pos or since a sync request carried, or the one a response returned.
-	Token string
-	// Timeout is a sync request's long-poll timeout in milliseconds (-1 when absent).
-	Timeout int64
-	// Idle is set on a sync response that carried nothing new.
-	Idle bool
-	// AllKnown is set on a sync response after which the client knows every room: v2 always,
-	// sliding sync when the window covers every room and each was sent on the connection.
-	AllKnown bool
-	// Rooms is how many room entries a sync response carried; BodyBytes its body size.
-	Rooms, BodyBytes int
-	// Users: device_lists.changed of a sync response, or the users of a key query.
-	Users []id.UserID
-	// DeviceKeys, OTKs and Fallback describe a key upload.
-	DeviceKeys bool
-	OTKs       int
-	Fallback   bool
-	RoomID     id.RoomID // room send and join
-	EventType  string    // room send and sendToDevice
-	Path       string    // KindOther
-	Status     int       // KindOther: the status answered
+// devRef names one device.
+type devRef struct {
+	user   id.UserID
+	device id.DeviceID
 }
 
-// liveEvent is an event added while serving (a bot's send or a peer's message).
-type liveEvent struct {
+var bot = devRef{BotUserID, BotDeviceID}
+
+// entry is one event and the stream position it came at (0 for the generated account).
+type entry struct {
 	stream int64
-	raw    json.RawMessage
-	sender id.UserID
+	evt    *event.Event
 }
 
+// room is one room on the server.
+type room struct {
+	id        id.RoomID
+	created   int64 // stream position of its creation
+	changed   int64 // stream position of its last event
+	botStream int64 // stream position of the bot's last membership change
+	state     map[[2]string]entry
+	order     [][2]string // state keys in the order they were first set
+	members   map[id.UserID]event.Membership
+	timeline  []entry
+}
+
+func (r *room) membership(user id.UserID) event.Membership { return r.members[user] }
+
+// Server is the fake homeserver. Create it with [NewServer] and Close it when done. It is
+// safe for concurrent use.
+type Server struct {
+	opts Options
+	acct *Account
+	ss   *slidingsynctest.Server
+	hs   *httptest.Server
+	dir  string
+	ownD bool // dir was made by NewServer
+
+	bytesIn, bytesOut atomic.Int64
+
+	mu        sync.Mutex
+	changed   chan struct{} // closed and replaced on every change
+	stream    int64
+	eventSeq  int64
+	rooms     map[id.RoomID]*room
+	list      []id.RoomID // the bot's joined and invited rooms, most recent activity first
+	tokens    map[string]devRef
+	devices   map[id.UserID]map[id.DeviceID]*device
+	devOrder  map[id.UserID][]id.DeviceID
+	devLists  []devChange
+	txns      map[string]id.EventID
+	sentTxn   map[id.EventID]sentBy // the device and transaction ID of each room send
+	conns     map[string]*ssConn    // sliding sync connections by conn_id
+	logins    int
+	logouts   int
+	toDevSeq  int64
+	toDevTxns map[string]bool
+	keysAt    int64 // stream position of the last change of the bot's key counts
+	posSeq    int64 // sliding sync answers with news served
+	peers     int
+	peerDBs   []*dbutil.Database
+	closed    bool
+
+	held             int            // HoldSync calls not released yet
+	toDeviceHeld     int            // HoldToDevice calls not released yet
+	uploadRejections int            // uploads rejected for a one-time key ID reused with another key
+	repeatedSends    int            // room sends that repeated a transaction ID
+	storedSends      map[string]int // events stored per device and transaction ID
+
+	uploads   []Upload
+	queries   []Query
+	claims    []Claim
+	decrypted []Decryption
+	syncs     []SyncRequest
+}
+
+// devChange is one device-list change.
 type devChange struct {
 	stream int64
 	user   id.UserID
 }
 
-type toDevMsg struct {
-	seq int64
-	raw json.RawMessage
-}
-
-// Server is an in-memory homeserver for one account and one bot device. Create it with
-// [NewServer]; it is safe for concurrent use.
-type Server struct {
-	acct *Account
-	opts Options
-
-	bytesIn, bytesOut atomic.Int64
-	hs                *http.Server
-	ln                net.Listener
-	mux               *http.ServeMux
-
-	mu         sync.Mutex
-	stream     int64
-	wake       chan struct{}
-	order      []int // room indexes, most recent activity first
-	roomIdx    map[id.RoomID]int
-	live       [][]liveEvent
-	roomStream []int64
-	devChanges []devChange
-	toDevice   []toDevMsg
-	toDevSeq   int64
-	botKeys    json.RawMessage
-	otkCount   int
-	fallback   bool // an unused fallback key is held
-	claimed    map[id.UserID]int
-	conns      map[string]*ssConn
-	connSeq    int
-}
-
-// ssConn is what the server remembers of one sliding sync connection, as Synapse does: which
-// rooms it has sent.
-type ssConn struct {
-	sent map[int]bool
-	n    int
-}
-
-// NewServer returns a server for acct. Call Start to listen.
-func NewServer(acct *Account, opts Options) *Server {
-	if opts.API == 0 {
-		opts.API = APISliding
-	}
+// NewServer loads the account (generating one if Options.Account is nil) and starts the
+// server on 127.0.0.1.
+func NewServer(opts Options) (*Server, error) {
 	if opts.IdleHold <= 0 {
-		opts.IdleHold = 150 * time.Millisecond
+		opts.IdleHold = DefaultIdleHold
+	}
+	acct := opts.Account
+	if acct == nil {
+		if opts.Rooms == 0 {
+			opts.Rooms = DefaultRooms
+		}
+		var err error
+		if acct, err = Generate(GenConfig{Rooms: opts.Rooms, Seed: opts.Seed, Peers: -1, ToDevice: -1, Plain: true}); err != nil {
+			return nil, err
+		}
 	}
 	s := &Server{
-		acct:       acct,
-		opts:       opts,
-		stream:     1,
-		wake:       make(chan struct{}),
-		order:      make([]int, len(acct.Rooms)),
-		roomIdx:    make(map[id.RoomID]int, len(acct.Rooms)),
-		live:       make([][]liveEvent, len(acct.Rooms)),
-		roomStream: make([]int64, len(acct.Rooms)),
-		claimed:    map[id.UserID]int{},
-		conns:      map[string]*ssConn{},
+		opts:        opts,
+		acct:        acct,
+		changed:     make(chan struct{}),
+		rooms:       make(map[id.RoomID]*room, len(acct.Rooms)+1),
+		tokens:      map[string]devRef{AccessToken: bot},
+		devices:     map[id.UserID]map[id.DeviceID]*device{},
+		devOrder:    map[id.UserID][]id.DeviceID{},
+		txns:        map[string]id.EventID{},
+		sentTxn:     map[id.EventID]sentBy{},
+		conns:       map[string]*ssConn{},
+		toDevTxns:   map[string]bool{},
+		dir:         opts.Dir,
+		storedSends: map[string]int{},
 	}
-	for i, r := range acct.Rooms {
-		s.order[i] = i
-		s.roomIdx[r.ID] = i
+	s.load(acct)
+	if s.dir == "" {
+		dir, err := os.MkdirTemp("", "minihs")
+		if err != nil {
+			return nil, err
+		}
+		s.dir, s.ownD = dir, true
 	}
+	advertise := opts.API == APISliding
+	s.ss = slidingsynctest.NewServer(slidingsynctest.Options{
+		Protocol:            slidingsync.ProtocolMSC4186,
+		Personality:         slidingsynctest.PersonalitySynapse,
+		UserID:              BotUserID,
+		DeviceID:            BotDeviceID,
+		AccessToken:         AccessToken,
+		AdvertiseSimplified: &advertise,
+	})
+	s.ss.SetResponder(s.respond)
+	s.hs = httptest.NewUnstartedServer(s.routes())
+	s.hs.Listener = &countingListener{Listener: s.hs.Listener, s: s}
+	s.hs.Start()
+	return s, nil
+}
+
+// load builds the rooms, the peers' devices and the bot's to-device queue from acct, which
+// stays unchanged.
+func (s *Server) load(acct *Account) {
+	s.addDevice(BotUserID, BotDeviceID)
+	for _, r := range acct.Rooms {
+		rm := &room{id: r.ID, state: make(map[[2]string]entry, len(r.State)+1), members: make(map[id.UserID]event.Membership, len(r.Members))}
+		for _, u := range r.Members {
+			rm.members[u] = event.MembershipJoin
+		}
+		for _, evt := range r.State {
+			s.setState(rm, evt, 0)
+		}
+		for _, evt := range r.Timeline {
+			rm.timeline = append(rm.timeline, entry{evt: evt})
+			if evt.StateKey != nil {
+				s.setState(rm, evt, 0)
+			}
+		}
+		s.rooms[r.ID] = rm
+		s.list = append(s.list, r.ID)
+	}
+	for _, p := range acct.Peers {
+		d := s.addDevice(p.UserID, p.DeviceID)
+		d.keys = p.DeviceKeys
+		for _, otk := range p.OTKs {
+			for keyID, k := range otk {
+				raw, _ := json.Marshal(k)
+				d.otks = append(d.otks, storedKey{id: keyID, raw: raw})
+			}
+		}
+	}
+	d := s.devices[BotUserID][BotDeviceID]
 	for _, raw := range acct.ToDevice {
 		s.toDevSeq++
-		s.toDevice = append(s.toDevice, toDevMsg{seq: s.toDevSeq, raw: raw})
+		d.toDevice = append(d.toDevice, toDeviceMsg{seq: s.toDevSeq, raw: raw})
 	}
-	s.mux = http.NewServeMux()
-	s.routes()
-	return s
 }
 
-// Start listens on 127.0.0.1 (a free port) and serves until Close. It returns the base URL.
-func (s *Server) Start() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	s.ln = &countingListener{Listener: ln, s: s}
-	s.hs = &http.Server{Handler: s, ReadHeaderTimeout: 30 * time.Second}
-	go func() { _ = s.hs.Serve(s.ln) }()
-	return "http://" + ln.Addr().String(), nil
-}
+// URL returns the server's base URL (http://127.0.0.1:port).
+func (s *Server) URL() string { return s.hs.URL }
 
-// Close stops the server and ends held long-polls.
-func (s *Server) Close() {
-	if s.hs != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		_ = s.hs.Shutdown(ctx)
-		_ = s.hs.Close()
-	}
-}
+// Bot returns the bot's user ID, device ID and access token.
+func (s *Server) Bot() (id.UserID, id.DeviceID, string) { return BotUserID, BotDeviceID, AccessToken }
+
+// Account returns the account the server was loaded with.
+func (s *Server) Account() *Account { return s.acct }
 
 // Bytes returns the totals received and sent on the wire so far, headers included.
 func (s *Server) Bytes() (in, out int64) { return s.bytesIn.Load(), s.bytesOut.Load() }
 
-// Account returns the account served.
-func (s *Server) Account() *Account { return s.acct }
+// Rooms returns how many rooms the bot is joined to or invited to.
+func (s *Server) Rooms() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.list)
+}
 
-// PeerMessage adds a plain m.text message from sender to room roomIndex, as a live event that
-// wakes long-polls, and returns its event ID.
+// Membership returns user's membership in roomID, empty if none.
+func (s *Server) Membership(roomID id.RoomID, user id.UserID) event.Membership {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r := s.rooms[roomID]; r != nil {
+		return r.membership(user)
+	}
+	return ""
+}
+
+// Close stops the server, answers waiting sync requests with 503 and removes the temporary
+// directory. The peers must not be used afterwards.
+func (s *Server) Close() {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.closed = true
+	s.notifyLocked()
+	dbs := s.peerDBs
+	s.mu.Unlock()
+	s.ss.Close()
+	s.hs.CloseClientConnections()
+	s.hs.Close()
+	for _, db := range dbs {
+		_ = db.Close()
+	}
+	if s.ownD {
+		_ = os.RemoveAll(s.dir)
+	}
+}
+
+// WaitFor calls cond whenever the server's state changes (and at least every 50 ms, for
+// conditions on things outside the server) until it returns true or ctx is done. cond is
+// called without the server's lock, so it may call the Server's methods.
+func (s *Server) WaitFor(ctx context.Context, cond func() bool) error {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		s.mu.Lock()
+		ch := s.changed
+		s.mu.Unlock()
+		if cond() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-ch:
+		case <-tick.C:
+		}
+	}
+}
+
+// notifyLocked wakes every waiter. Caller holds s.mu.
+func (s *Server) notifyLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// nextStream advances the stream. Caller holds s.mu.
+func (s *Server) nextStream() int64 {
+	s.stream++
+	s.notifyLocked()
+	return s.stream
+}
+
+// PeerMessage adds a plain m.text message from sender to the account's room roomIndex, as a
+// live event that wakes long-polls, and returns its event ID.
 func (s *Server) PeerMessage(roomIndex int, sender id.UserID, body string) id.EventID {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.addLocked(roomIndex, sender, "m.room.message", map[string]any{"msgtype": "m.text", "body": body})
+	rm := s.rooms[s.acct.Rooms[roomIndex].ID]
+	evt := s.newEvent(rm.id, event.EventMessage, nil, sender, map[string]any{"msgtype": "m.text", "body": body}, time.Now().UnixMilli())
+	s.appendLocked(rm, evt)
+	return evt.ID
 }
 
 // ChangeDevices records a device-list change for users (as when one adds a device); it wakes
@@ -213,321 +365,452 @@ func (s *Server) PeerMessage(roomIndex int, sender id.UserID, body string) id.Ev
 func (s *Server) ChangeDevices(users ...id.UserID) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.stream++
+	at := s.nextStream()
 	for _, u := range users {
-		s.devChanges = append(s.devChanges, devChange{stream: s.stream, user: u})
+		s.devLists = append(s.devLists, devChange{stream: at, user: u})
 	}
-	s.wakeLocked()
 }
 
-// addLocked appends a live event, stamped with the current time (bots ignore history from
-// before they started), to a room, moves the room to the front of the order and
-// wakes long-polls.
-func (s *Server) addLocked(idx int, sender id.UserID, typ string, content any) id.EventID {
-	s.stream++
-	evtID := id.EventID(fmt.Sprintf("$live%d-%s", s.stream, ServerName))
-	raw, _ := json.Marshal(map[string]any{
-		"type": typ, "sender": sender, "content": content, "event_id": evtID,
-		"origin_server_ts": time.Now().UnixMilli(), "unsigned": map[string]any{"age": 10},
-	})
-	s.live[idx] = append(s.live[idx], liveEvent{stream: s.stream, raw: raw, sender: sender})
-	s.roomStream[idx] = s.stream
-	if pos := slices.Index(s.order, idx); pos > 0 {
-		copy(s.order[1:pos+1], s.order[:pos])
-		s.order[0] = idx
+// newEvent builds an event with a fresh ID. Caller holds s.mu.
+func (s *Server) newEvent(roomID id.RoomID, typ event.Type, stateKey *string, sender id.UserID, content map[string]any, ts int64) *event.Event {
+	s.eventSeq++
+	return &event.Event{
+		Type:      typ,
+		StateKey:  stateKey,
+		Sender:    sender,
+		ID:        id.EventID(fmt.Sprintf("$e%d-%s", s.eventSeq, ServerName)),
+		RoomID:    roomID,
+		Timestamp: ts,
+		Content:   event.Content{Raw: content},
 	}
-	s.wakeLocked()
-	return evtID
 }
 
-func (s *Server) wakeLocked() {
-	close(s.wake)
-	s.wake = make(chan struct{})
+// contentString reads a string field of an event's content, parsed or not.
+func contentString(evt *event.Event, key string) string {
+	if evt.Content.Raw != nil {
+		v, _ := evt.Content.Raw[key].(string)
+		return v
+	}
+	var m map[string]any
+	_ = json.Unmarshal(evt.Content.VeryRaw, &m)
+	v, _ := m[key].(string)
+	return v
 }
 
-func (s *Server) observe(ev Event) {
-	if s.opts.Observer == nil {
-		return
+// setState makes evt current state of r at stream position at. Caller holds s.mu or is
+// loading.
+func (s *Server) setState(r *room, evt *event.Event, at int64) {
+	key := [2]string{evt.Type.Type, *evt.StateKey}
+	if _, ok := r.state[key]; !ok {
+		r.order = append(r.order, key)
 	}
-	if ev.At.IsZero() {
-		ev.At = time.Now()
+	r.state[key] = entry{stream: at, evt: evt}
+	if evt.Type.Type == event.StateMember.Type && evt.Content.Raw != nil {
+		// Live events; load takes the generated rooms' members from the account.
+		r.members[id.UserID(*evt.StateKey)] = event.Membership(contentString(evt, "membership"))
 	}
-	ev.BytesIn, ev.BytesOut = s.Bytes()
-	s.opts.Observer(ev)
 }
 
-// ServeHTTP checks the access token and routes the request.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if !strings.HasSuffix(r.URL.Path, "/versions") && r.Header.Get("Authorization") != "Bearer "+AccessToken {
-		writeError(w, http.StatusUnauthorized, "M_UNKNOWN_TOKEN", "unknown token")
-		return
+// appendLocked adds evt to r's timeline (and to its state when it is a state event) at a new
+// stream position and moves r to the front of the bot's list. Caller holds s.mu.
+func (s *Server) appendLocked(r *room, evt *event.Event) int64 {
+	at := s.nextStream()
+	r.timeline = append(r.timeline, entry{stream: at, evt: evt})
+	r.changed = at
+	if evt.StateKey != nil {
+		s.setState(r, evt, at)
+		if evt.Type == event.StateMember && *evt.StateKey == BotUserID.String() {
+			r.botStream = at
+		}
 	}
-	s.mux.ServeHTTP(w, r)
+	s.list = slices.DeleteFunc(s.list, func(roomID id.RoomID) bool { return roomID == r.id })
+	switch r.membership(BotUserID) {
+	case event.MembershipJoin, event.MembershipInvite:
+		s.list = slices.Insert(s.list, 0, r.id)
+	}
+	return at
 }
 
-func (s *Server) routes() {
-	m := s.mux
-	m.HandleFunc("GET /_matrix/client/versions", s.serveVersions)
-	m.HandleFunc("GET /_matrix/client/v3/account/whoami", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, map[string]any{"user_id": BotUserID, "device_id": BotDeviceID})
-	})
+// createRoomLocked creates a room with creator joined and the others invited. Caller holds
+// s.mu.
+func (s *Server) createRoomLocked(creator id.UserID, name string, invite []id.UserID, encrypted bool) id.RoomID {
+	roomID := id.RoomID(fmt.Sprintf("!live%d:%s", len(s.rooms)+1, ServerName))
+	r := &room{id: roomID, state: map[[2]string]entry{}, members: map[id.UserID]event.Membership{}}
+	s.rooms[roomID] = r
+	r.created = s.stream + 1
+	now := time.Now().UnixMilli()
+	add := func(typ event.Type, stateKey string, sender id.UserID, content map[string]any) {
+		s.appendLocked(r, s.newEvent(roomID, typ, &stateKey, sender, content, now))
+	}
+	add(event.StateCreate, "", creator, map[string]any{"room_version": "10", "creator": creator})
+	add(event.StateMember, creator.String(), creator, map[string]any{"membership": "join"})
+	add(event.StateJoinRules, "", creator, map[string]any{"join_rule": "invite"})
+	add(event.StateHistoryVisibility, "", creator, map[string]any{"history_visibility": "shared"})
+	add(event.StateRoomName, "", creator, map[string]any{"name": name})
+	if encrypted {
+		add(event.StateEncryption, "", creator, map[string]any{"algorithm": id.AlgorithmMegolmV1})
+	}
+	for _, u := range invite {
+		add(event.StateMember, u.String(), creator, map[string]any{"membership": "invite"})
+	}
+	return roomID
+}
+
+// routes returns the server's handler.
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	const v3 = "/_matrix/client/v3"
+	mux.Handle("GET "+slidingsynctest.VersionsPath, s.ss)
 	if s.opts.API == APISliding {
-		m.HandleFunc("POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync", s.serveSliding)
+		mux.HandleFunc("POST "+slidingsync.ProtocolMSC4186.Path(), s.serveSync)
 	} else {
-		m.HandleFunc("GET /_matrix/client/v3/sync", s.serveV2)
-		m.HandleFunc("POST /_matrix/client/v3/user/{userID}/filter", func(w http.ResponseWriter, r *http.Request) {
-			_, _ = io.Copy(io.Discard, r.Body)
-			writeJSON(w, map[string]any{"filter_id": "1"})
-		})
+		mux.HandleFunc("GET "+v3+"/sync", s.auth(s.serveV2))
+		mux.HandleFunc("POST "+v3+"/user/{user}/filter", s.auth(func(w http.ResponseWriter, _ *http.Request, _ devRef) {
+			writeJSON(w, http.StatusOK, map[string]any{"filter_id": "1"})
+		}))
 	}
-	m.HandleFunc("POST /_matrix/client/v3/keys/upload", s.serveKeysUpload)
-	m.HandleFunc("POST /_matrix/client/v3/keys/query", s.serveKeysQuery)
-	m.HandleFunc("POST /_matrix/client/v3/keys/claim", s.serveKeysClaim)
-	m.HandleFunc("PUT /_matrix/client/v3/sendToDevice/{type}/{txn}", s.serveSendToDevice)
-	m.HandleFunc("PUT /_matrix/client/v3/rooms/{roomID}/send/{type}/{txn}", s.serveRoomSend)
-	m.HandleFunc("GET /_matrix/client/v3/rooms/{roomID}/members", s.serveMembers)
-	m.HandleFunc("GET /_matrix/client/v3/rooms/{roomID}/joined_members", s.serveJoinedMembers)
-	m.HandleFunc("GET /_matrix/client/v3/rooms/{roomID}/state", s.serveState)
-	m.HandleFunc("GET /_matrix/client/v3/rooms/{roomID}/state/{type}/{key...}", s.serveState)
-	m.HandleFunc("POST /_matrix/client/v3/join/{roomID}", s.serveJoin)
-	m.HandleFunc("POST /_matrix/client/v3/rooms/{roomID}/join", s.serveJoin)
-	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "M_UNRECOGNIZED", "unrecognized request")
+	mux.HandleFunc("POST "+v3+"/login", s.login)
+	mux.HandleFunc("GET "+v3+"/account/whoami", s.auth(s.whoami))
+	mux.HandleFunc("POST "+v3+"/logout", s.auth(s.logout))
+	mux.HandleFunc("POST "+v3+"/keys/upload", s.auth(s.keysUpload))
+	mux.HandleFunc("POST "+v3+"/keys/query", s.auth(s.keysQuery))
+	mux.HandleFunc("POST "+v3+"/keys/claim", s.auth(s.keysClaim))
+	mux.HandleFunc("PUT "+v3+"/sendToDevice/{type}/{txn}", s.auth(s.sendToDevice))
+	mux.HandleFunc("PUT "+v3+"/rooms/{room}/send/{type}/{txn}", s.auth(s.roomSend))
+	mux.HandleFunc("POST "+v3+"/join/{room}", s.auth(s.join))
+	mux.HandleFunc("POST "+v3+"/rooms/{room}/join", s.auth(s.join))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/members", s.auth(s.members))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/joined_members", s.auth(s.members))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/messages", s.auth(s.messages))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/state", s.auth(s.stateEvent))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/state/{type}", s.auth(s.stateEvent))
+	mux.HandleFunc("GET "+v3+"/rooms/{room}/state/{type}/{key...}", s.auth(s.stateEvent))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "M_UNRECOGNIZED", "Unrecognized request")
 		s.observe(Event{Kind: KindOther, Path: r.Method + " " + r.URL.Path, Status: http.StatusNotFound})
 	})
+	return mux
 }
 
-func (s *Server) serveVersions(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, map[string]any{
-		"versions":          []string{"v1.1", "v1.5", "v1.11"},
-		"unstable_features": map[string]bool{"org.matrix.simplified_msc3575": s.opts.API == APISliding},
-	})
+// auth resolves the access token to a device.
+func (s *Server) auth(fn func(w http.ResponseWriter, r *http.Request, who devRef)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		s.mu.Lock()
+		who, known := s.tokens[token]
+		s.mu.Unlock()
+		if !ok || !known {
+			writeError(w, http.StatusUnauthorized, "M_UNKNOWN_TOKEN", "Invalid access token passed.")
+			return
+		}
+		fn(w, r, who)
+	}
 }
 
-// uploadRequest is the part of /keys/upload the server keeps.
-type uploadRequest struct {
-	DeviceKeys           json.RawMessage            `json:"device_keys"`
-	OneTimeKeys          map[string]json.RawMessage `json:"one_time_keys"`
-	FallbackKeys         map[string]json.RawMessage `json:"fallback_keys"`
-	FallbackKeysUnstable map[string]json.RawMessage `json:"org.matrix.msc2732.fallback_keys"`
+func (s *Server) whoami(w http.ResponseWriter, _ *http.Request, who devRef) {
+	writeJSON(w, http.StatusOK, map[string]any{"user_id": who.user, "device_id": who.device})
 }
 
-func (s *Server) serveKeysUpload(w http.ResponseWriter, r *http.Request) {
-	var req uploadRequest
-	if !readJSON(w, r, &req) {
+// sentBy is the device that sent an event and the transaction ID it used.
+type sentBy struct {
+	dev devRef
+	txn string
+}
+
+// roomSend appends an event to a room's timeline. A repeated transaction ID of the same
+// device gets the first event ID back and adds nothing, unless Options.NoTxnDedup.
+// Options.SendFault may lose the answer to a send that was stored.
+func (s *Server) roomSend(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
+	var content map[string]any
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&content); err != nil || content == nil {
+		writeError(w, http.StatusBadRequest, "M_NOT_JSON", "Content not JSON.")
 		return
 	}
-	hasDevice := len(req.DeviceKeys) > 0 && string(req.DeviceKeys) != "null"
-	fallback := len(req.FallbackKeys) > 0 || len(req.FallbackKeysUnstable) > 0
+	txn := r.PathValue("txn")
+	fault := SendAnswer
+	if s.opts.SendFault != nil && who.user == BotUserID {
+		fault = s.opts.SendFault(roomID, txn)
+	}
 	s.mu.Lock()
-	if hasDevice {
-		s.botKeys = req.DeviceKeys
+	txnKey := fmt.Sprintf("%s\x00%s\x00%s", who.user, who.device, txn)
+	if evtID, ok := s.txns[txnKey]; ok && !s.opts.NoTxnDedup {
+		s.repeatedSends++
+		s.mu.Unlock()
+		writeJSON(w, http.StatusOK, map[string]any{"event_id": evtID})
+		return
 	}
-	s.otkCount += len(req.OneTimeKeys)
-	if fallback {
-		s.fallback = true
+	rm := s.rooms[roomID]
+	if rm == nil || rm.membership(who.user) != event.MembershipJoin {
+		s.mu.Unlock()
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
+		return
 	}
-	count := s.otkCount
+	evt := s.newEvent(roomID, event.Type{Type: r.PathValue("type"), Class: event.MessageEventType}, nil, who.user, content, time.Now().UnixMilli())
+	s.appendLocked(rm, evt)
+	s.txns[txnKey] = evt.ID
+	s.sentTxn[evt.ID] = sentBy{who, txn}
+	s.storedSends[txnKey]++
 	s.mu.Unlock()
-	writeJSON(w, map[string]any{"one_time_key_counts": map[string]int{"signed_curve25519": count}})
-	s.observe(Event{Kind: KindKeysUpload, DeviceKeys: hasDevice, OTKs: len(req.OneTimeKeys), Fallback: fallback})
-}
-
-func (s *Server) peer(u id.UserID) *Peer {
-	for _, p := range s.acct.Peers {
-		if p.UserID == u {
-			return p
-		}
+	switch fault {
+	case SendStoreDropResponse:
+		panic(http.ErrAbortHandler)
+	case SendStoreHang:
+		<-r.Context().Done()
+		return
 	}
-	return nil
+	writeJSON(w, http.StatusOK, map[string]any{"event_id": evt.ID})
+	s.observe(Event{Kind: KindRoomSend, RoomID: roomID, EventType: evt.Type.Type})
 }
 
-func (s *Server) serveKeysQuery(w http.ResponseWriter, r *http.Request) {
+// DuplicateSends returns how many events were stored beyond the first for one device's
+// transaction ID: sends the server stored twice (only with Options.NoTxnDedup).
+func (s *Server) DuplicateSends() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.storedSends {
+		n += c - 1
+	}
+	return n
+}
+
+// viewLocked returns evt as the device viewer sees it: with unsigned.transaction_id when
+// viewer sent it, as the client-server API specifies. Caller holds s.mu.
+func (s *Server) viewLocked(evt *event.Event, viewer devRef) *event.Event {
+	sb, ok := s.sentTxn[evt.ID]
+	if !ok || sb.dev != viewer {
+		return evt
+	}
+	cp := *evt
+	cp.Unsigned.TransactionID = sb.txn
+	return &cp
+}
+
+// login answers POST /login for the bot's password with the bot's device and token.
+func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		DeviceKeys map[id.UserID][]id.DeviceID `json:"device_keys"`
+		Type       string `json:"type"`
+		Identifier struct {
+			User string `json:"user"`
+		} `json:"identifier"`
+		Password string `json:"password"`
 	}
-	if !readJSON(w, r, &req) {
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "M_NOT_JSON", "Content not JSON.")
 		return
 	}
-	out := make(map[id.UserID]map[id.DeviceID]json.RawMessage, len(req.DeviceKeys))
-	users := make([]id.UserID, 0, len(req.DeviceKeys))
-	s.mu.Lock()
-	for u := range req.DeviceKeys {
-		users = append(users, u)
-		devs := map[id.DeviceID]json.RawMessage{}
-		if u == BotUserID && s.botKeys != nil {
-			devs[BotDeviceID] = s.botKeys
-		} else if p := s.peer(u); p != nil {
-			devs[p.DeviceID] = p.DeviceKeys
-		}
-		out[u] = devs
+	user := req.Identifier.User
+	if !strings.HasPrefix(user, "@") {
+		user = id.NewUserID(user, ServerName).String()
 	}
-	s.mu.Unlock()
-	slices.Sort(users)
-	writeJSON(w, map[string]any{
-		"device_keys": out, "failures": map[string]any{},
-		"master_keys": map[string]any{}, "self_signing_keys": map[string]any{}, "user_signing_keys": map[string]any{},
-	})
-	s.observe(Event{Kind: KindKeysQuery, Users: users})
-}
-
-func (s *Server) serveKeysClaim(w http.ResponseWriter, r *http.Request) {
-	var req struct {
-		OneTimeKeys map[id.UserID]map[id.DeviceID]string `json:"one_time_keys"`
-	}
-	if !readJSON(w, r, &req) {
+	if req.Type != "m.login.password" || id.UserID(user) != BotUserID || req.Password != BotPassword {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "Invalid username or password")
 		return
 	}
-	out := map[id.UserID]map[id.DeviceID]any{}
 	s.mu.Lock()
-	for u, devs := range req.OneTimeKeys {
-		p := s.peer(u)
-		if p == nil {
-			continue
-		}
-		if _, ok := devs[p.DeviceID]; !ok || s.claimed[u] >= len(p.OTKs) {
-			continue
-		}
-		out[u] = map[id.DeviceID]any{p.DeviceID: p.OTKs[s.claimed[u]]}
-		s.claimed[u]++
+	s.logins++
+	s.tokens[AccessToken] = bot
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{"user_id": BotUserID, "device_id": BotDeviceID, "access_token": AccessToken})
+}
+
+// logout forgets the access token and the device's keys, as a server deleting the device
+// does. The bot's next login gets the same device ID back, without keys.
+func (s *Server) logout(w http.ResponseWriter, r *http.Request, who devRef) {
+	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	s.mu.Lock()
+	delete(s.tokens, token)
+	s.devices[who.user][who.device] = &device{seen: map[id.KeyID]string{}}
+	s.logouts++
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{})
+}
+
+// Logouts returns how many logouts the server answered.
+func (s *Server) Logouts() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.logouts
+}
+
+// Logins returns how many password logins the server answered.
+func (s *Server) Logins() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.logins
+}
+
+// join joins a room the user is invited to (or already in).
+func (s *Server) join(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
+	s.mu.Lock()
+	rm := s.rooms[roomID]
+	status := http.StatusOK
+	switch {
+	case rm == nil:
+		status = http.StatusNotFound
+	case rm.membership(who.user) == event.MembershipInvite:
+		sk := who.user.String()
+		s.appendLocked(rm, s.newEvent(roomID, event.StateMember, &sk, who.user, map[string]any{"membership": "join"}, time.Now().UnixMilli()))
+	case rm.membership(who.user) != event.MembershipJoin:
+		status = http.StatusForbidden
 	}
 	s.mu.Unlock()
-	writeJSON(w, map[string]any{"one_time_keys": out, "failures": map[string]any{}})
-	s.observe(Event{Kind: KindKeysClaim})
+	switch status {
+	case http.StatusNotFound:
+		writeError(w, status, "M_NOT_FOUND", "No such room.")
+	case http.StatusForbidden:
+		writeError(w, status, "M_FORBIDDEN", "You are not invited to this room.")
+	default:
+		writeJSON(w, status, map[string]any{"room_id": roomID})
+		s.observe(Event{Kind: KindJoin, RoomID: roomID})
+	}
 }
 
-func (s *Server) serveSendToDevice(w http.ResponseWriter, r *http.Request) {
-	_, _ = io.Copy(io.Discard, r.Body)
-	writeJSON(w, map[string]any{})
-	s.observe(Event{Kind: KindSendToDevice, EventType: r.PathValue("type")})
-}
-
-func (s *Server) roomIndex(w http.ResponseWriter, r *http.Request) (int, bool) {
-	idx, ok := s.roomIdx[id.RoomID(r.PathValue("roomID"))]
+// stateEvent returns the content of one current state event of a room the user is in, or
+// all of its current state without a type.
+func (s *Server) stateEvent(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rm := s.rooms[roomID]
+	if rm == nil || rm.membership(who.user) != event.MembershipJoin {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
+		return
+	}
+	if r.PathValue("type") == "" {
+		all := make([]*event.Event, 0, len(rm.order))
+		for _, key := range rm.order {
+			all = append(all, rm.state[key].evt)
+		}
+		writeJSON(w, http.StatusOK, all)
+		return
+	}
+	e, ok := rm.state[[2]string{r.PathValue("type"), r.PathValue("key")}]
 	if !ok {
-		writeError(w, http.StatusNotFound, "M_NOT_FOUND", "unknown room")
+		writeError(w, http.StatusNotFound, "M_NOT_FOUND", "Event not found.")
+		return
 	}
-	return idx, ok
+	writeJSON(w, http.StatusOK, &e.evt.Content)
 }
 
-func (s *Server) serveRoomSend(w http.ResponseWriter, r *http.Request) {
-	idx, ok := s.roomIndex(w, r)
-	if !ok {
-		return
-	}
-	var content json.RawMessage
-	if !readJSON(w, r, &content) {
-		return
-	}
-	typ := r.PathValue("type")
+// members returns the room's member events, or its joined members for joined_members.
+func (s *Server) members(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
 	s.mu.Lock()
-	evtID := s.addLocked(idx, BotUserID, typ, content)
-	s.mu.Unlock()
-	writeJSON(w, map[string]any{"event_id": evtID})
-	s.observe(Event{Kind: KindRoomSend, RoomID: s.acct.Rooms[idx].ID, EventType: typ})
+	defer s.mu.Unlock()
+	rm := s.rooms[roomID]
+	if rm == nil || rm.membership(who.user) == "" {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
+		return
+	}
+	chunk := []*event.Event{}
+	joined := map[id.UserID]any{}
+	for _, key := range rm.order {
+		if key[0] == event.StateMember.Type {
+			chunk = append(chunk, rm.state[key].evt)
+			if rm.membership(id.UserID(key[1])) == event.MembershipJoin {
+				joined[id.UserID(key[1])] = map[string]any{"display_name": contentString(rm.state[key].evt, "displayname")}
+			}
+		}
+	}
+	if strings.HasSuffix(r.URL.Path, "/joined_members") {
+		writeJSON(w, http.StatusOK, map[string]any{"joined": joined})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"chunk": chunk})
 }
 
-// currentState is the room's state after its timeline.
-func (rm *Room) currentState() []StoredEvent {
-	out := make([]StoredEvent, 0, len(rm.State)+1)
-	out = append(out, rm.State...)
-	for _, ev := range rm.Timeline {
-		if ev.StateKey != nil {
-			out = append(out, ev)
+// messages pages backwards through a room's timeline (dir=b only): from "s<stream>" (a
+// prev_batch of a limited sync timeline, or the end of an earlier page), or from the end
+// without from, it returns up to limit events older than that position, newest first.
+func (s *Server) messages(w http.ResponseWriter, r *http.Request, who devRef) {
+	roomID := id.RoomID(r.PathValue("room"))
+	q := r.URL.Query()
+	from := int64(math.MaxInt64)
+	if q.Get("dir") != "b" {
+		writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "Only dir=b.")
+		return
+	}
+	if f := q.Get("from"); f != "" {
+		if _, err := fmt.Sscanf(f, "s%d", &from); err != nil {
+			writeError(w, http.StatusBadRequest, "M_INVALID_PARAM", "Only a from token of this server.")
+			return
 		}
+	}
+	limit, err := strconv.Atoi(q.Get("limit"))
+	if err != nil || limit <= 0 || limit > 1000 {
+		limit = 10
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rm := s.rooms[roomID]
+	if rm == nil || rm.membership(who.user) != event.MembershipJoin {
+		writeError(w, http.StatusForbidden, "M_FORBIDDEN", "User not in room.")
+		return
+	}
+	chunk := []*event.Event{}
+	end := ""
+	for i := len(rm.timeline) - 1; i >= 0 && len(chunk) < limit; i-- {
+		if e := rm.timeline[i]; e.stream < from {
+			chunk = append(chunk, s.viewLocked(e.evt, who))
+			end = fmt.Sprintf("s%d", e.stream)
+		}
+	}
+	resp := map[string]any{"start": q.Get("from"), "chunk": chunk}
+	if len(chunk) == limit {
+		resp["end"] = end
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// HoldSync makes the bot's long-polls wait whatever changes (until their timeout) until
+// release is called, so that a script can act several times before the bot hears of any of
+// it, as when a bot is slow or briefly offline.
+func (s *Server) HoldSync() (release func()) { return s.hold(&s.held) }
+
+// HoldToDevice keeps the bot's to-device messages (room keys) out of its sync responses until
+// release is called, while everything else is delivered: the bot then sees encrypted
+// messages before their room keys, as a client does when a key is slow to arrive.
+func (s *Server) HoldToDevice() (release func()) { return s.hold(&s.toDeviceHeld) }
+
+func (s *Server) hold(n *int) func() {
+	s.mu.Lock()
+	*n++
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			*n--
+			s.notifyLocked()
+			s.mu.Unlock()
+		})
+	}
+}
+
+// RoomEvents returns a copy of the timeline of roomID, oldest first.
+func (s *Server) RoomEvents(roomID id.RoomID) []*event.Event {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rm := s.rooms[roomID]
+	if rm == nil {
+		return nil
+	}
+	out := make([]*event.Event, 0, len(rm.timeline))
+	for _, e := range rm.timeline {
+		out = append(out, e.evt)
 	}
 	return out
 }
 
-func (s *Server) serveMembers(w http.ResponseWriter, r *http.Request) {
-	idx, ok := s.roomIndex(w, r)
-	if !ok {
-		return
-	}
-	var chunk []json.RawMessage
-	for _, ev := range s.acct.Rooms[idx].currentState() {
-		if ev.Type == "m.room.member" {
-			chunk = append(chunk, ev.JSON)
-		}
-	}
-	writeJSON(w, map[string]any{"chunk": chunk})
-	s.observe(Event{Kind: KindOther, Path: "members", Status: http.StatusOK})
-}
-
-func (s *Server) serveJoinedMembers(w http.ResponseWriter, r *http.Request) {
-	idx, ok := s.roomIndex(w, r)
-	if !ok {
-		return
-	}
-	joined := map[id.UserID]any{}
-	for _, m := range s.acct.Rooms[idx].Members {
-		joined[m] = map[string]any{"display_name": displayName(m)}
-	}
-	writeJSON(w, map[string]any{"joined": joined})
-	s.observe(Event{Kind: KindOther, Path: "joined_members", Status: http.StatusOK})
-}
-
-func (s *Server) serveState(w http.ResponseWriter, r *http.Request) {
-	idx, ok := s.roomIndex(w, r)
-	if !ok {
-		return
-	}
-	state := s.acct.Rooms[idx].currentState()
-	typ := r.PathValue("type")
-	if typ == "" {
-		out := make([]json.RawMessage, len(state))
-		for i, ev := range state {
-			out[i] = ev.JSON
-		}
-		writeJSON(w, out)
-		return
-	}
-	key := r.PathValue("key")
-	for _, ev := range state {
-		if ev.Type == typ && *ev.StateKey == key {
-			var full struct {
-				Content json.RawMessage `json:"content"`
-			}
-			_ = json.Unmarshal(ev.JSON, &full)
-			writeJSON(w, full.Content)
-			return
-		}
-	}
-	writeError(w, http.StatusNotFound, "M_NOT_FOUND", "no such state")
-}
-
-func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
-	_, _ = io.Copy(io.Discard, r.Body)
-	roomID := id.RoomID(r.PathValue("roomID"))
-	writeJSON(w, map[string]any{"room_id": roomID})
-	s.observe(Event{Kind: KindJoin, RoomID: roomID})
-}
-
-// maxBody bounds what the server reads from a request.
-const maxBody = 16 << 20
-
-func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody))
-	if err == nil && len(body) > 0 {
-		err = json.Unmarshal(body, v)
-	}
-	if err != nil {
-		writeError(w, http.StatusBadRequest, "M_BAD_JSON", err.Error())
-		return false
-	}
-	return true
-}
-
-func writeJSON(w http.ResponseWriter, v any) int {
+// writeJSON writes v and returns the body's size.
+func writeJSON(w http.ResponseWriter, status int, v any) int {
 	body, err := json.Marshal(v)
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, "M_UNKNOWN", err.Error())
-		return 0
+		status, body = http.StatusInternalServerError, []byte(`{"errcode":"M_UNKNOWN","error":"encode"}`)
 	}
-	return writeBody(w, http.StatusOK, body)
-}
-
-func writeBody(w http.ResponseWriter, status int, body []byte) int {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
@@ -535,9 +818,10 @@ func writeBody(w http.ResponseWriter, status int, body []byte) int {
 }
 
 func writeError(w http.ResponseWriter, status int, errcode, msg string) {
-	body, _ := json.Marshal(map[string]string{"errcode": errcode, "error": msg})
-	writeBody(w, status, body)
+	writeJSON(w, status, map[string]string{"errcode": errcode, "error": msg})
 }
+
+var errClosed = errors.New("minihs: server closed")
 
 // countingListener counts the bytes of every accepted connection.
 type countingListener struct {
@@ -569,20 +853,3 @@ func (c *countingConn) Write(p []byte) (int, error) {
 	c.s.bytesOut.Add(int64(n))
 	return n, err
 }
-
-// waitForChange waits until something changes, the hold ends or the request is cancelled.
-func (s *Server) waitForChange(ctx context.Context, wake <-chan struct{}, timeoutMS int64) {
-	hold := min(time.Duration(timeoutMS)*time.Millisecond, s.opts.IdleHold)
-	if hold <= 0 {
-		return
-	}
-	t := time.NewTimer(hold)
-	defer t.Stop()
-	select {
-	case <-wake:
-	case <-t.C:
-	case <-ctx.Done():
-	}
-}
-
-var errUnknownPos = errors.New("unknown pos")

@@ -86,6 +86,14 @@
 //     or the request's (PushKeepPos). Their positions become valid and their lists and e2ee
 //     values are learned.
 //
+// # Building a fuller fake
+//
+// A test that needs more endpoints than sync (keys, sends, joins) can route the sync path
+// to a Server, or compute answers with a [Responder] from its own room model, and serve the
+// rest with its own handlers: [HandlerTransport] calls any http.Handler in-process, as
+// [Server.Transport] does, [WantsState] selects required_state as Synapse does, and
+// [SynapseListResponse] builds a list's ops.
+//
 // # Guarantees
 //
 //   - FIFO: answers go out in the order they were queued, one per request. When several

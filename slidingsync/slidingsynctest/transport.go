@@ -11,15 +11,21 @@ import (
 	"maunium.net/go/mautrix"
 )
 
-// Transport returns an http.RoundTripper that calls ServeHTTP directly, in the caller's
-// goroutine, whatever the URL's host. It opens no sockets and starts no goroutines, so it
-// works inside testing/synctest bubbles. The handler sees the request's context: when it is
-// cancelled while the request waits, RoundTrip returns the context's error at once and no
-// scripted answer is consumed. An answer the server has already written is returned even if
-// the context ends afterwards, as a network transport returns received headers.
-func (s *Server) Transport() http.RoundTripper { return transport{s} }
+// Transport returns HandlerTransport(s): the server called in-process, without sockets. When
+// a request's context is cancelled while it long-polls, RoundTrip returns the context's error
+// at once and no scripted answer is consumed.
+func (s *Server) Transport() http.RoundTripper { return HandlerTransport(s) }
 
-type transport struct{ s *Server }
+// HandlerTransport returns an http.RoundTripper that serves every request with h, in the
+// caller's goroutine, whatever the URL's host: a client of a fake homeserver built as an
+// http.Handler needs no listener. It opens no sockets and starts no goroutines, so it works
+// inside testing/synctest bubbles. The handler sees the request's context; if the context
+// ends before the handler wrote a status, RoundTrip returns the context's error. An answer
+// already written is returned even if the context ends afterwards, as a network transport
+// returns received headers. The handler's panics are not recovered.
+func HandlerTransport(h http.Handler) http.RoundTripper { return transport{h} }
+
+type transport struct{ h http.Handler }
 
 func (t transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
@@ -48,7 +54,7 @@ func (t transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 
 	rec := &recorder{header: make(http.Header)}
-	t.s.ServeHTTP(rec, sreq)
+	t.h.ServeHTTP(rec, sreq)
 	if !rec.wrote && ctx.Err() != nil {
 		return nil, ctx.Err()
 	}

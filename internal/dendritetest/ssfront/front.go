@@ -18,6 +18,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
 // SyncPath is the path of the sliding sync endpoint the front serves.
@@ -403,13 +404,7 @@ func (f *Front) serveSync(w http.ResponseWriter, r *http.Request) {
 		return strings.Compare(string(a), string(b))
 	})
 	for name, lc := range req.Lists {
-		lr := slidingsync.ListResponse{Count: slidingsync.Some(len(order))}
-		if len(lc.Ranges) > 0 && len(order) > 0 && lc.Ranges[0].Valid() && lc.Ranges[0].Start < len(order) {
-			rg := lc.Ranges[0]
-			rg.End = min(rg.End, len(order)-1)
-			lr.Ops = []slidingsync.ListOp{{Op: slidingsync.ListOpSync, Range: &rg, RoomIDs: slices.Clone(order[rg.Start : rg.End+1])}}
-		}
-		out.Lists[name] = lr
+		out.Lists[name] = slidingsynctest.SynapseListResponse(lc, order)
 	}
 
 	exts := map[string]any{}
@@ -522,11 +517,9 @@ func buildRoom(j *v2Joined, initial bool, rs slidingsync.RequiredState, limit in
 		}
 		state[k] = evt
 	}
-	senders := map[string]bool{}
-	if rs.LazyMembers {
-		for _, evt := range timeline {
-			senders[evt.Sender.String()] = true
-		}
+	senders := map[id.UserID]bool{}
+	for _, evt := range timeline {
+		senders[evt.Sender] = true
 	}
 	if nameEvt := state[key{event.StateRoomName.Type, ""}]; nameEvt != nil {
 		if name, ok := nameEvt.Content.Raw["name"].(string); ok && name != "" {
@@ -536,31 +529,11 @@ func buildRoom(j *v2Joined, initial bool, rs slidingsync.RequiredState, limit in
 		}
 	}
 	for _, k := range keys {
-		if wanted(rs, k.t, k.sk, me, senders) {
+		if slidingsynctest.WantsState(rs, me, k.t, k.sk, senders) {
 			room.RequiredState = append(room.RequiredState, state[k])
 		}
 	}
 	return room
-}
-
-func wanted(rs slidingsync.RequiredState, evtType, stateKey string, me id.UserID, lazy map[string]bool) bool {
-	if evtType == event.StateMember.Type && lazy[stateKey] {
-		return true
-	}
-	for _, f := range rs.Include {
-		if f.Type != "*" && f.Type != evtType {
-			continue
-		}
-		switch f.StateKey {
-		case "*", stateKey:
-			return true
-		case "$ME":
-			if me != "" && stateKey == me.String() {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 type e2eeResponse struct {

@@ -1,4 +1,4 @@
-package demohs
+package minihs
 
 import (
 	"encoding/json"
@@ -116,6 +116,8 @@ func (s *Server) keysUpload(w http.ResponseWriter, r *http.Request, who devRef) 
 	} else {
 		req.DeviceKeys = nil
 	}
+	var ev *Event
+	defer func() { s.observePtr(ev) }()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	d := s.devices[who.user][who.device]
@@ -125,7 +127,7 @@ func (s *Server) keysUpload(w http.ResponseWriter, r *http.Request, who devRef) 
 		up.DeviceKeys = true
 		if d.keys == nil {
 			// A new device: users sharing a room with its owner hear of it.
-			if who.user != s.opts.BotUserID {
+			if who.user != BotUserID {
 				s.devLists = append(s.devLists, devChange{stream: s.nextStream(), user: who.user})
 			}
 		}
@@ -170,7 +172,7 @@ func (s *Server) keysUpload(w http.ResponseWriter, r *http.Request, who devRef) 
 		break
 	}
 	up.Held = len(d.otks)
-	if changed && who.user == s.opts.BotUserID && who.device == s.opts.BotDeviceID {
+	if changed && who.user == BotUserID && who.device == BotDeviceID {
 		s.keysAt = s.nextStream()
 	}
 	if up.DeviceKeys || up.OTKs > 0 || up.Fallback != "" {
@@ -178,6 +180,7 @@ func (s *Server) keysUpload(w http.ResponseWriter, r *http.Request, who devRef) 
 		s.notifyLocked()
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"one_time_key_counts": map[string]int{string(id.KeyAlgorithmSignedCurve25519): len(d.otks)}})
+	ev = &Event{Kind: KindKeysUpload, DeviceKeys: up.DeviceKeys, OTKs: up.OTKs, Fallback: up.Fallback != ""}
 }
 
 func sortedKeys(m map[string]json.RawMessage) []id.KeyID {
@@ -197,6 +200,8 @@ func (s *Server) keysQuery(w http.ResponseWriter, r *http.Request, who devRef) {
 		writeError(w, http.StatusBadRequest, "M_BAD_JSON", "Invalid key query.")
 		return
 	}
+	var ev *Event
+	defer func() { s.observePtr(ev) }()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := map[id.UserID]map[id.DeviceID]json.RawMessage{}
@@ -217,6 +222,7 @@ func (s *Server) keysQuery(w http.ResponseWriter, r *http.Request, who devRef) {
 		out[u] = keys
 		s.queries = append(s.queries, Query{By: who.user, User: u, Devices: len(keys), At: time.Now()})
 	}
+	ev = &Event{Kind: KindKeysQuery, Users: users}
 	s.notifyLocked()
 	writeJSON(w, http.StatusOK, map[string]any{
 		"failures": map[string]any{}, "device_keys": out,
@@ -234,6 +240,8 @@ func (s *Server) keysClaim(w http.ResponseWriter, r *http.Request, who devRef) {
 		writeError(w, http.StatusBadRequest, "M_BAD_JSON", "Invalid key claim.")
 		return
 	}
+	var ev *Event
+	defer func() { s.observePtr(ev) }()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := map[id.UserID]map[id.DeviceID]map[id.KeyID]json.RawMessage{}
@@ -261,13 +269,14 @@ func (s *Server) keysClaim(w http.ResponseWriter, r *http.Request, who devRef) {
 			}
 			out[user][dev] = map[id.KeyID]json.RawMessage{key.id: key.raw}
 			s.claims = append(s.claims, c)
-			if user == s.opts.BotUserID && dev == s.opts.BotDeviceID {
+			if user == BotUserID && dev == BotDeviceID {
 				s.keysAt = s.nextStream()
 			}
 			s.notifyLocked()
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"failures": map[string]any{}, "one_time_keys": out})
+	ev = &Event{Kind: KindKeysClaim}
 }
 
 // sendToDevice queues messages per target device; "*" means every device of the user. A
@@ -281,6 +290,8 @@ func (s *Server) sendToDevice(w http.ResponseWriter, r *http.Request, who devRef
 		return
 	}
 	evtType := r.PathValue("type")
+	var ev *Event
+	defer func() { s.observePtr(ev) }()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	txnKey := fmt.Sprintf("%s\x00%s\x00%s", who.user, who.device, r.PathValue("txn"))
@@ -314,6 +325,7 @@ func (s *Server) sendToDevice(w http.ResponseWriter, r *http.Request, who devRef
 	}
 	s.notifyLocked()
 	writeJSON(w, http.StatusOK, map[string]any{})
+	ev = &Event{Kind: KindSendToDevice, EventType: evtType}
 }
 
 // UploadRejections returns how many key uploads were rejected because a one-time key ID

@@ -1,4 +1,4 @@
-package demohs
+package minihs
 
 import (
 	"context"
@@ -20,7 +20,7 @@ import (
 )
 
 // peerPickleKey encrypts the peers' Olm accounts in their throwaway databases.
-var peerPickleKey = []byte("demohs peer pickle key")
+var peerPickleKey = []byte("minihs peer pickle key")
 
 // Peer is one device of a scripted user: a mautrix OlmMachine (goolm) on its own SQLite file,
 // whose client talks to the server over HTTP. Its methods may be called from any goroutine;
@@ -67,9 +67,9 @@ func (s *Server) newDevice(ctx context.Context, user id.UserID) (*Peer, error) {
 		s.mu.Unlock()
 		return nil, errClosed
 	}
-	if user == s.opts.BotUserID {
+	if user == BotUserID {
 		s.mu.Unlock()
-		return nil, fmt.Errorf("demohs: %s is the bot", user)
+		return nil, fmt.Errorf("minihs: %s is the bot", user)
 	}
 	s.peers++
 	n := s.peers
@@ -80,9 +80,6 @@ func (s *Server) newDevice(ctx context.Context, user id.UserID) (*Peer, error) {
 	s.mu.Unlock()
 
 	log := zerolog.Nop()
-	if s.opts.Log != nil {
-		log = s.opts.Log.With().Stringer("peer", user).Stringer("peer_device", dev).Logger()
-	}
 	db, err := dbopen.Open(filepath.Join(s.dir, fmt.Sprintf("peer%d.db", n)), dbopen.Config{RelaxedSync: true})
 	if err != nil {
 		return nil, err
@@ -90,7 +87,7 @@ func (s *Server) newDevice(ctx context.Context, user id.UserID) (*Peer, error) {
 	p, err := s.setUpPeer(ctx, log, db, user, dev, token)
 	if err != nil {
 		_ = db.Close()
-		return nil, fmt.Errorf("demohs: set up %s's device %s: %w", user, dev, err)
+		return nil, fmt.Errorf("minihs: set up %s's device %s: %w", user, dev, err)
 	}
 	s.mu.Lock()
 	s.peerDBs = append(s.peerDBs, db)
@@ -124,22 +121,16 @@ func (s *Server) setUpPeer(ctx context.Context, log zerolog.Logger, db *dbutil.D
 // CreateEncryptedRoom creates an encrypted room (shared history) with the peer joined and
 // the given users invited.
 func (p *Peer) CreateEncryptedRoom(ctx context.Context, name string, invite ...id.UserID) (id.RoomID, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	s := p.srv
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return "", errClosed
-	}
-	roomID := s.createRoomLocked(p.UserID, name, invite, true)
-	s.mu.Unlock()
-	return roomID, p.loadRoomState(ctx, roomID)
+	return p.createRoom(ctx, name, invite, true)
 }
 
 // CreatePlainRoom creates an unencrypted room with the peer joined and the given users
 // invited.
 func (p *Peer) CreatePlainRoom(ctx context.Context, name string, invite ...id.UserID) (id.RoomID, error) {
+	return p.createRoom(ctx, name, invite, false)
+}
+
+func (p *Peer) createRoom(ctx context.Context, name string, invite []id.UserID, encrypted bool) (id.RoomID, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := p.srv
@@ -148,7 +139,7 @@ func (p *Peer) CreatePlainRoom(ctx context.Context, name string, invite ...id.Us
 		s.mu.Unlock()
 		return "", errClosed
 	}
-	roomID := s.createRoomLocked(p.UserID, name, invite, false)
+	roomID := s.createRoomLocked(p.UserID, name, invite, encrypted)
 	s.mu.Unlock()
 	return roomID, p.loadRoomState(ctx, roomID)
 }
@@ -172,7 +163,7 @@ func (p *Peer) loadRoomState(ctx context.Context, roomID id.RoomID) error {
 	}
 	s.mu.Unlock()
 	if rm == nil {
-		return fmt.Errorf("demohs: no room %s", roomID)
+		return fmt.Errorf("minihs: no room %s", roomID)
 	}
 	for _, raw := range raws {
 		evt, err := decodeEvent(raw, event.StateEventType)
@@ -212,11 +203,11 @@ func (p *Peer) SendEncrypted(ctx context.Context, roomID id.RoomID, body string)
 		return "", err
 	}
 	if err := p.Olm.ShareGroupSession(ctx, roomID, members); err != nil {
-		return "", fmt.Errorf("demohs: share the room key: %w", err)
+		return "", fmt.Errorf("minihs: share the room key: %w", err)
 	}
 	enc, err := p.Olm.EncryptMegolmEvent(ctx, roomID, event.EventMessage, &event.MessageEventContent{MsgType: event.MsgText, Body: body})
 	if err != nil {
-		return "", fmt.Errorf("demohs: encrypt: %w", err)
+		return "", fmt.Errorf("minihs: encrypt: %w", err)
 	}
 	resp, err := p.Client.SendMessageEvent(ctx, roomID, event.EventEncrypted, enc)
 	if err != nil {
@@ -251,7 +242,7 @@ func (p *Peer) ClaimKeys(ctx context.Context, user id.UserID, dev id.DeviceID, n
 
 // ClaimBotKeys claims n keys of the bot's device (see ClaimKeys).
 func (p *Peer) ClaimBotKeys(ctx context.Context, n int) (otks, fallbacks int, err error) {
-	return p.ClaimKeys(ctx, p.srv.opts.BotUserID, p.srv.opts.BotDeviceID, n)
+	return p.ClaimKeys(ctx, BotUserID, BotDeviceID, n)
 }
 
 // ReceiveToDevice hands the device's queued to-device events to its OlmMachine (which
