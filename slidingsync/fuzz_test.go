@@ -132,7 +132,7 @@ func FuzzDecodeResponse(f *testing.F) {
 			// Compacting changes the representation, never the state.
 			full, err := json.Marshal(fresh)
 			require.NoError(t, err)
-			small, err := json.Marshal(CompactRoom(fresh))
+			small, err := json.Marshal(compactRoom(fresh))
 			require.NoError(t, err)
 			require.JSONEq(t, string(full), string(small))
 

@@ -11,9 +11,9 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// DefaultTimelineCap is how many of the latest timeline events a RoomState keeps when
+// defaultTimelineCap is how many of the latest timeline events a RoomState keeps when
 // Config.TimelineCap is zero.
-const DefaultTimelineCap = 20
+const defaultTimelineCap = 20
 
 // MaxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
 // rejected, so a hostile count or index cannot make the client allocate or shift without
@@ -91,10 +91,10 @@ func applyOpt[T any](dst *T, o Opt[T], initial bool) {
 // fields are unset; otherwise absent fields are unchanged and explicit nulls clear; a required
 // state stub deletes that state; a limited timeline replaces the kept timeline and marks
 // membership stale; otherwise new events are appended. At most timelineCap events are kept
-// (DefaultTimelineCap when timelineCap <= 0).
+// (defaultTimelineCap when timelineCap <= 0).
 func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap int) *RoomState {
 	if timelineCap <= 0 {
-		timelineCap = DefaultTimelineCap
+		timelineCap = defaultTimelineCap
 	}
 	next := &RoomState{ID: roomID}
 	if old != nil && !r.Initial {
@@ -165,11 +165,11 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	return next
 }
 
-// CompactRoom returns rs with every event whose content is decoded replaced by a copy that
+// compactRoom returns rs with every event whose content is decoded replaced by a copy that
 // keeps the content as raw JSON only (Content.VeryRaw; Raw and Parsed nil), or rs itself when
 // nothing needs it. rs and its events are not modified. Events without raw JSON (built in
 // code) are kept as they are. See Config.CompactState.
-func CompactRoom(rs *RoomState) *RoomState {
+func compactRoom(rs *RoomState) *RoomState {
 	if rs == nil {
 		return nil
 	}

@@ -471,20 +471,20 @@ func TestMergeRoom(t *testing.T) {
 			},
 		},
 		{
-			name:    "a zero cap means DefaultTimelineCap",
+			name:    "a zero cap means defaultTimelineCap",
 			cap:     0,
 			entries: []string{`{"initial":true,"timeline":` + msgs(1, 15) + `}`, `{"timeline":` + msgs(16, 30) + `}`},
 			check: func(t *testing.T, rs *RoomState) {
-				assert.Equal(t, msgIDs(30-DefaultTimelineCap+1, 30), timelineIDs(rs))
+				assert.Equal(t, msgIDs(30-defaultTimelineCap+1, 30), timelineIDs(rs))
 			},
 		},
 		{
-			name:    "a negative cap means DefaultTimelineCap",
+			name:    "a negative cap means defaultTimelineCap",
 			cap:     -1,
 			entries: []string{`{"initial":true,"timeline":` + msgs(1, 25) + `}`},
 			check: func(t *testing.T, rs *RoomState) {
-				assert.Len(t, rs.Timeline, DefaultTimelineCap)
-				assert.Equal(t, id.EventID("$m25"), rs.Timeline[DefaultTimelineCap-1].ID)
+				assert.Len(t, rs.Timeline, defaultTimelineCap)
+				assert.Equal(t, id.EventID("$m25"), rs.Timeline[defaultTimelineCap-1].ID)
 			},
 		},
 		{
