@@ -16,12 +16,10 @@ import (
 	"github.com/sliding-e2ee/sdk/e2ee"
 )
 
-// Defaults of the fallback key settings of Config.
+// What the zero values of the fallback key settings of Config mean.
 const (
-	// DefaultFallbackKeyRotation is Config.FallbackKeyRotation when it is zero.
-	DefaultFallbackKeyRotation = time.Hour
-	// DefaultFallbackKeyGrace is Config.FallbackKeyGrace when it is zero.
-	DefaultFallbackKeyGrace = time.Hour
+	defaultFallbackKeyRotation = time.Hour
+	defaultFallbackKeyGrace    = time.Hour
 )
 
 // ErrFallbackNeedsGoolm is returned by New when fallback keys are enabled but the OlmMachine's
@@ -51,8 +49,8 @@ const (
 // idle long-poll cost a statement in each commit.
 //
 // known is true only while pending is what the database holds: HandleE2EE clears it before
-// it writes and stages what it wrote; the commit of the same delta (E2EEDeltaCommitted)
-// confirms it. A commit that rolls back never confirms, so the next response writes again.
+// it writes and stages what it wrote; the commit of the same delta (the After of the Step that
+// wrote it) confirms it. A commit that rolls back never confirms, so the next response writes again.
 // Run's writes to the row (writeFallback) clear known and bump gen before and after they run,
 // so a commit that overlapped one of them confirms nothing: which write landed last is then
 // unknown.
