@@ -182,7 +182,7 @@ func crashChild(path, url string, final bool) error {
 			return err
 		}
 		cursor = ch.Next
-		m.Kick()
+		m.lookForWork()
 		if final && len(ch.Users) == 0 {
 			if settled, err := crashSettled(ctx, m); err != nil {
 				return err

@@ -225,11 +225,11 @@ func (m *Machine) rotateFallbackKey(ctx context.Context, now time.Time, hadKey b
 	return nil
 }
 
-// SignedFallbackKeys returns the current fallback key as the fallback_keys field of a
+// currentFallbackKeys returns the current fallback key as the fallback_keys field of a
 // /keys/upload request: {"signed_curve25519:<key id>": {"key": ..., "fallback": true,
 // "signatures": {...}}}, signed by the device. It is empty before the first rotation or when
 // fallback keys are disabled.
-func (m *Machine) SignedFallbackKeys() (map[id.KeyID]mautrix.OneTimeKey, error) {
+func (m *Machine) currentFallbackKeys() (map[id.KeyID]mautrix.OneTimeKey, error) {
 	m.acctMu.Lock()
 	defer m.acctMu.Unlock()
 	return m.signedFallbackKeys()
@@ -261,7 +261,7 @@ type fallbackUploadRequest struct {
 
 // uploadFallbackKey uploads the current fallback key and records that it was.
 func (m *Machine) uploadFallbackKey(ctx context.Context) error {
-	keys, err := m.SignedFallbackKeys()
+	keys, err := m.currentFallbackKeys()
 	if err != nil {
 		return err
 	}

@@ -255,9 +255,9 @@ func (m *Machine) committed(st e2ee.State, d *e2ee.Delta) {
 	}
 }
 
-// Kick wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
+// lookForWork wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
 // upload). It never blocks.
-func (m *Machine) Kick() {
+func (m *Machine) lookForWork() {
 	m.outdatedDirty.Store(true)
 	m.fallbackDirty.Store(true)
 	m.wake()

@@ -80,7 +80,7 @@
 // required_state or the timeline clears it; on MSC4186 an entry without is_dm means not a DM
 // (Synapse sends it on every entry of a DM). limited replaces the kept timeline and marks the
 // room's membership stale ([RoomState.MembersStale]); an expanded timeline replaces it too.
-// A SYNC op may echo a range reaching past [MaxWindowIndex]. The window of a list follows the MSC3575
+// A SYNC op may echo a range reaching past the largest window index (2^18 - 1). The window of a list follows the MSC3575
 // ops and never extends past its count.
 //
 // # Concurrency

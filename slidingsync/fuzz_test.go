@@ -182,7 +182,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if err != nil {
 			return
 		}
-		for _, p := range Protocols {
+		for _, p := range protocols {
 			q1, b1, err := EncodeRequest(p, req)
 			if err != nil {
 				continue

@@ -39,7 +39,7 @@ func (c *Conn) roundTrip(ctx context.Context, ep Endpoint, info RequestInfo, tim
 	if err != nil {
 		return nil, gen, fmt.Errorf("%w: %w", errFatal, err)
 	}
-	url, err := ep.URL(c.cli.HomeserverURL, query)
+	url, err := ep.requestURL(c.cli.HomeserverURL, query)
 	if err != nil {
 		return nil, gen, fmt.Errorf("%w: %w", errFatal, err)
 	}

@@ -15,14 +15,14 @@ import (
 // Config.TimelineCap is zero.
 const defaultTimelineCap = 20
 
-// MaxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
+// maxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
 // rejected, so a hostile count or index cannot make the client allocate or shift without
 // limit. A range may end past it (a server echoing a wide requested range).
-const MaxWindowIndex = 1 << 18
+const maxWindowIndex = 1 << 18
 
-// MaxListOps bounds the ops of one list in one response (servers send one per range, or a
+// maxListOps bounds the ops of one list in one response (servers send one per range, or a
 // few DELETE/INSERT pairs), which bounds the cost of applying them.
-const MaxListOps = 1000
+const maxListOps = 1000
 
 // StateKey identifies a piece of room state.
 type StateKey struct {
@@ -286,22 +286,22 @@ func (op ListOp) validate() error {
 		if op.Range == nil {
 			return fmt.Errorf("%s without range", op.Op)
 		}
-		// The end may lie past MaxWindowIndex: Synapse echoes the range a client asked for,
+		// The end may lie past maxWindowIndex: Synapse echoes the range a client asked for,
 		// however wide. Only the positions the op fills are bounded.
-		if !op.Range.Valid() || op.Range.Start >= MaxWindowIndex {
+		if !op.Range.Valid() || op.Range.Start >= maxWindowIndex {
 			return fmt.Errorf("%s with invalid range [%d, %d]", op.Op, op.Range.Start, op.Range.End)
 		}
 		if op.Op == ListOpSync && len(op.RoomIDs)-1 > op.Range.End-op.Range.Start {
 			return fmt.Errorf("SYNC of %d rooms into range [%d, %d]", len(op.RoomIDs), op.Range.Start, op.Range.End)
 		}
-		if op.Op == ListOpSync && op.Range.Start+len(op.RoomIDs) > MaxWindowIndex {
-			return fmt.Errorf("SYNC of %d rooms from %d: past position %d", len(op.RoomIDs), op.Range.Start, MaxWindowIndex)
+		if op.Op == ListOpSync && op.Range.Start+len(op.RoomIDs) > maxWindowIndex {
+			return fmt.Errorf("SYNC of %d rooms from %d: past position %d", len(op.RoomIDs), op.Range.Start, maxWindowIndex)
 		}
 	case ListOpInsert, ListOpDelete:
 		if op.Index == nil {
 			return fmt.Errorf("%s without index", op.Op)
 		}
-		if *op.Index < 0 || *op.Index >= MaxWindowIndex {
+		if *op.Index < 0 || *op.Index >= maxWindowIndex {
 			return fmt.Errorf("%s with invalid index %d", op.Op, *op.Index)
 		}
 		if op.Op == ListOpInsert && op.RoomID == "" {
@@ -326,8 +326,8 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 		}
 		next.Count = lr.Count.Val
 	}
-	if len(lr.Ops) > MaxListOps {
-		return old, fmt.Errorf("%d ops, more than %d", len(lr.Ops), MaxListOps)
+	if len(lr.Ops) > maxListOps {
+		return old, fmt.Errorf("%d ops, more than %d", len(lr.Ops), maxListOps)
 	}
 	for i, op := range lr.Ops {
 		if err := op.validate(); err != nil {

@@ -423,13 +423,13 @@ func TestListWithoutRangesGetsEveryRoomFromSynapse(t *testing.T) {
 		lc.Ranges = nil
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Lists: map[string]slidingsync.List{"all": {ListConfig: lc}}})
 		h.srv.PushJSON(http.StatusOK, fmt.Sprintf(`{"pos":"p1","lists":{"all":{"count":2,"ops":[{"op":"SYNC","range":[0,%d],"room_ids":["!a:x","!b:x"]}]}},
-			"rooms":{"!a:x":{"initial":true},"!b:x":{"initial":true}},"extensions":{}}`, slidingsync.MaxWindowIndex-1))
+			"rooms":{"!a:x":{"initial":true},"!b:x":{"initial":true}},"extensions":{}}`, (1<<18)-1))
 		h.run()
 		reqs, err := h.srv.WaitRequests(context.Background(), 2)
 		require.NoError(t, err)
 		synctest.Wait()
 		require.ErrorIs(t, h.stop(t), context.Canceled)
-		assert.Equal(t, []slidingsync.Range{{Start: 0, End: slidingsync.MaxWindowIndex - 1}}, reqs[0].Parsed.Lists["all"].Ranges)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: (1 << 18) - 1}}, reqs[0].Parsed.Lists["all"].Ranges)
 		ls, ok := h.conn.List("all")
 		require.True(t, ok, "the echoed range is accepted")
 		assert.Equal(t, []id.RoomID{"!a:x", "!b:x"}, ls.Rooms)

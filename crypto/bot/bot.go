@@ -244,7 +244,7 @@ func (h *Helper) openDB(ctx context.Context) (db, botDB *dbutil.Database, closeD
 		}
 		closeDB = func() { _ = db.Close() }
 	}
-	botDB = db.Child(VersionTableName, UpgradeTable, nil)
+	botDB = db.Child(versionTableName, upgradeTable, nil)
 	if err := botDB.Upgrade(ctx); err != nil {
 		closeDB()
 		return nil, nil, nil, fmt.Errorf("bot: upgrade the bot's tables: %w", err)
