@@ -80,7 +80,7 @@ func BenchmarkDeviceListsChanged(b *testing.B) {
 	}
 	commit := func(b *testing.B, db *dbutil.Database, m *Machine) {
 		err := db.DoTxn(ctx, nil, func(ctx context.Context) error {
-			return m.HandleE2EE(ctx, &e2ee.Delta{Changed: users})
+			return m.record(ctx, &e2ee.Delta{Changed: users})
 		})
 		if err != nil {
 			b.Fatal(err)

@@ -49,13 +49,10 @@ func TestMachineOnConnection(t *testing.T) {
 
 		store := sqlstore.New(e.db, nil)
 		require.NoError(t, store.Upgrade(context.Background()))
-		e2eeExt, err := e2ee.NewE2EE(testUser, testDevice, e2ee.Config{Consumer: e.m})
+		exts, release, err := e2ee.New(testUser, testDevice, e2ee.Config{Consumer: e.m, ToDevice: e.m.HandleToDevice})
 		require.NoError(t, err)
-		defer e2eeExt.Close()
-		tdExt, err := e2ee.NewToDevice(testUser, testDevice, e2ee.ToDeviceConfig{Handler: e.m.HandleToDevice})
-		require.NoError(t, err)
-		defer tdExt.Close()
-		conn, err := slidingsync.New(e.cli, slidingsync.Config{Store: store, Extensions: []slidingsync.Extension{e2eeExt, tdExt}})
+		defer release()
+		conn, err := slidingsync.New(e.cli, slidingsync.Config{Store: store, Extensions: exts})
 		require.NoError(t, err)
 
 		// settle lets every goroutine finish its work. A goroutine whose SQLite write met

@@ -172,7 +172,7 @@ func crashChild(path, url string, final bool) error {
 		}
 		d := &e2ee.Delta{Changed: ch.Users, FallbackKeyTypes: slidingsync.Some(types)}
 		err = db.DoTxn(ctx, nil, func(ctx context.Context) error {
-			if err := m.HandleE2EE(ctx, d); err != nil {
+			if err := m.record(ctx, d); err != nil {
 				return err
 			}
 			_, err := db.Exec(ctx, `UPDATE crash_cursor SET next = $1`, ch.Next)
@@ -182,7 +182,7 @@ func crashChild(path, url string, final bool) error {
 			return err
 		}
 		cursor = ch.Next
-		m.Kick()
+		m.lookForWork()
 		if final && len(ch.Users) == 0 {
 			if settled, err := crashSettled(ctx, m); err != nil {
 				return err

@@ -23,7 +23,7 @@ func TestChangedUserIsQueried(t *testing.T) {
 	e := newEnv(t, Config{})
 	e.track(alice, bob)
 
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice, carol}}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice, carol}}))
 	assert.Equal(t, []id.UserID{alice}, e.outdated(), "only tracked users are marked")
 
 	again, err := e.m.refreshOutdated(ctx)
@@ -45,7 +45,7 @@ func TestGapMarksEveryTrackedUser(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	e.track(alice, bob)
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Gap: true}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Gap: true}))
 	assert.Equal(t, []id.UserID{alice, bob}, e.outdated())
 	_, err := e.m.refreshOutdated(ctx)
 	require.NoError(t, err)
@@ -58,8 +58,8 @@ func TestLeftUserIsUntracked(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	e.track(alice, bob)
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{bob}}))
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Left: []id.UserID{bob}}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{bob}}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Left: []id.UserID{bob}}))
 	tracked, err := e.store.FilterTrackedUsers(ctx, []id.UserID{alice, bob})
 	require.NoError(t, err)
 	assert.Equal(t, []id.UserID{alice}, tracked)
@@ -79,14 +79,14 @@ func TestChangeDuringQueryQueriesAgain(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	e.track(alice)
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 
 	first := true
 	e.hs.queryHook = func([]id.UserID) {
 		if first {
 			first = false
 			// The server answers with the old device list; the change arrives meanwhile.
-			require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+			require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 		}
 	}
 	again, err := e.m.refreshOutdated(ctx)
@@ -108,7 +108,7 @@ func TestUnsettledGenerationIsQueried(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	e.track(alice)
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 	// The answer is stored (the flag is cleared), then the process dies.
 	e.track(alice)
 	assert.Empty(t, e.outdated())
@@ -127,7 +127,7 @@ func TestHandleE2EEInsideCommitTransaction(t *testing.T) {
 	e.track(alice)
 	errAbort := assert.AnError
 	err := e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+		require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 		return errAbort
 	})
 	require.ErrorIs(t, err, errAbort)
@@ -138,7 +138,7 @@ func TestHandleE2EEInsideCommitTransaction(t *testing.T) {
 	assert.Empty(t, queries)
 
 	require.NoError(t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		return e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}})
+		return e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}})
 	}))
 	assert.Equal(t, []id.UserID{alice}, e.outdated())
 }
@@ -159,7 +159,7 @@ func TestOutdatedUsersQueriedInChunks(t *testing.T) {
 		}
 		return nil
 	}))
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Gap: true}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Gap: true}))
 	assert.Len(t, e.outdated(), len(users))
 	again, err := e.m.refreshOutdated(ctx)
 	require.NoError(t, err)

@@ -6,7 +6,7 @@
 // [Config]. It is the [e2ee.Consumer] of the e2ee extension, and [Machine.HandleToDevice] is
 // the [e2ee.ToDeviceHandler] of the to_device extension. [Machine.Run] owns the network work.
 // Keep the crypto store, this package's tables and the sliding sync store (sqlstore) in one
-// database, so that what HandleE2EE records commits or rolls back with pos:
+// database, so that what the Step of HandleE2EE records commits or rolls back with pos:
 //
 //	db, _ := dbopen.Open(path, dbopen.Config{})
 //	cs := mcrypto.NewSQLCryptoStore(db, nil, "", cli.DeviceID, pickleKey)
@@ -15,13 +15,15 @@
 //	_ = olm.Load(ctx)
 //	mach, _ := crypto.New(cli, olm, crypto.Config{})
 //	_ = mach.Upgrade(ctx)
-//	e2eeExt, _ := e2ee.NewE2EE(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: mach})
-//	tdExt, _ := e2ee.NewToDevice(cli.UserID, cli.DeviceID, e2ee.ToDeviceConfig{Handler: mach.HandleToDevice})
+//	exts, release, _ := e2ee.New(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: mach, ToDevice: mach.HandleToDevice})
+//	defer release()
+//	conn, _ := slidingsync.New(cli, slidingsync.Config{Store: store, Extensions: exts})
 //	go mach.Run(ctx)
 //
 // # Guarantees
 //
-//   - Device lists: HandleE2EE runs inside the commit transaction and makes no network call.
+//   - Device lists: the Step.Commit that HandleE2EE returns runs inside the commit transaction
+//     and makes no network call.
 //     Changed users that mautrix tracks are marked outdated, on a gap every tracked user is,
 //     and Left users are untracked (their row in crypto_tracked_user is deleted; their devices
 //     stay stored, and the next ShareGroupSession that needs them queries them again, as
@@ -88,12 +90,12 @@
 // # Room state
 //
 // mautrix's OlmMachine learns which rooms are encrypted and whom to share room keys with from
-// its state store. [Machine.HandleRooms] feeds the state events of a response into it (with
-// [UpdateStateStore]) and lets the OlmMachine discard a room's outbound session when the
-// timeline shows a membership or history visibility change. Call it with the response from
-// an extension's CommitTxn (a slidingsync.TxnCommitter), so that the state commits or rolls
-// back with pos in one transaction, as the example bot does, or from
-// slidingsync.Config.OnResponse. [BotRequiredState] is the required state a bot should ask for.
+// its state store. [Machine.HandleRooms] feeds the state events of a response into it and lets
+// the OlmMachine discard a room's outbound session when the timeline shows a membership or
+// history visibility change. Call it from the Step.Commit that slidingsync.Config.OnResponse
+// returns, so that the state commits or rolls back with pos in one transaction (as package
+// bot does), or from OnResponse itself. [BotRequiredState] is the required state a bot should
+// ask for.
 //
 // To send, [Machine.EncryptRoomEvent] makes sure of the recipients before sharing the room key:
 // it fetches the room's member list once per Machine and again after a limited timeline (which

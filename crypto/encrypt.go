@@ -16,19 +16,23 @@ import (
 )
 
 // HandleRooms feeds the room data of a committed or about-to-commit response into the
-// crypto layer. It applies the state events to store with [UpdateStateStore], and, for
+// crypto layer. It applies the state events to the OlmMachine's state store (timeline state
+// events first, then required_state, which is current; stubs without content are skipped),
+// and, for
 // state events of the timeline (changes that happened, not snapshots), lets the OlmMachine
 // react as mautrix's own sync loop would: a membership change or a history visibility change
 // in an encrypted room discards the room's outbound megolm session, so that the next message
 // goes out under a new session shared with the current members. A limited timeline may hide
 // membership changes, so the room's member list is fetched again before the next
-// encryption. Call it with the state store that the OlmMachine and the client use, from an
-// extension's CommitTxn (the writes then commit with pos) or from slidingsync.Config.OnResponse.
-func (m *Machine) HandleRooms(ctx context.Context, store mautrix.StateStore, res *slidingsync.Result) {
+// encryption. Call it from the Step.Commit of slidingsync.Config.OnResponse (the writes then
+// commit with pos, when the state store lives in the same database), or from OnResponse.
+func (m *Machine) HandleRooms(ctx context.Context, res *slidingsync.Result) {
 	if res == nil || res.Response == nil {
 		return
 	}
-	UpdateStateStore(ctx, store, res)
+	if store, ok := m.olm.StateStore.(mautrix.StateStore); ok {
+		updateStateStore(ctx, store, res)
+	}
 	for roomID, room := range res.Response.Rooms {
 		if room == nil {
 			continue

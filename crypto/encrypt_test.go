@@ -41,8 +41,7 @@ func TestEncryptRoomEvent(t *testing.T) {
 	res := func(rr *slidingsync.RoomResponse) *slidingsync.Result {
 		return &slidingsync.Result{Response: &slidingsync.Response{Rooms: map[id.RoomID]*slidingsync.RoomResponse{room: rr}}}
 	}
-	ss := bot.olm.StateStore.(mautrix.StateStore)
-	bot.m.HandleRooms(ctx, ss, res(&slidingsync.RoomResponse{Initial: true, RequiredState: []*event.Event{
+	bot.m.HandleRooms(ctx, res(&slidingsync.RoomResponse{Initial: true, RequiredState: []*event.Event{
 		stateEvt(event.StateEncryption, &empty, `{"algorithm":"m.megolm.v1.aes-sha2"}`),
 		stateEvt(event.StateMember, &aliceKey, `{"membership":"join"}`),
 	}}))
@@ -98,18 +97,18 @@ func TestEncryptRoomEvent(t *testing.T) {
 	assert.Equal(t, 1, sent(), "the session is reused")
 
 	// A limited timeline may hide membership changes: the list is fetched again.
-	bot.m.HandleRooms(ctx, ss, res(&slidingsync.RoomResponse{Limited: true}))
+	bot.m.HandleRooms(ctx, res(&slidingsync.RoomResponse{Limited: true}))
 	encrypt("three")
 	assert.Equal(t, 2, fetches())
 
 	// alice's devices changed: she is queried before the next key share.
 	_, queriesBefore := bot.hs.snapshot()
-	require.NoError(t, bot.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+	require.NoError(t, bot.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 	// A membership change in the timeline discards the outbound session.
 	carolKey := carol.String()
 	join := stateEvt(event.StateMember, &carolKey, `{"membership":"join"}`)
 	join.Sender = carol
-	bot.m.HandleRooms(ctx, ss, res(&slidingsync.RoomResponse{Timeline: []*event.Event{join}}))
+	bot.m.HandleRooms(ctx, res(&slidingsync.RoomResponse{Timeline: []*event.Event{join}}))
 	c = encrypt("four")
 	_, queries := bot.hs.snapshot()
 	assert.Contains(t, queries[len(queriesBefore):], []id.UserID{alice}, "alice's devices are queried again first")
@@ -136,7 +135,7 @@ func TestSettledChangeDiscardsSharedSessions(t *testing.T) {
 	sess.Shared = true
 	require.NoError(t, bot.store.AddOutboundGroupSession(ctx, sess))
 
-	require.NoError(t, bot.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+	require.NoError(t, bot.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 	_, err = bot.m.refreshOutdated(ctx)
 	require.NoError(t, err)
 	got, err := bot.store.GetOutboundGroupSession(ctx, room)

@@ -46,27 +46,24 @@ func runBot(ctx context.Context, cli *mautrix.Client, dbPath string, pickleKey [
 	if err := mach.Upgrade(ctx); err != nil {
 		return err
 	}
-	e2eeExt, err := e2ee.NewE2EE(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: mach})
+	exts, release, err := e2ee.New(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: mach, ToDevice: mach.HandleToDevice})
 	if err != nil {
 		return err
 	}
-	defer e2eeExt.Close()
-	toDevice, err := e2ee.NewToDevice(cli.UserID, cli.DeviceID, e2ee.ToDeviceConfig{Handler: mach.HandleToDevice})
-	if err != nil {
-		return err
-	}
-	defer toDevice.Close()
+	defer release()
 	conn, err := slidingsync.New(cli, slidingsync.Config{
 		Store:      store,
-		Extensions: []slidingsync.Extension{e2eeExt, toDevice},
-		Lists: map[string]slidingsync.ListConfig{"all": {
-			GrowBatch:     500,
-			TimelineLimit: 10,
-			RequiredState: crypto.BotRequiredState(true),
+		Extensions: exts,
+		Lists: map[string]slidingsync.List{"all": {
+			Window: slidingsync.Grow(500),
+			ListConfig: slidingsync.ListConfig{
+				TimelineLimit: 10,
+				RequiredState: crypto.BotRequiredState(true),
+			},
 		}},
-		OnResponse: func(ctx context.Context, res *slidingsync.Result) error {
-			crypto.UpdateStateStore(ctx, stateStore, res)
-			return nil
+		OnResponse: func(ctx context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
+			mach.HandleRooms(ctx, res) // room state into the OlmMachine's state store
+			return slidingsync.Step{}, nil
 		},
 	})
 	if err != nil {

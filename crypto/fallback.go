@@ -16,12 +16,10 @@ import (
 	"github.com/sliding-e2ee/sdk/e2ee"
 )
 
-// Defaults of the fallback key settings of Config.
+// What the zero values of the fallback key settings of Config mean.
 const (
-	// DefaultFallbackKeyRotation is Config.FallbackKeyRotation when it is zero.
-	DefaultFallbackKeyRotation = time.Hour
-	// DefaultFallbackKeyGrace is Config.FallbackKeyGrace when it is zero.
-	DefaultFallbackKeyGrace = time.Hour
+	defaultFallbackKeyRotation = time.Hour
+	defaultFallbackKeyGrace    = time.Hour
 )
 
 // ErrFallbackNeedsGoolm is returned by New when fallback keys are enabled but the OlmMachine's
@@ -51,8 +49,8 @@ const (
 // idle long-poll cost a statement in each commit.
 //
 // known is true only while pending is what the database holds: HandleE2EE clears it before
-// it writes and stages what it wrote; the commit of the same delta (E2EEDeltaCommitted)
-// confirms it. A commit that rolls back never confirms, so the next response writes again.
+// it writes and stages what it wrote; the commit of the same delta (the After of the Step that
+// wrote it) confirms it. A commit that rolls back never confirms, so the next response writes again.
 // Run's writes to the row (writeFallback) clear known and bump gen before and after they run,
 // so a commit that overlapped one of them confirms nothing: which write landed last is then
 // unknown.
@@ -227,11 +225,11 @@ func (m *Machine) rotateFallbackKey(ctx context.Context, now time.Time, hadKey b
 	return nil
 }
 
-// SignedFallbackKeys returns the current fallback key as the fallback_keys field of a
+// currentFallbackKeys returns the current fallback key as the fallback_keys field of a
 // /keys/upload request: {"signed_curve25519:<key id>": {"key": ..., "fallback": true,
 // "signatures": {...}}}, signed by the device. It is empty before the first rotation or when
 // fallback keys are disabled.
-func (m *Machine) SignedFallbackKeys() (map[id.KeyID]mautrix.OneTimeKey, error) {
+func (m *Machine) currentFallbackKeys() (map[id.KeyID]mautrix.OneTimeKey, error) {
 	m.acctMu.Lock()
 	defer m.acctMu.Unlock()
 	return m.signedFallbackKeys()
@@ -263,7 +261,7 @@ type fallbackUploadRequest struct {
 
 // uploadFallbackKey uploads the current fallback key and records that it was.
 func (m *Machine) uploadFallbackKey(ctx context.Context) error {
-	keys, err := m.SignedFallbackKeys()
+	keys, err := m.currentFallbackKeys()
 	if err != nil {
 		return err
 	}

@@ -73,8 +73,8 @@ func TestNoFallbackChurnWithoutTheField(t *testing.T) {
 	e := newEnv(t, Config{})
 	e.setUp(ctx)
 	for range 5 {
-		require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
-		e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+		require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+		e.m.committed(e2ee.State{Active: true}, nil)
 		_, _, err := e.m.work(ctx)
 		require.NoError(t, err)
 	}
@@ -92,7 +92,7 @@ func TestUsedFallbackKeyRotatesOnce(t *testing.T) {
 		first := e.fallbackUploads()[0]
 		time.Sleep(time.Hour)
 		for range 5 {
-			require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes()))
+			require.NoError(t, e.m.record(ctx, fallbackTypes()))
 			_, _, err := e.m.work(ctx)
 			require.NoError(t, err)
 		}
@@ -104,7 +104,7 @@ func TestUsedFallbackKeyRotatesOnce(t *testing.T) {
 		}
 
 		// The server lists the key as unused again: nothing is pending any more.
-		require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes(id.KeyAlgorithmSignedCurve25519)))
+		require.NoError(t, e.m.record(ctx, fallbackTypes(id.KeyAlgorithmSignedCurve25519)))
 		row, err := e.m.loadFallback(ctx)
 		require.NoError(t, err)
 		assert.False(t, row.pending)
@@ -119,11 +119,11 @@ func TestStaleUsedReportDoesNotRotate(t *testing.T) {
 	e := newEnv(t, Config{})
 	e.setUp(ctx)
 	for range 5 {
-		require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes()))
+		require.NoError(t, e.m.record(ctx, fallbackTypes()))
 		_, _, err := e.m.work(ctx)
 		require.NoError(t, err)
 	}
-	require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes(id.KeyAlgorithmSignedCurve25519)))
+	require.NoError(t, e.m.record(ctx, fallbackTypes(id.KeyAlgorithmSignedCurve25519)))
 	next, err := e.m.fallbackWork(ctx)
 	require.NoError(t, err)
 	assert.True(t, next.IsZero())
@@ -136,7 +136,7 @@ func TestFallbackPendingRollsBackWithTheCommit(t *testing.T) {
 	e := newEnv(t, Config{})
 	e.setUp(ctx)
 	err := e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes()))
+		require.NoError(t, e.m.record(ctx, fallbackTypes()))
 		return assert.AnError
 	})
 	require.ErrorIs(t, err, assert.AnError)
@@ -173,7 +173,7 @@ func TestPreviousFallbackKeyKeptForGrace(t *testing.T) {
 		oldKey := onlyKey(t, e.m.goolm.FallbackKey())
 
 		// The key is used; a rotation within FallbackKeyRotation of the last one waits.
-		require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes()))
+		require.NoError(t, e.m.record(ctx, fallbackTypes()))
 		next, err := e.m.fallbackWork(ctx)
 		require.NoError(t, err)
 		assert.Len(t, e.fallbackUploads(), 1)

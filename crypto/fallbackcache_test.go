@@ -11,17 +11,21 @@ import (
 	"github.com/sliding-e2ee/sdk/e2ee"
 )
 
-// commit delivers d as the e2ee extension does: HandleE2EE in a transaction, then, once it
-// committed, E2EEDeltaCommitted with the same delta.
+// commit delivers d as the e2ee extension does: the Step of HandleE2EE, its Commit in a
+// transaction, then, once it committed, its After.
 func (e *env) commit(ctx context.Context, d *e2ee.Delta) {
 	e.t.Helper()
+	if d == nil {
+		d = &e2ee.Delta{}
+	}
+	step := e.m.HandleE2EE(ctx, e2ee.State{Active: true}, d)
 	require.NoError(e.t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		if d == nil {
+		if step.Commit == nil {
 			return nil
 		}
-		return e.m.HandleE2EE(ctx, d)
+		return step.Commit(ctx)
 	}))
-	e.m.E2EEDeltaCommitted(ctx, e2ee.State{Active: true}, d)
+	step.After(ctx)
 }
 
 // setPending changes the row behind the Machine's back, so that a test sees whether the
@@ -86,7 +90,7 @@ func TestFallbackStateWrittenAfterRolledBackCommit(t *testing.T) {
 			require.False(t, e.pending(ctx))
 
 			err := e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-				require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes()))
+				require.NoError(t, e.m.record(ctx, fallbackTypes()))
 				return assert.AnError
 			})
 			require.ErrorIs(t, err, assert.AnError)
@@ -123,16 +127,16 @@ func TestFallbackCommitOverlappingRunsWriteConfirmsNothing(t *testing.T) {
 	e.commit(ctx, fallbackTypes(unused...))
 
 	d := fallbackTypes()
-	require.NoError(t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error { return e.m.HandleE2EE(ctx, d) }))
+	require.NoError(t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error { return e.m.record(ctx, d) }))
 	require.NoError(t, e.m.uploadFallbackKey(ctx)) // after the commit, before its report
-	e.m.E2EEDeltaCommitted(ctx, e2ee.State{Active: true}, d)
+	e.m.committed(e2ee.State{Active: true}, d)
 	require.False(t, e.pending(ctx))
 
 	e.commit(ctx, fallbackTypes())
 	assert.True(t, e.pending(ctx))
 }
 
-// A commit reported without its delta (E2EECommitted) confirms nothing: what it wrote is
+// A commit reported without its delta (a Step that wrote nothing) confirms nothing: what it wrote is
 // unknown, and the next report is written even if it matches what the Machine knew before.
 func TestFallbackCommitWithoutItsDeltaConfirmsNothing(t *testing.T) {
 	ctx := context.Background()
@@ -140,21 +144,21 @@ func TestFallbackCommitWithoutItsDeltaConfirmsNothing(t *testing.T) {
 	e.setUp(ctx)
 	e.commit(ctx, fallbackTypes(unused...))
 
-	require.NoError(t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error { return e.m.HandleE2EE(ctx, fallbackTypes()) }))
-	e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+	require.NoError(t, e.db.DoTxn(ctx, nil, func(ctx context.Context) error { return e.m.record(ctx, fallbackTypes()) }))
+	e.m.committed(e2ee.State{Active: true}, nil)
 	require.True(t, e.pending(ctx))
 
 	e.commit(ctx, fallbackTypes(unused...))
 	assert.False(t, e.pending(ctx))
 }
 
-// NeedsHandle answers as HandleE2EE decides: device-list news always needs the transaction;
+// needsRecord answers as record decides: device-list news always needs the transaction;
 // fallback key types only while what they say is not known to be stored.
-func TestNeedsHandle(t *testing.T) {
+func TestNeedsRecord(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	e.setUp(ctx)
-	assert.True(t, e.m.NeedsHandle(fallbackTypes(unused...)), "stored state unknown after Run's writes")
+	assert.True(t, e.m.needsRecord(fallbackTypes(unused...)), "stored state unknown after Run's writes")
 	e.commit(ctx, fallbackTypes(unused...))
 	for _, tc := range []struct {
 		name string
@@ -169,7 +173,7 @@ func TestNeedsHandle(t *testing.T) {
 		{"gap", &e2ee.Delta{Gap: true}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			assert.Equal(t, tc.want, e.m.NeedsHandle(tc.d))
+			assert.Equal(t, tc.want, e.m.needsRecord(tc.d))
 		})
 	}
 }

@@ -18,25 +18,21 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
-// Defaults of Config.
+// What the zero values of Config mean.
 const (
-	// DefaultMinRetryDelay is Config.MinRetryDelay when it is zero.
-	DefaultMinRetryDelay = time.Second
-	// DefaultMaxRetryDelay is Config.MaxRetryDelay when it is zero.
-	DefaultMaxRetryDelay = 5 * time.Minute
+	defaultMinRetryDelay = time.Second
+	defaultMaxRetryDelay = 5 * time.Minute
 )
-
-// ErrAlreadyRunning is returned by Run while another Run of the same Machine has not returned.
-var ErrAlreadyRunning = errors.New("crypto: Machine is already running")
 
 // Config configures a Machine. The zero value is ready to use.
 type Config struct {
 	// MinRetryDelay is the delay before the background work is retried after its first
-	// failure; it doubles after every further failure. Zero means DefaultMinRetryDelay.
+	// failure; it doubles after every further failure. Zero means 1 s.
 	MinRetryDelay time.Duration
-	// MaxRetryDelay caps the retry delay. Zero means DefaultMaxRetryDelay.
+	// MaxRetryDelay caps the retry delay. Zero means 5 min.
 	MaxRetryDelay time.Duration
 	// DisableFallbackKeys turns fallback keys off. Fallback keys need the goolm Olm backend;
 	// with another backend New fails with ErrFallbackNeedsGoolm unless this is set.
@@ -44,16 +40,16 @@ type Config struct {
 	// FallbackKeyRotation is the shortest time between two rotations of the fallback key,
 	// which bounds the churn when the server keeps reporting that no unused fallback key is
 	// left (stale reports after an upload, or a key used at once). Zero means
-	// DefaultFallbackKeyRotation.
+	// 1 h.
 	FallbackKeyRotation time.Duration
 	// FallbackKeyGrace is how long the previous fallback private key is kept after a
 	// rotation, so that pre-key messages made with it while the new key propagates still
-	// decrypt. Zero means DefaultFallbackKeyGrace.
+	// decrypt. Zero means 1 h.
 	FallbackKeyGrace time.Duration
 }
 
 // Machine feeds what the sliding sync e2ee and to_device extensions deliver into mautrix's
-// OlmMachine. It implements [e2ee.Consumer]; [Machine.HandleToDevice] is an
+// OlmMachine. It is the [e2ee.Consumer] of the e2ee extension; [Machine.HandleToDevice] is an
 // [e2ee.ToDeviceHandler]. Its network work (key queries, key uploads) runs in [Machine.Run].
 // See the package documentation for its guarantees.
 type Machine struct {
@@ -102,7 +98,7 @@ type Machine struct {
 	fallbackDue   time.Time
 }
 
-var _ e2ee.SkippingConsumer = (*Machine)(nil)
+var _ e2ee.Consumer = (*Machine)(nil)
 
 // New returns a Machine for cli, the client the OlmMachine olm was built with. olm must be
 // loaded (OlmMachine.Load) and use a *mcrypto.SQLCryptoStore: the Machine writes its own
@@ -122,17 +118,17 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		return nil, errors.New("crypto: the OlmMachine is not loaded (call Load first)")
 	}
 	if cfg.MinRetryDelay <= 0 {
-		cfg.MinRetryDelay = DefaultMinRetryDelay
+		cfg.MinRetryDelay = defaultMinRetryDelay
 	}
 	if cfg.MaxRetryDelay <= 0 {
-		cfg.MaxRetryDelay = DefaultMaxRetryDelay
+		cfg.MaxRetryDelay = defaultMaxRetryDelay
 	}
 	cfg.MaxRetryDelay = max(cfg.MaxRetryDelay, cfg.MinRetryDelay)
 	if cfg.FallbackKeyRotation <= 0 {
-		cfg.FallbackKeyRotation = DefaultFallbackKeyRotation
+		cfg.FallbackKeyRotation = defaultFallbackKeyRotation
 	}
 	if cfg.FallbackKeyGrace <= 0 {
-		cfg.FallbackKeyGrace = DefaultFallbackKeyGrace
+		cfg.FallbackKeyGrace = defaultFallbackKeyGrace
 	}
 	var gacc *goolmaccount.Account
 	if !cfg.DisableFallbackKeys {
@@ -171,13 +167,31 @@ func (m *Machine) Upgrade(ctx context.Context) error {
 // OlmMachine returns the OlmMachine the Machine feeds.
 func (m *Machine) OlmMachine() *mcrypto.OlmMachine { return m.olm }
 
-// HandleE2EE implements e2ee.Consumer. It runs inside the sliding sync store's commit
-// transaction (carried by ctx) and makes no network call: Changed users that are tracked are
-// marked outdated, on a gap every tracked user is, and Left users are untracked. A user is
-// tracked once mautrix has fetched their devices; an untracked user's devices are fetched
-// again by the next OlmMachine.ShareGroupSession that needs them. When the response carried
-// the unused fallback key types, whether an upload is pending is recorded as well.
-func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
+// HandleE2EE implements e2ee.Consumer. It makes no network call. Its Step.Commit, when the
+// delta has something to write, runs inside the sliding sync store's commit transaction
+// (carried by ctx): Changed users that are tracked are marked outdated, on a gap every tracked
+// user is, and Left users are untracked; whether a fallback key upload is pending is recorded
+// when the response changed it. A user is tracked once mautrix has fetched their devices; an
+// untracked user's devices are fetched again by the next OlmMachine.ShareGroupSession that
+// needs them. Its Step.After notes the committed one-time key counts and wakes the goroutine
+// of Run when the commit gave it something to do; it never blocks.
+func (m *Machine) HandleE2EE(_ context.Context, st e2ee.State, d *e2ee.Delta) slidingsync.Step {
+	var written *e2ee.Delta // d, once the Step's Commit wrote it
+	step := slidingsync.Step{After: func(context.Context) { m.committed(st, written) }}
+	if m.needsRecord(d) {
+		step.Commit = func(ctx context.Context) error {
+			if err := m.record(ctx, d); err != nil {
+				return err
+			}
+			written = d
+			return nil
+		}
+	}
+	return step
+}
+
+// record writes what d says the Machine still has to do, in the caller's transaction.
+func (m *Machine) record(ctx context.Context, d *e2ee.Delta) error {
 	if d.Gap || len(d.Changed) > 0 {
 		m.marksStaged.Store(true) // a rolled-back commit only makes Run look once for nothing
 	}
@@ -204,9 +218,9 @@ func (m *Machine) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 	return nil
 }
 
-// NeedsHandle implements e2ee.SkippingConsumer: HandleE2EE has something to write for d
-// unless d only repeats fallback key types whose state is known to be stored.
-func (m *Machine) NeedsHandle(d *e2ee.Delta) bool {
+// needsRecord reports whether record has something to write for d: not when d only repeats
+// fallback key types whose state is known to be stored (Synapse sends them in every response).
+func (m *Machine) needsRecord(d *e2ee.Delta) bool {
 	if d.Gap || len(d.Changed) > 0 || len(d.Left) > 0 {
 		return true
 	}
@@ -219,19 +233,8 @@ func (m *Machine) NeedsHandle(d *e2ee.Delta) bool {
 	return !m.fb.known || m.fb.pending != pending
 }
 
-// E2EECommitted implements e2ee.Consumer: it notes the committed one-time key counts and
-// wakes the goroutine of Run when the commit gave it something to do. It never blocks. The
-// extension calls E2EEDeltaCommitted instead.
-func (m *Machine) E2EECommitted(ctx context.Context, st e2ee.State) {
-	m.committed(st, nil)
-}
-
-// E2EEDeltaCommitted implements e2ee.DeltaConsumer: E2EECommitted, and what HandleE2EE wrote
-// for d is known to be committed.
-func (m *Machine) E2EEDeltaCommitted(ctx context.Context, st e2ee.State, d *e2ee.Delta) {
-	m.committed(st, d)
-}
-
+// committed is told that a commit with the state st is durable, and the delta it wrote (nil
+// when it wrote none).
 func (m *Machine) committed(st e2ee.State, d *e2ee.Delta) {
 	m.mu.Lock()
 	// An idle response (same counts, same fallback key types, no device-list changes) wakes
@@ -252,9 +255,9 @@ func (m *Machine) committed(st e2ee.State, d *e2ee.Delta) {
 	}
 }
 
-// Kick wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
+// lookForWork wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
 // upload). It never blocks.
-func (m *Machine) Kick() {
+func (m *Machine) lookForWork() {
 	m.outdatedDirty.Store(true)
 	m.fallbackDirty.Store(true)
 	m.wake()
@@ -270,10 +273,10 @@ func (m *Machine) wake() {
 // Run does the Machine's network work until ctx is done: it uploads the device keys on the
 // first run of a new device, tops up one-time keys when the committed counts are low, and
 // fetches the device lists of outdated users, retrying failures with exponential backoff. It
-// returns context.Cause(ctx) once its work has stopped, or ErrAlreadyRunning.
+// returns context.Cause(ctx) once its work has stopped, or slidingsync.ErrAlreadyRunning.
 func (m *Machine) Run(ctx context.Context) error {
 	if !m.running.CompareAndSwap(false, true) {
-		return ErrAlreadyRunning
+		return slidingsync.ErrAlreadyRunning
 	}
 	defer m.running.Store(false)
 	log := zerolog.Ctx(ctx)

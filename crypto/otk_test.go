@@ -14,6 +14,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
 type uploadBody struct {
@@ -44,7 +45,7 @@ func counts(n int) e2ee.State {
 func TestNewDeviceUploadsSignedKeysWithoutCounts(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
-	e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+	e.m.committed(e2ee.State{Active: true}, nil)
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ := e.hs.snapshot()
 	require.Equal(t, 1, len(uploads))
@@ -58,7 +59,7 @@ func TestNewDeviceUploadsSignedKeysWithoutCounts(t *testing.T) {
 
 	// Responses without counts never cause an upload.
 	for range 3 {
-		e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+		e.m.committed(e2ee.State{Active: true}, nil)
 		require.NoError(t, e.m.shareKeys(ctx))
 	}
 	uploads, _ = e.hs.snapshot()
@@ -69,7 +70,7 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Config{})
 	// The server reports 50 keys although it holds none: only the device keys go up.
-	e.m.E2EECommitted(ctx, counts(50))
+	e.m.committed(counts(50), nil)
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ := e.hs.snapshot()
 	require.Equal(t, 1, len(uploads))
@@ -77,7 +78,7 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 
 	// {} means every algorithm counts 0, reported five times (stale repetitions).
 	for range 5 {
-		e.m.E2EECommitted(ctx, e2ee.State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{}})
+		e.m.committed(e2ee.State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{}}, nil)
 		require.NoError(t, e.m.shareKeys(ctx))
 	}
 	uploads, _ = e.hs.snapshot()
@@ -93,7 +94,7 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 	e.hs.mu.Unlock()
 
 	// A count at the threshold uploads nothing.
-	e.m.E2EECommitted(ctx, counts(50))
+	e.m.committed(counts(50), nil)
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ = e.hs.snapshot()
 	assert.Equal(t, 2, len(uploads))
@@ -114,7 +115,7 @@ func TestRetriedUploadSendsIdenticalKeys(t *testing.T) {
 	}
 
 	e.hs.failUploads = 1
-	e.m.E2EECommitted(ctx, counts(0))
+	e.m.committed(counts(0), nil)
 	require.Error(t, e.m.shareKeys(ctx))
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ := e.hs.snapshot()
@@ -134,11 +135,11 @@ func TestRetriedUploadSendsIdenticalKeys(t *testing.T) {
 	}
 	e.hs.failUploads = 1
 	e.hs.mu.Unlock()
-	e.m.E2EECommitted(ctx, counts(10))
+	e.m.committed(counts(10), nil)
 	require.Error(t, e.m.shareKeys(ctx))
 	require.NoError(t, e.m.shareKeys(ctx))
 	// Later reports of the old count change nothing.
-	e.m.E2EECommitted(ctx, counts(10))
+	e.m.committed(counts(10), nil)
 	require.NoError(t, e.m.shareKeys(ctx))
 	uploads, _ = e.hs.snapshot()
 	require.Len(t, uploads, 4)
@@ -160,12 +161,12 @@ func TestRunRetriesWithBackoff(t *testing.T) {
 		ctx, cancel := context.WithCancelCause(context.Background())
 		e := newEnv(t, Config{MinRetryDelay: time.Second, MaxRetryDelay: 4 * time.Second})
 		e.track(alice)
-		require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+		require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 		e.hs.failQueries = 3
 
 		done := make(chan error, 1)
 		go func() { done <- e.m.Run(ctx) }()
-		e.m.E2EECommitted(ctx, e2ee.State{Active: true})
+		e.m.committed(e2ee.State{Active: true}, nil)
 		synctest.Wait()
 		start := time.Now()
 		_, queries := e.hs.snapshot()
@@ -186,7 +187,7 @@ func TestRunRetriesWithBackoff(t *testing.T) {
 		assert.Equal(t, 7*time.Second, time.Since(start))
 		assert.Empty(t, e.outdated())
 
-		require.ErrorIs(t, e.m.Run(ctx), ErrAlreadyRunning)
+		require.ErrorIs(t, e.m.Run(ctx), slidingsync.ErrAlreadyRunning)
 		errStop := errors.New("stop")
 		cancel(errStop)
 		require.ErrorIs(t, <-done, errStop)

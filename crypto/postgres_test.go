@@ -24,18 +24,18 @@ func TestPostgres(t *testing.T) {
 	e := newEnvOn(t, Config{}, testUser, testDevice, pgtest.NewDatabase(t))
 	e.track(alice, bob, carol)
 
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Gap: true}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Gap: true}))
 	assert.Equal(t, []id.UserID{alice, bob, carol}, e.outdated())
 	_, err := e.m.refreshOutdated(ctx)
 	require.NoError(t, err)
 	assert.Empty(t, e.outdated())
 
-	require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}, Left: []id.UserID{carol}}))
+	require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}, Left: []id.UserID{carol}}))
 	first := true
 	e.hs.queryHook = func([]id.UserID) {
 		if first {
 			first = false
-			require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
+			require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
 		}
 	}
 	again, err := e.m.refreshOutdated(ctx)
@@ -51,20 +51,20 @@ func TestPostgres(t *testing.T) {
 	assert.ElementsMatch(t, []id.UserID{alice, bob}, tracked)
 
 	err = e.db.DoTxn(ctx, nil, func(ctx context.Context) error {
-		require.NoError(t, e.m.HandleE2EE(ctx, &e2ee.Delta{Changed: []id.UserID{bob}}))
+		require.NoError(t, e.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{bob}}))
 		return assert.AnError
 	})
 	require.ErrorIs(t, err, assert.AnError)
 	assert.Empty(t, e.outdated())
 
 	e.setUp(ctx)
-	require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes()))
+	require.NoError(t, e.m.record(ctx, fallbackTypes()))
 	row, err := e.m.loadFallback(ctx)
 	require.NoError(t, err)
 	assert.True(t, row.pending)
 	assert.True(t, row.uploaded)
 	assert.NotZero(t, row.rotatedAt)
-	require.NoError(t, e.m.HandleE2EE(ctx, fallbackTypes(id.KeyAlgorithmSignedCurve25519)))
+	require.NoError(t, e.m.record(ctx, fallbackTypes(id.KeyAlgorithmSignedCurve25519)))
 	row, err = e.m.loadFallback(ctx)
 	require.NoError(t, err)
 	assert.False(t, row.pending)

@@ -27,9 +27,9 @@ func (m *Machine) roomKeyCommitted() {
 	m.keyMu.Unlock()
 }
 
-// HasRoomKey reports whether the crypto store holds the inbound megolm session sessionID of
+// hasRoomKey reports whether the crypto store holds the inbound megolm session sessionID of
 // roomID (a withheld session counts as absent).
-func (m *Machine) HasRoomKey(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (bool, error) {
+func (m *Machine) hasRoomKey(ctx context.Context, roomID id.RoomID, sessionID id.SessionID) (bool, error) {
 	igs, err := m.store.GetGroupSession(ctx, roomID, sessionID)
 	if errors.Is(err, mcrypto.ErrGroupSessionWithheld) {
 		return false, nil
@@ -48,7 +48,7 @@ func (m *Machine) WaitForRoomKey(ctx context.Context, roomID id.RoomID, sessionI
 	defer timer.Stop()
 	for {
 		next := m.RoomKeyCommitted()
-		if ok, err := m.HasRoomKey(ctx, roomID, sessionID); ok || err != nil {
+		if ok, err := m.hasRoomKey(ctx, roomID, sessionID); ok || err != nil {
 			return ok
 		}
 		select {

@@ -43,7 +43,7 @@ func TestRoomKeyCommittedOnlyAfterCommit(t *testing.T) {
 	woken := make(chan bool, 1)
 	go func() {
 		<-next
-		has, err := bot.m.HasRoomKey(ctx, room, ogs.ID())
+		has, err := bot.m.hasRoomKey(ctx, room, ogs.ID())
 		woken <- err == nil && has
 	}()
 	require.NoError(t, handle(raw))

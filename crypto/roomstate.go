@@ -30,15 +30,14 @@ func BotRequiredState(allMembers bool) slidingsync.RequiredState {
 	return rs
 }
 
-// UpdateStateStore feeds the state events of every room of a response into mautrix's state
+// updateStateStore feeds the state events of every room of a response into mautrix's state
 // store (with mautrix.UpdateStateStore: encryption, members, history visibility, power levels,
 // create, join rules), so that the OlmMachine knows which rooms are encrypted and whom to
-// share keys with. Call it from slidingsync.Config.OnResponse. State events of the timeline
-// are applied first and required_state after them, as required_state is the room's current
-// state. Stubs without content (state deleted, in the merged MSC) are skipped. The events of
-// res are not modified. mautrix's state store reports no errors from these updates; they are
-// logged to the zerolog logger of ctx.
-func UpdateStateStore(ctx context.Context, store mautrix.StateStore, res *slidingsync.Result) {
+// share keys with. State events of the timeline are applied first and required_state after
+// them, as required_state is the room's current state. Stubs without content (state deleted,
+// in the merged MSC) are skipped. The events of res are not modified. mautrix's state store
+// reports no errors from these updates; they are logged to the zerolog logger of ctx.
+func updateStateStore(ctx context.Context, store mautrix.StateStore, res *slidingsync.Result) {
 	if store == nil || res == nil || res.Response == nil {
 		return
 	}

@@ -45,7 +45,7 @@ func TestUpdateStateStore(t *testing.T) {
 	var resp slidingsync.Response
 	require.NoError(t, json.Unmarshal([]byte(roomBody), &resp))
 	store := mautrix.NewMemoryStateStore()
-	UpdateStateStore(ctx, store, &slidingsync.Result{Response: &resp})
+	updateStateStore(ctx, store, &slidingsync.Result{Response: &resp})
 
 	const room id.RoomID = "!room:example.org"
 	enc, err := store.IsEncrypted(ctx, room)

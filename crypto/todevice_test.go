@@ -129,7 +129,7 @@ func TestPreKeyMessageWithPreviousFallbackKey(t *testing.T) {
 
 		// The server reports the key used; the bot rotates.
 		time.Sleep(10 * time.Minute)
-		require.NoError(t, bot.m.HandleE2EE(ctx, fallbackTypes()))
+		require.NoError(t, bot.m.record(ctx, fallbackTypes()))
 		next, err := bot.m.fallbackWork(ctx)
 		require.NoError(t, err)
 		require.Len(t, bot.fallbackUploads(), 2)

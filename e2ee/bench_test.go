@@ -21,16 +21,19 @@ import (
 // commit transaction, as a crypto store would.
 type benchConsumer struct{ db *dbutil.Database }
 
-func (c *benchConsumer) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
-	for _, u := range d.Changed {
-		if _, err := c.db.Exec(ctx, `INSERT INTO bench_outdated (user_id, n) VALUES ($1, 1) ON CONFLICT (user_id) DO UPDATE SET n=bench_outdated.n+1`, u); err != nil {
-			return err
-		}
+func (c *benchConsumer) HandleE2EE(_ context.Context, _ e2ee.State, d *e2ee.Delta) slidingsync.Step {
+	if len(d.Changed) == 0 {
+		return slidingsync.Step{}
 	}
-	return nil
+	return slidingsync.Step{Commit: func(ctx context.Context) error {
+		for _, u := range d.Changed {
+			if _, err := c.db.Exec(ctx, `INSERT INTO bench_outdated (user_id, n) VALUES ($1, 1) ON CONFLICT (user_id) DO UPDATE SET n=bench_outdated.n+1`, u); err != nil {
+				return err
+			}
+		}
+		return nil
+	}}
 }
-
-func (c *benchConsumer) E2EECommitted(context.Context, e2ee.State) {}
 
 func openBenchStore(b *testing.B) *sqlstore.Store {
 	b.Helper()
@@ -45,9 +48,9 @@ func openBenchStore(b *testing.B) *sqlstore.Store {
 }
 
 // BenchmarkIncrementalCommit measures one incremental response through the e2ee extension's
-// whole cycle as the connection runs it (Process, Checkpoint, Commit with the consumer's
-// transaction hook, AfterCommit) on SQLite (modernc), next to the same commit of a response
-// without e2ee data.
+// whole cycle as the connection runs it (Process, Commit with the Step's checkpoint and the
+// consumer's transaction hook, After) on SQLite (modernc), next to the same commit of a
+// response without e2ee data.
 func BenchmarkIncrementalCommit(b *testing.B) {
 	ctx := zerolog.Nop().WithContext(context.Background())
 	key := slidingsync.ConnKey{UserID: "@bench:x", DeviceID: "BENCH"}
@@ -69,37 +72,34 @@ func BenchmarkIncrementalCommit(b *testing.B) {
 		raw := json.RawMessage(sections[name])
 		b.Run(name, func(b *testing.B) {
 			store := openBenchStore(b)
-			ext, err := e2ee.NewE2EE(key.UserID, key.DeviceID, e2ee.Config{Consumer: &benchConsumer{db: store.DB}})
+			exts, release, err := e2ee.New(key.UserID, key.DeviceID, e2ee.Config{Consumer: &benchConsumer{db: store.DB}})
 			require.NoError(b, err)
-			b.Cleanup(func() { _ = ext.Close() })
-			require.NoError(b, ext.Restore(ctx, nil))
+			b.Cleanup(release)
+			var cp json.RawMessage
 			i := 0
 			for b.Loop() {
 				i++
 				pos := strconv.Itoa(i)
-				info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: strconv.Itoa(i - 1)}
-				require.NoError(b, ext.Process(ctx, info, raw))
-				cp, err := ext.Checkpoint(ctx)
+				info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: strconv.Itoa(i - 1), Checkpoint: cp}
+				step, err := exts[0].Process(ctx, info, raw)
 				require.NoError(b, err)
-				require.NoError(b, store.Commit(ctx, key, &slidingsync.Update{
-					Pos:        pos,
-					Extensions: map[string]json.RawMessage{e2ee.E2EEName: cp},
-					TxnHooks:   []func(context.Context) error{ext.CommitTxn},
-				}))
-				ext.AfterCommit(ctx)
+				upd := &slidingsync.Update{Pos: pos, Extensions: map[string]json.RawMessage{"e2ee": step.Checkpoint}}
+				if step.Commit != nil {
+					upd.TxnHooks = []func(context.Context) error{step.Commit}
+				}
+				require.NoError(b, store.Commit(ctx, key, upd))
+				cp = step.Checkpoint
 			}
 		})
 	}
 	b.Run("e2ee-one-changed-process-only", func(b *testing.B) {
-		ext, err := e2ee.NewE2EE("@bench2:x", key.DeviceID, e2ee.Config{Consumer: &benchConsumer{}})
+		exts, release, err := e2ee.New("@bench2:x", key.DeviceID, e2ee.Config{Consumer: &benchConsumer{}})
 		require.NoError(b, err)
-		b.Cleanup(func() { _ = ext.Close() })
-		require.NoError(b, ext.Restore(ctx, nil))
+		b.Cleanup(release)
 		raw := json.RawMessage(sections["e2ee-one-changed"])
 		info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: "1"}
 		for b.Loop() {
-			require.NoError(b, ext.Process(ctx, info, raw))
-			_, err := ext.Checkpoint(ctx)
+			_, err := exts[0].Process(ctx, info, raw)
 			require.NoError(b, err)
 		}
 	})

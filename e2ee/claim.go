@@ -8,7 +8,7 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// ErrDeviceAlreadyClaimed is returned by NewE2EE and NewToDevice when an extension of the same
+// ErrDeviceAlreadyClaimed is returned by New when an extension of the same
 // kind for the same device exists in this process and was not closed: two connections that
 // both carry e2ee or to_device steal each other's device-list changes and to-device messages.
 var ErrDeviceAlreadyClaimed = errors.New("e2ee: the device already has this extension in this process")

@@ -86,7 +86,15 @@ type crashConsumer struct {
 	stop  context.CancelFunc
 }
 
-func (c *crashConsumer) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
+func (c *crashConsumer) HandleE2EE(_ context.Context, _ e2ee.State, d *e2ee.Delta) slidingsync.Step {
+	step := slidingsync.Step{After: c.committed}
+	if !d.Empty() {
+		step.Commit = func(ctx context.Context) error { return c.record(ctx, d) }
+	}
+	return step
+}
+
+func (c *crashConsumer) record(ctx context.Context, d *e2ee.Delta) error {
 	for _, u := range d.Changed {
 		if _, err := c.db.Exec(ctx, `INSERT INTO crash_seen (user_id) VALUES ($1) ON CONFLICT DO NOTHING`, u); err != nil {
 			return err
@@ -102,7 +110,7 @@ func (c *crashConsumer) HandleE2EE(ctx context.Context, d *e2ee.Delta) error {
 	return nil
 }
 
-func (c *crashConsumer) E2EECommitted(context.Context, e2ee.State) {
+func (c *crashConsumer) committed(context.Context) {
 	fmt.Printf("committed %s\n", c.pos)
 	if s, ok := parseCrashPos(c.pos); ok && c.until > 0 && s >= c.until {
 		c.stop()
@@ -123,7 +131,7 @@ func crashChild() int {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	consumer := &crashConsumer{db: store.DB, until: until, stop: cancel}
-	ext, err := e2ee.NewE2EE(crashKey.UserID, crashKey.DeviceID, e2ee.Config{Consumer: consumer})
+	exts, _, err := e2ee.New(crashKey.UserID, crashKey.DeviceID, e2ee.Config{Consumer: consumer})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -138,13 +146,13 @@ func crashChild() int {
 	conn, err := slidingsync.New(cli, slidingsync.Config{
 		Protocol:   slidingsync.ProtocolMSC4186,
 		Store:      store,
-		Extensions: []slidingsync.Extension{ext},
+		Extensions: exts,
 		MinBackoff: time.Millisecond,
 		MaxBackoff: 10 * time.Millisecond,
-		OnResponse: func(_ context.Context, res *slidingsync.Result) error {
+		OnResponse: func(_ context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
 			consumer.pos = res.Response.Pos
 			fmt.Printf("received %s\n", res.Response.Pos)
-			return nil
+			return slidingsync.Step{}, nil
 		},
 	})
 	if err != nil {
@@ -191,7 +199,7 @@ func (f *fakeSynapse) respond(req *slidingsync.Request) *slidingsync.Response {
 	}
 	return &slidingsync.Response{
 		Pos:        crashPos(len(f.log), f.serial),
-		Extensions: map[string]json.RawMessage{e2ee.E2EEName: raw},
+		Extensions: map[string]json.RawMessage{"e2ee": raw},
 	}
 }
 

@@ -1,8 +1,8 @@
 // Package e2ee provides the sliding sync extensions that end-to-end encryption needs: e2ee
 // (MSC3884, MSC4543 on v4: one-time key counts, fallback key types, device-list changes) and
-// to_device (MSC3885, MSC4538: to-device messages with an acknowledgement token). They plug into
-// a [slidingsync.Conn] through its extension interfaces and know nothing of the crypto layer,
-// which receives their data through [Consumer] and [ToDeviceHandler].
+// to_device (MSC3885, MSC4538: to-device messages with an acknowledgement token). [New] returns
+// them for a [slidingsync.Conn]; they know nothing of the crypto layer, which receives their
+// data through [Consumer] and [ToDeviceHandler].
 //
 // # Wire keys
 //
@@ -10,7 +10,7 @@
 //     v4 (MSC4543 supersedes MSC3884 there).
 //   - to_device: "to_device" on MSC3575 and MSC4186; "org.matrix.msc4538.to_device" on v4, the
 //     unstable prefix of MSC4538 ("Unstable prefix" section), overridable with
-//     ToDeviceConfig.V4WireKey for a server that uses the bare key.
+//     Config.ToDeviceV4Key for a server that uses the bare key.
 //
 // Both send their full configuration on every request ({"enabled": true}; to_device adds
 // "limit" and "since"), because servers of the MSC4186 family keep no stickiness.
@@ -32,10 +32,10 @@
 // [slidingsync.ErrInvalidResponse]: nothing is committed and the connection retries with
 // backoff. Well-formed but invalid entries are dropped or capped, with one warning per
 // response that counts them: a malformed algorithm (empty, longer than
-// [MaxKeyAlgorithmLength], or not printable ASCII) is dropped; a negative count is invalid
+// 128 bytes, or not printable ASCII) is dropped; a negative count is invalid
 // and dropped, so the algorithm counts 0 like an unlisted one; a count above
-// [MaxOneTimeKeyCount] is capped, as it still means "enough keys"; algorithms beyond
-// [MaxKeyAlgorithms] are dropped; a user ID that is malformed, longer than 255 bytes, has an
+// 10 000 is capped, as it still means "enough keys"; algorithms beyond
+// 32 are dropped; a user ID that is malformed, longer than 255 bytes, has an
 // empty localpart or contains spaces or control characters is dropped. Valid users are never
 // capped, as dropping a real change would leave a stale device list: the consumer bounds the
 // work, since only users it tracks lead to key queries.
@@ -49,17 +49,20 @@
 //
 // Per response, in the connection's order:
 //
-//  1. Process: decode and merge into a staged state and delta. Nothing is delivered yet.
-//  2. Checkpoint: the staged state is committed with pos.
-//  3. CommitTxn, inside the store's transaction: [Consumer.HandleE2EE] records the delta
-//     durably (marks users outdated in the crypto store), with the transaction's context.
-//  4. After the commit: the staged state becomes the committed one, and
-//     [Consumer.E2EECommitted] starts network work (key queries, uploads) on the consumer's
-//     own goroutine, retried with backoff from what the consumer recorded. A
-//     [DeltaConsumer] is also told which delta that commit carried, so that it can trust
-//     what its HandleE2EE wrote (a delta whose commit failed is never reported). A
-//     [SkippingConsumer] can say before step 3 that it has nothing to write for the delta;
-//     the extension then stays out of the commit, and that delta is not reported.
+//  1. Process: decode and merge the section into the committed state (the extension's
+//     checkpoint, which the connection keeps and hands back), and ask the [Consumer] what the
+//     response makes it do (Consumer.HandleE2EE returns a [slidingsync.Step]). Nothing is
+//     delivered yet.
+//  2. The commit, in one transaction: pos, the new state as the checkpoint, and the
+//     consumer's Step.Commit, which records the delta durably (marks users outdated in the
+//     crypto store) with the transaction's context. A consumer with nothing to write for a
+//     response (Synapse repeats the key counts in every one) returns no Step.Commit, and an
+//     idle response then commits nothing but pos.
+//  3. After the commit, and only then: the consumer's Step.After starts network work (key
+//     queries, uploads) on the consumer's own goroutine, retried with backoff from what the
+//     consumer recorded. A Step whose commit failed is dropped, so a consumer that remembers
+//     what its Step.Commit wrote (to skip writing it again) can trust that memory once its
+//     Step.After runs.
 //
 // The extension's own state holds no to-do list: the consumer's record of outdated users is
 // written in the same transaction as pos (or, for a store in another database, durably before
@@ -92,16 +95,16 @@
 // # One owner per device
 //
 // Two connections that carry e2ee or to_device for one device steal each other's device-list
-// changes and to-device messages (MSC3884 "Concurrent connections"). [NewE2EE] and
-// [NewToDevice] claim the device in the process: a second claim of the same kind returns
-// [ErrDeviceAlreadyClaimed] until Close. Across processes, run the connection under the SQL
-// store's lease and commit through its guard, so that a process that lost the lease cannot
-// commit:
+// changes and to-device messages (MSC3884 "Concurrent connections"). [New] claims the device
+// in the process for each extension it returns: a second claim of the same kind returns
+// [ErrDeviceAlreadyClaimed] until the first is released. Across processes, run the connection
+// under the SQL store's lease and commit through its guard, so that a process that lost the
+// lease cannot commit:
 //
 //	err := store.RunWithLease(ctx, userID, deviceID, sqlstore.LeaseConfig{}, func(ctx context.Context, l *sqlstore.Lease) error {
 //		conn, err := slidingsync.New(cli, slidingsync.Config{
 //			Store:      l.Guard(store),
-//			Extensions: []slidingsync.Extension{e2eeExt, toDeviceExt},
+//			Extensions: exts, // from e2ee.New
 //		})
 //		if err != nil {
 //			return err

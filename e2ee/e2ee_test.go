@@ -17,31 +17,38 @@ import (
 
 func TestDeviceClaim(t *testing.T) {
 	c := &recConsumer{}
-	a, err := e2ee.NewE2EE("@claim:x", "DEV", e2ee.Config{Consumer: c})
+	keys := e2ee.Config{Consumer: c}
+	toDev := e2ee.Config{ToDevice: (&recHandler{}).handle}
+	exts, release, err := e2ee.New("@claim:x", "DEV", keys)
 	require.NoError(t, err)
-	_, err = e2ee.NewE2EE("@claim:x", "DEV", e2ee.Config{Consumer: c})
+	require.Len(t, exts, 1)
+	_, _, err = e2ee.New("@claim:x", "DEV", keys)
 	require.ErrorIs(t, err, e2ee.ErrDeviceAlreadyClaimed)
-	other, err := e2ee.NewE2EE("@claim:x", "DEV2", e2ee.Config{Consumer: c})
+	_, releaseOther, err := e2ee.New("@claim:x", "DEV2", keys)
 	require.NoError(t, err, "another device of the same user is independent")
-	require.NoError(t, other.Close())
+	releaseOther()
 
-	td, err := e2ee.NewToDevice("@claim:x", "DEV", e2ee.ToDeviceConfig{Handler: (&recHandler{}).handle})
+	_, releaseTD, err := e2ee.New("@claim:x", "DEV", toDev)
 	require.NoError(t, err, "to_device is claimed on its own")
-	_, err = e2ee.NewToDevice("@claim:x", "DEV", e2ee.ToDeviceConfig{Handler: (&recHandler{}).handle})
+	_, _, err = e2ee.New("@claim:x", "DEV", toDev)
 	require.ErrorIs(t, err, e2ee.ErrDeviceAlreadyClaimed)
+	_, _, err = e2ee.New("@claim:x", "DEV3", e2ee.Config{Consumer: c, ToDevice: toDev.ToDevice})
+	require.NoError(t, err, "both for a third device")
+	_, _, err = e2ee.New("@claim:x", "DEV3", toDev)
+	require.ErrorIs(t, err, e2ee.ErrDeviceAlreadyClaimed)
+	_, _, err = e2ee.New("@claim:x", "DEV3", e2ee.Config{Consumer: c, ToDevice: toDev.ToDevice})
+	require.ErrorIs(t, err, e2ee.ErrDeviceAlreadyClaimed, "a failed claim releases nothing it did not take")
 
-	require.NoError(t, a.Close())
-	require.NoError(t, a.Close(), "Close is idempotent")
-	again, err := e2ee.NewE2EE("@claim:x", "DEV", e2ee.Config{Consumer: c})
-	require.NoError(t, err, "Close releases the claim")
-	require.NoError(t, again.Close())
-	require.NoError(t, td.Close())
+	release()
+	release() // idempotent
+	_, again, err := e2ee.New("@claim:x", "DEV", keys)
+	require.NoError(t, err, "release releases the claim")
+	again()
+	releaseTD()
 
-	_, err = e2ee.NewE2EE("@claim:x", "DEV", e2ee.Config{})
-	require.Error(t, err, "a consumer is required")
-	_, err = e2ee.NewToDevice("@claim:x", "DEV", e2ee.ToDeviceConfig{})
-	require.Error(t, err, "a handler is required")
-	_, err = e2ee.NewE2EE("", "DEV", e2ee.Config{Consumer: c})
+	_, _, err = e2ee.New("@claim:x", "DEV", e2ee.Config{})
+	require.Error(t, err, "a consumer or a handler is required")
+	_, _, err = e2ee.New("", "DEV", keys)
 	require.Error(t, err)
 }
 
@@ -109,7 +116,7 @@ func TestRestartRestoresState(t *testing.T) {
 		h.waitRequests(2)
 		synctest.Wait()
 		h.stop()
-		require.NoError(t, h.e2ee.Close())
+		h.release()
 
 		h2 := newHarness(t, harnessOpts{proto: slidingsync.ProtocolMSC3575, noToDev: true, store: store})
 		h2.srv.PushJSON(http.StatusOK, `{"pos":"2"}`)
@@ -151,107 +158,107 @@ func TestInvalidSectionIsRetried(t *testing.T) {
 	})
 }
 
-// deltaConsumer is a DeltaConsumer that records the deltas HandleE2EE received and those the
-// commits reported.
-type deltaConsumer struct {
-	handled   []*e2ee.Delta
-	committed []*e2ee.Delta
-	plain     int // E2EECommitted calls
+// stepConsumer records what HandleE2EE was asked and writes (Step.Commit) only what needs the
+// transaction: device-list news.
+type stepConsumer struct {
+	handled   []*e2ee.Delta // deltas HandleE2EE was called with
+	written   []*e2ee.Delta // deltas whose Step.Commit ran
+	committed []*e2ee.Delta // deltas whose Step.After ran, nil for an After without a write
 }
 
-func (c *deltaConsumer) HandleE2EE(_ context.Context, d *e2ee.Delta) error {
+func (c *stepConsumer) HandleE2EE(_ context.Context, _ e2ee.State, d *e2ee.Delta) slidingsync.Step {
 	c.handled = append(c.handled, d)
-	return nil
+	var wrote *e2ee.Delta
+	step := slidingsync.Step{After: func(context.Context) { c.committed = append(c.committed, wrote) }}
+	if d.Gap || len(d.Changed) > 0 || len(d.Left) > 0 {
+		step.Commit = func(context.Context) error {
+			c.written = append(c.written, d)
+			wrote = d
+			return nil
+		}
+	}
+	return step
 }
 
-func (c *deltaConsumer) E2EECommitted(context.Context, e2ee.State) { c.plain++ }
-
-func (c *deltaConsumer) E2EEDeltaCommitted(_ context.Context, _ e2ee.State, d *e2ee.Delta) {
-	c.committed = append(c.committed, d)
-}
-
-// A DeltaConsumer learns which delta each commit carried: the one its HandleE2EE received in
-// that commit's transaction, nil for a commit without one, never one whose commit failed.
-func TestDeltaConsumerGetsTheCommittedDelta(t *testing.T) {
-	ctx := context.Background()
-	c := &deltaConsumer{}
-	ext, err := e2ee.NewE2EE("@delta:x", "DEV", e2ee.Config{Consumer: c})
+// process runs one response through the e2ee extension as a Conn does, with the checkpoint
+// committed last, and returns the Step; commit runs its Commit and After.
+func process(t *testing.T, ext slidingsync.Extension, info slidingsync.RequestInfo, raw string) slidingsync.Step {
+	t.Helper()
+	var body json.RawMessage
+	if raw != "" {
+		body = json.RawMessage(raw)
+	}
+	step, err := ext.Process(context.Background(), info, body)
 	require.NoError(t, err)
-	defer ext.Close()
+	require.NotNil(t, step.Checkpoint, "the state is always the checkpoint")
+	return step
+}
+
+func commit(t *testing.T, step slidingsync.Step) {
+	t.Helper()
+	if step.Commit != nil {
+		require.NoError(t, step.Commit(context.Background()))
+	}
+	step.After(context.Background())
+}
+
+// The Step of a response carries the merged state as its checkpoint and the consumer's work;
+// the next response merges from the checkpoint the connection committed, so a Step whose
+// commit failed (dropped by the connection) leaves nothing behind and is never reported.
+func TestStepCarriesStateAndConsumerWork(t *testing.T) {
+	c := &stepConsumer{}
+	exts, release, err := e2ee.New("@delta:x", "DEV", e2ee.Config{Consumer: c})
+	require.NoError(t, err)
+	defer release()
+	ext := exts[0]
 	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186}
-	require.NoError(t, ext.Restore(ctx, nil))
 
-	require.NoError(t, ext.Process(ctx, info, []byte(`{"device_unused_fallback_key_types":["signed_curve25519"]}`)))
-	require.NoError(t, ext.CommitTxn(ctx))
-	ext.AfterCommit(ctx)
+	first := process(t, ext, info, `{"device_unused_fallback_key_types":["signed_curve25519"]}`)
+	commit(t, first)
 	require.Len(t, c.handled, 1)
+	assert.True(t, c.handled[0].Gap, "a request without pos is a gap")
 	assert.Equal(t, []*e2ee.Delta{c.handled[0]}, c.committed)
-	checkpoint, err := ext.Checkpoint(ctx)
-	require.NoError(t, err)
 
-	// A commit that fails after HandleE2EE: the connection restores the extension and
-	// processes the next response, which carries nothing.
-	info.Pos = "1"
-	require.NoError(t, ext.Process(ctx, info, []byte(`{"device_unused_fallback_key_types":[]}`)))
-	require.NoError(t, ext.CommitTxn(ctx))
-	require.NoError(t, ext.Restore(ctx, checkpoint))
-	require.NoError(t, ext.Process(ctx, info, nil))
-	require.NoError(t, ext.CommitTxn(ctx))
-	ext.AfterCommit(ctx)
-	require.Len(t, c.handled, 2)
+	// A commit that fails after the consumer wrote: the connection drops the Step and the next
+	// response is merged from the checkpoint of the first.
+	info.Pos, info.Checkpoint = "1", first.Checkpoint
+	failed := process(t, ext, info, `{"device_lists":{"changed":["@u:x"]},"device_unused_fallback_key_types":[]}`)
+	require.NoError(t, failed.Commit(context.Background()))
+	next := process(t, ext, info, "")
+	assert.Nil(t, next.Commit, "nothing to write for an empty section")
+	commit(t, next)
 	require.Len(t, c.committed, 2)
 	assert.Nil(t, c.committed[1], "the failed commit's delta is not reported")
-	assert.Zero(t, c.plain, "E2EECommitted is not called for a DeltaConsumer")
+	var st e2ee.State
+	require.NoError(t, json.Unmarshal(next.Checkpoint, &st))
+	assert.False(t, st.NeedsFallbackKey(sc), "the failed response's fallback report is not in the state")
+	assert.JSONEq(t, string(first.Checkpoint), string(next.Checkpoint))
 }
 
-// skippingConsumer is a deltaConsumer that says it has nothing to write for deltas that only
-// repeat fallback key types.
-type skippingConsumer struct{ deltaConsumer }
-
-func (c *skippingConsumer) NeedsHandle(d *e2ee.Delta) bool {
-	return d.Gap || len(d.Changed) > 0 || len(d.Left) > 0
-}
-
-// The extension leaves the commit's transaction alone when the response has no delta or its
-// SkippingConsumer has nothing to write; a delta left out is not reported as committed.
-func TestSkipTxn(t *testing.T) {
-	ctx := context.Background()
-	c := &skippingConsumer{}
-	ext, err := e2ee.NewE2EE("@skip:x", "DEV", e2ee.Config{Consumer: c})
+// A consumer with nothing to write leaves the commit's transaction alone (no Step.Commit), so
+// a response that only repeats what is known commits nothing but pos; news is written.
+func TestConsumerWithNothingToWriteLeavesTheTransactionAlone(t *testing.T) {
+	c := &stepConsumer{}
+	exts, release, err := e2ee.New("@skip:x", "DEV", e2ee.Config{Consumer: c})
 	require.NoError(t, err)
-	defer ext.Close()
-	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: "1"}
-	require.NoError(t, ext.Restore(ctx, nil))
-	cycle := func(raw string) (skipped bool) {
-		var body json.RawMessage
-		if raw != "" {
-			body = json.RawMessage(raw)
-		}
-		require.NoError(t, ext.Process(ctx, info, body))
-		skipped = ext.SkipTxn()
-		if !skipped {
-			require.NoError(t, ext.CommitTxn(ctx))
-		}
-		ext.AfterCommit(ctx)
-		return skipped
+	defer release()
+	ext := exts[0]
+	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186}
+	cycle := func(raw string) (written bool) {
+		step := process(t, ext, info, raw)
+		commit(t, step)
+		info.Pos, info.Checkpoint = "1", step.Checkpoint
+		return step.Commit != nil
 	}
 
 	// The first response after a start is a gap (every tracked user outdated): written.
-	assert.False(t, cycle(`{"device_one_time_keys_count":{"signed_curve25519":50}}`))
-	c.handled, c.committed = nil, nil
+	assert.True(t, cycle(`{"device_one_time_keys_count":{"signed_curve25519":50}}`))
+	c.handled, c.written, c.committed = nil, nil, nil
 
-	assert.True(t, cycle(""), "no e2ee section: nothing to write")
-	assert.True(t, cycle(`{"device_unused_fallback_key_types":["signed_curve25519"]}`), "only fallback key types")
-	assert.False(t, cycle(`{"device_lists":{"changed":["@u:x"]}}`), "a device-list change is written")
-	require.Len(t, c.handled, 1)
-	assert.Equal(t, []*e2ee.Delta{nil, nil, c.handled[0]}, c.committed, "only the handled delta is reported")
-
-	// A consumer that cannot tell is always called.
-	plain := &deltaConsumer{}
-	ext2, err := e2ee.NewE2EE("@skip2:x", "DEV", e2ee.Config{Consumer: plain})
-	require.NoError(t, err)
-	defer ext2.Close()
-	require.NoError(t, ext2.Restore(ctx, nil))
-	require.NoError(t, ext2.Process(ctx, info, []byte(`{"device_unused_fallback_key_types":["signed_curve25519"]}`)))
-	assert.False(t, ext2.SkipTxn())
+	assert.False(t, cycle(""), "no e2ee section: nothing to write")
+	assert.False(t, cycle(`{"device_unused_fallback_key_types":["signed_curve25519"]}`), "only fallback key types")
+	assert.True(t, cycle(`{"device_lists":{"changed":["@u:x"]}}`), "a device-list change is written")
+	require.Len(t, c.written, 1)
+	assert.Equal(t, []*e2ee.Delta{nil, nil, c.written[0]}, c.committed, "only the written delta is reported")
+	require.Len(t, c.handled, 3, "the consumer is asked about every response")
 }

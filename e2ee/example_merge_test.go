@@ -26,7 +26,7 @@ func ExampleMerge() {
 			return
 		}
 		var d e2ee.Delta
-		st, d = e2ee.Merge(st, resp, e2ee.Info{Initial: i == 0})
+		st, d = e2ee.Merge(st, resp, i == 0)
 		fmt.Printf("response %d: gap=%v changed=%v counts sent=%v fallback types sent=%v needs fallback key=%v\n",
 			i+1, d.Gap, d.Changed, d.OTKCounts.Set, d.FallbackKeyTypes.Set, st.NeedsFallbackKey(id.KeyAlgorithmSignedCurve25519))
 	}

@@ -35,7 +35,7 @@ func FuzzMerge(f *testing.F) {
 			require.True(t, errors.Is(err, slidingsync.ErrInvalidResponse), "%v", err)
 			return
 		}
-		info := Info{Initial: initial}
+		info := initial
 		before := old.clone()
 		once, d1 := Merge(old, resp, info)
 		require.True(t, before.Equal(old), "Merge modified its input")
@@ -49,10 +49,10 @@ func FuzzMerge(f *testing.F) {
 		require.Equal(t, initial || !old.Active, d1.Gap)
 		if resp != nil && resp.DeviceOneTimeKeysCount.HasValue() {
 			require.True(t, once.OTKCountsKnown)
-			require.LessOrEqual(t, len(once.OTKCounts), MaxKeyAlgorithms)
+			require.LessOrEqual(t, len(once.OTKCounts), maxKeyAlgorithms)
 			for alg, n := range once.OTKCounts {
 				require.GreaterOrEqual(t, n, 0)
-				require.LessOrEqual(t, n, MaxOneTimeKeyCount)
+				require.LessOrEqual(t, n, maxOneTimeKeyCount)
 				require.True(t, validAlgorithm(alg), "%q", alg)
 			}
 		} else {
@@ -63,7 +63,7 @@ func FuzzMerge(f *testing.F) {
 			require.True(t, once.FallbackKeyTypesKnown)
 			require.True(t, d1.FallbackKeyTypes.Set)
 			require.NotNil(t, d1.FallbackKeyTypes.Val, "present and empty must stay distinguishable")
-			require.LessOrEqual(t, len(once.FallbackKeyTypes), MaxKeyAlgorithms)
+			require.LessOrEqual(t, len(once.FallbackKeyTypes), maxKeyAlgorithms)
 		} else {
 			require.Equal(t, old.FallbackKeyTypesKnown, once.FallbackKeyTypesKnown)
 			require.True(t, slices.Equal(old.FallbackKeyTypes, once.FallbackKeyTypes))

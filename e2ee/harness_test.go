@@ -24,7 +24,6 @@ import (
 // (nil when none) and the committed state.
 type recConsumer struct {
 	mu      sync.Mutex
-	pending *e2ee.Delta
 	deltas  []*e2ee.Delta
 	states  []e2ee.State
 	handled int // HandleE2EE calls, failed commits included
@@ -32,25 +31,29 @@ type recConsumer struct {
 	fail int
 }
 
-func (c *recConsumer) HandleE2EE(_ context.Context, d *e2ee.Delta) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.handled++
-	if c.fail > 0 {
-		c.fail--
-		return errTest
+func (c *recConsumer) HandleE2EE(_ context.Context, st e2ee.State, d *e2ee.Delta) slidingsync.Step {
+	var pending *e2ee.Delta
+	step := slidingsync.Step{After: func(context.Context) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.deltas = append(c.deltas, pending)
+		c.states = append(c.states, st)
+	}}
+	if !d.Empty() {
+		step.Commit = func(context.Context) error {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			c.handled++
+			if c.fail > 0 {
+				c.fail--
+				return errTest
+			}
+			cp := *d
+			pending = &cp
+			return nil
+		}
 	}
-	cp := *d
-	c.pending = &cp
-	return nil
-}
-
-func (c *recConsumer) E2EECommitted(_ context.Context, st e2ee.State) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.deltas = append(c.deltas, c.pending)
-	c.states = append(c.states, st)
-	c.pending = nil
+	return step
 }
 
 func (c *recConsumer) snapshot() ([]*e2ee.Delta, []e2ee.State) {
@@ -113,8 +116,8 @@ type harness struct {
 	conn     *slidingsync.Conn
 	consumer *recConsumer
 	handler  *recHandler
-	e2ee     *e2ee.E2EE
-	toDevice *e2ee.ToDevice
+	store    slidingsync.Store
+	release  func() // releases the extensions' claims
 	logs     *syncBuffer
 	cancel   context.CancelFunc
 	done     chan error
@@ -138,25 +141,40 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	}
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: o.proto, DeviceID: o.deviceID})
 	h := &harness{t: t, srv: srv, consumer: &recConsumer{}, handler: &recHandler{}, logs: &syncBuffer{}, done: make(chan error, 1)}
-	var exts []slidingsync.Extension
+	cfg := e2ee.Config{ToDeviceLimit: o.limit}
 	if !o.noE2EE {
-		ext, err := e2ee.NewE2EE(srv.Options().UserID, o.deviceID, e2ee.Config{Consumer: h.consumer})
-		require.NoError(t, err)
-		t.Cleanup(func() { _ = ext.Close() })
-		h.e2ee = ext
-		exts = append(exts, ext)
+		cfg.Consumer = h.consumer
 	}
 	if !o.noToDev {
-		td, err := e2ee.NewToDevice(srv.Options().UserID, o.deviceID, e2ee.ToDeviceConfig{Handler: h.handler.handle, Limit: o.limit})
-		require.NoError(t, err)
-		t.Cleanup(func() { _ = td.Close() })
-		h.toDevice = td
-		exts = append(exts, td)
+		cfg.ToDevice = h.handler.handle
 	}
-	conn, err := slidingsync.New(srv.NewClient(), slidingsync.Config{Protocol: o.proto, Extensions: exts, Store: o.store})
+	exts, release, err := e2ee.New(srv.Options().UserID, o.deviceID, cfg)
+	require.NoError(t, err)
+	t.Cleanup(release)
+	h.release = release
+	h.store = o.store
+	if h.store == nil {
+		h.store = slidingsync.NewMemoryStore()
+	}
+	conn, err := slidingsync.New(srv.NewClient(), slidingsync.Config{Protocol: o.proto, Extensions: exts, Store: h.store})
 	require.NoError(t, err)
 	h.conn = conn
 	return h
+}
+
+// checkpoint decodes the committed checkpoint of an extension into v.
+func (h *harness) checkpoint(name string, v any) {
+	h.t.Helper()
+	cp, err := h.store.Load(context.Background(), h.conn.Key())
+	require.NoError(h.t, err)
+	require.NoError(h.t, json.Unmarshal(cp.Extensions[name], v))
+}
+
+// e2eeState returns the committed state of the e2ee extension.
+func (h *harness) e2eeState() e2ee.State {
+	var st e2ee.State
+	h.checkpoint("e2ee", &st)
+	return st
 }
 
 func (h *harness) run() {

@@ -69,12 +69,12 @@ func TestHostileSectionIsCleanedWithOneWarning(t *testing.T) {
 		require.NotNil(t, deltas[0])
 		assert.Equal(t, []id.UserID{"@ok:x"}, deltas[0].Changed)
 		assert.Empty(t, deltas[0].Left)
-		assert.Equal(t, map[id.KeyAlgorithm]int{id.KeyAlgorithmCurve25519: e2ee.MaxOneTimeKeyCount}, deltas[0].OTKCounts.Val)
+		assert.Equal(t, map[id.KeyAlgorithm]int{id.KeyAlgorithmCurve25519: 10000}, deltas[0].OTKCounts.Val)
 		assert.Equal(t, []id.KeyAlgorithm{id.KeyAlgorithmSignedCurve25519}, deltas[0].FallbackKeyTypes.Val)
 		assert.Nil(t, deltas[2], "a response with only invalid entries asks the consumer for nothing")
 		for _, st := range states {
 			for alg, n := range st.OTKCounts {
-				assert.True(t, n >= 0 && n <= e2ee.MaxOneTimeKeyCount, "%s=%d", alg, n)
+				assert.True(t, n >= 0 && n <= 10000, "%s=%d", alg, n)
 			}
 		}
 		assert.Equal(t, "3", h.conn.Pos(), "invalid entries do not stop the connection")
@@ -84,14 +84,14 @@ func TestHostileSectionIsCleanedWithOneWarning(t *testing.T) {
 // A section of the wrong JSON shape is an error that leaves the committed state as it was.
 func TestWrongShapeLeavesCommittedState(t *testing.T) {
 	ctx := context.Background()
-	ext, err := e2ee.NewE2EE("@bot:x", "SHAPE", e2ee.Config{Consumer: &recConsumer{}})
+	exts, release, err := e2ee.New("@bot:x", "SHAPE", e2ee.Config{Consumer: &recConsumer{}})
 	require.NoError(t, err)
-	defer ext.Close()
+	defer release()
+	ext := exts[0]
 	committed := e2ee.State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{id.KeyAlgorithmSignedCurve25519: 7}}
 	raw, err := json.Marshal(committed)
 	require.NoError(t, err)
-	require.NoError(t, ext.Restore(ctx, raw))
-	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: "1"}
+	info := slidingsync.RequestInfo{Protocol: slidingsync.ProtocolMSC4186, Pos: "1", Checkpoint: raw}
 	for name, section := range map[string]string{
 		"count a string":      `{"device_one_time_keys_count":{"signed_curve25519":"0"}}`,
 		"fallback an object":  `{"device_unused_fallback_key_types":{"signed_curve25519":true}}`,
@@ -101,13 +101,16 @@ func TestWrongShapeLeavesCommittedState(t *testing.T) {
 		"cut off mid-section": `{"device_one_time_keys_count":{"signed_curve25519":`,
 	} {
 		t.Run(name, func(t *testing.T) {
-			err := ext.Process(ctx, info, json.RawMessage(section))
+			_, err := ext.Process(ctx, info, json.RawMessage(section))
 			require.ErrorIs(t, err, slidingsync.ErrInvalidResponse)
 			assert.Contains(t, err.Error(), "e2ee extension", "the error says where")
-			assert.True(t, committed.Equal(ext.State()), "committed state untouched: %+v", ext.State())
-			cp, err := ext.Checkpoint(ctx)
+			// The next response, without a section, merges from the committed state as it was.
+			step, err := ext.Process(ctx, info, nil)
 			require.NoError(t, err)
-			assert.JSONEq(t, string(raw), string(cp), "nothing was staged")
+			var st e2ee.State
+			require.NoError(t, json.Unmarshal(step.Checkpoint, &st))
+			assert.True(t, committed.Equal(st), "committed state untouched: %+v", st)
+			assert.JSONEq(t, string(raw), string(step.Checkpoint), "nothing was staged")
 		})
 	}
 }

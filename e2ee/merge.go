@@ -60,13 +60,6 @@ func (s State) clone() State {
 	return s
 }
 
-// Info describes the request a response answers.
-type Info struct {
-	// Initial is true when the request carried no pos: the first request of a connection or
-	// the first after M_UNKNOWN_POS.
-	Initial bool
-}
-
 // Delta is what one response tells the consumer. Each field is set only when the response
 // carried it, so "absent" is never confused with "empty".
 type Delta struct {
@@ -100,7 +93,8 @@ func (d *Delta) FallbackKeyUsed(alg id.KeyAlgorithm) bool {
 }
 
 // Merge applies one response's e2ee section (nil when the server left it out) to the state of
-// the previous commit and returns the new state and what changed. It is pure: old and resp are
+// the previous commit and returns the new state and what changed. initial is true when the
+// request carried no pos: the first request of a connection or the first after M_UNKNOWN_POS. It is pure: old and resp are
 // not modified and the results share no memory with them.
 //
 // Rules (MSC3884 as every known server implements it): a section or field that is absent or
@@ -108,15 +102,15 @@ func (d *Delta) FallbackKeyUsed(alg id.KeyAlgorithm) bool {
 // key types replace the old ones, [] included; device_lists are deltas passed through to the
 // consumer, never stored. Invalid entries are dropped and absurd counts capped, as
 // DecodeResponse does: a malformed algorithm, a negative count or a malformed user ID is
-// dropped, a count above MaxOneTimeKeyCount is capped, algorithms beyond MaxKeyAlgorithms are
+// dropped, a count above 10 000 is capped, algorithms beyond 32 are
 // dropped.
 //
 // Merge is idempotent on the state: merging the same response twice gives the state of
 // merging it once, and the second delta repeats the first one's device-list changes, which
 // consumers apply idempotently.
-func Merge(old State, resp *Response, info Info) (State, Delta) {
+func Merge(old State, resp *Response, initial bool) (State, Delta) {
 	st := old.clone()
-	d := Delta{Gap: info.Initial || !old.Active}
+	d := Delta{Gap: initial || !old.Active}
 	st.Active = true
 	if resp == nil {
 		return st, d
@@ -142,21 +136,21 @@ func Merge(old State, resp *Response, info Info) (State, Delta) {
 
 // Limits on what a response may carry; entries beyond them are dropped or capped.
 const (
-	// MaxOneTimeKeyCount caps a one-time key count. No client keeps more than a few hundred
+	// maxOneTimeKeyCount caps a one-time key count. No client keeps more than a few hundred
 	// keys on the server, so a larger count is a server bug; capped, it still means "enough".
-	MaxOneTimeKeyCount = 10000
-	// MaxKeyAlgorithms is how many algorithms a count map or fallback key type list may
+	maxOneTimeKeyCount = 10000
+	// maxKeyAlgorithms is how many algorithms a count map or fallback key type list may
 	// name; the rest, in byte order, are dropped, so a hostile map cannot bloat the checkpoint.
-	MaxKeyAlgorithms = 32
-	// MaxKeyAlgorithmLength is the longest algorithm name kept, in bytes.
-	MaxKeyAlgorithmLength = 128
+	maxKeyAlgorithms = 32
+	// maxKeyAlgorithmLength is the longest algorithm name kept, in bytes.
+	maxKeyAlgorithmLength = 128
 )
 
-// validAlgorithm reports whether alg is a usable algorithm name: 1 to MaxKeyAlgorithmLength
+// validAlgorithm reports whether alg is a usable algorithm name: 1 to maxKeyAlgorithmLength
 // printable ASCII characters without spaces. Unknown well-formed names are kept: consumers look
 // up only the algorithms they know.
 func validAlgorithm(alg id.KeyAlgorithm) bool {
-	if alg == "" || len(alg) > MaxKeyAlgorithmLength {
+	if alg == "" || len(alg) > maxKeyAlgorithmLength {
 		return false
 	}
 	for i := 0; i < len(alg); i++ {
@@ -207,10 +201,10 @@ func (r *report) empty() bool {
 
 // cleanCounts returns the usable entries of a count map: malformed algorithms and negative
 // counts are dropped (the algorithm then counts 0, as an unlisted one does), counts above
-// MaxOneTimeKeyCount are capped, and at most MaxKeyAlgorithms algorithms are kept.
+// maxOneTimeKeyCount are capped, and at most maxKeyAlgorithms algorithms are kept.
 func cleanCounts(in map[id.KeyAlgorithm]int, rep *report) map[id.KeyAlgorithm]int {
 	algs := slices.Sorted(maps.Keys(in))
-	out := make(map[id.KeyAlgorithm]int, min(len(algs), MaxKeyAlgorithms))
+	out := make(map[id.KeyAlgorithm]int, min(len(algs), maxKeyAlgorithms))
 	for _, alg := range algs {
 		n := in[alg]
 		switch {
@@ -218,11 +212,11 @@ func cleanCounts(in map[id.KeyAlgorithm]int, rep *report) map[id.KeyAlgorithm]in
 			rep.note(&rep.badAlgorithms, string(alg))
 		case n < 0:
 			rep.note(&rep.negativeCounts, string(alg)+"="+strconv.Itoa(n))
-		case len(out) >= MaxKeyAlgorithms:
+		case len(out) >= maxKeyAlgorithms:
 			rep.note(&rep.extraAlgorithms, string(alg))
-		case n > MaxOneTimeKeyCount:
+		case n > maxOneTimeKeyCount:
 			rep.note(&rep.cappedCounts, string(alg)+"="+strconv.Itoa(n))
-			out[alg] = MaxOneTimeKeyCount
+			out[alg] = maxOneTimeKeyCount
 		default:
 			out[alg] = n
 		}
@@ -231,16 +225,16 @@ func cleanCounts(in map[id.KeyAlgorithm]int, rep *report) map[id.KeyAlgorithm]in
 }
 
 // cleanTypes returns the usable fallback key types, without duplicates, in their first order:
-// malformed algorithms are dropped and at most MaxKeyAlgorithms are kept. It never returns
+// malformed algorithms are dropped and at most maxKeyAlgorithms are kept. It never returns
 // nil, as a present empty list means "used".
 func cleanTypes(in []id.KeyAlgorithm, rep *report) []id.KeyAlgorithm {
-	out := make([]id.KeyAlgorithm, 0, min(len(in), MaxKeyAlgorithms))
+	out := make([]id.KeyAlgorithm, 0, min(len(in), maxKeyAlgorithms))
 	for _, alg := range in {
 		switch {
 		case !validAlgorithm(alg):
 			rep.note(&rep.badAlgorithms, string(alg))
 		case slices.Contains(out, alg):
-		case len(out) >= MaxKeyAlgorithms:
+		case len(out) >= maxKeyAlgorithms:
 			rep.note(&rep.extraAlgorithms, string(alg))
 		default:
 			out = append(out, alg)

@@ -59,7 +59,7 @@ func TestMerge(t *testing.T) {
 		name      string
 		old       State
 		resp      string // e2ee section; empty means absent
-		info      Info
+		initial   bool
 		wantState State
 		wantDelta Delta
 	}{{
@@ -123,13 +123,13 @@ func TestMerge(t *testing.T) {
 	}, {
 		name:      "request without pos is a gap",
 		old:       knownState,
-		info:      Info{Initial: true},
+		initial:   true,
 		wantState: knownState,
 		wantDelta: Delta{Gap: true},
 	}, {
 		name:      "first response on a fresh connection is a gap",
 		old:       State{},
-		info:      Info{Initial: true},
+		initial:   true,
 		resp:      `{"device_one_time_keys_count":{"signed_curve25519":0},"device_unused_fallback_key_types":[]}`,
 		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: 0}, FallbackKeyTypesKnown: true, FallbackKeyTypes: []id.KeyAlgorithm{}},
 		wantDelta: Delta{Gap: true, OTKCounts: counts(sc, 0), FallbackKeyTypes: fallback()},
@@ -155,20 +155,20 @@ func TestMerge(t *testing.T) {
 		name:      "an absurd count is capped",
 		old:       active,
 		resp:      `{"device_one_time_keys_count":{"signed_curve25519":9223372036854775807,"curve25519":10001,"x":10000}}`,
-		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: MaxOneTimeKeyCount, c2: MaxOneTimeKeyCount, "x": 10000}},
-		wantDelta: Delta{OTKCounts: counts(sc, MaxOneTimeKeyCount, c2, MaxOneTimeKeyCount, id.KeyAlgorithm("x"), 10000)},
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: maxOneTimeKeyCount, c2: maxOneTimeKeyCount, "x": 10000}},
+		wantDelta: Delta{OTKCounts: counts(sc, maxOneTimeKeyCount, c2, maxOneTimeKeyCount, id.KeyAlgorithm("x"), 10000)},
 	}, {
 		name:      "malformed algorithm names are dropped, unknown well-formed ones kept",
 		old:       active,
-		resp:      `{"device_one_time_keys_count":{"signed_curve25519":5,"two words":1,"nul\u0000":1,"tab\t":1,"caf\u00e9":1,"` + strings.Repeat("a", MaxKeyAlgorithmLength+1) + `":1,"org.example.future_v2":3},"device_unused_fallback_key_types":["bad name","org.example.future_v2","org.example.future_v2"]}`,
+		resp:      `{"device_one_time_keys_count":{"signed_curve25519":5,"two words":1,"nul\u0000":1,"tab\t":1,"caf\u00e9":1,"` + strings.Repeat("a", maxKeyAlgorithmLength+1) + `":1,"org.example.future_v2":3},"device_unused_fallback_key_types":["bad name","org.example.future_v2","org.example.future_v2"]}`,
 		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: map[id.KeyAlgorithm]int{sc: 5, "org.example.future_v2": 3}, FallbackKeyTypesKnown: true, FallbackKeyTypes: []id.KeyAlgorithm{"org.example.future_v2"}},
 		wantDelta: Delta{OTKCounts: counts(sc, 5, id.KeyAlgorithm("org.example.future_v2"), 3), FallbackKeyTypes: fallback("org.example.future_v2")},
 	}, {
 		name:      "algorithms beyond the limit are dropped in byte order",
 		old:       active,
-		resp:      manyAlgorithms(MaxKeyAlgorithms + 8),
-		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: firstAlgorithms(MaxKeyAlgorithms)},
-		wantDelta: Delta{OTKCounts: slidingsync.Some(firstAlgorithms(MaxKeyAlgorithms))},
+		resp:      manyAlgorithms(maxKeyAlgorithms + 8),
+		wantState: State{Active: true, OTKCountsKnown: true, OTKCounts: firstAlgorithms(maxKeyAlgorithms)},
+		wantDelta: Delta{OTKCounts: slidingsync.Some(firstAlgorithms(maxKeyAlgorithms))},
 	}, {
 		name:      "invalid user IDs are dropped",
 		old:       active,
@@ -185,13 +185,13 @@ func TestMerge(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			oldCopy := tt.old.clone()
 			resp := decode(t, tt.resp)
-			st, d := Merge(tt.old, resp, tt.info)
+			st, d := Merge(tt.old, resp, tt.initial)
 			assert.True(t, tt.wantState.Equal(st), "state: want %+v, got %+v", tt.wantState, st)
 			assert.Equal(t, tt.wantDelta, d)
 			assert.Equal(t, tt.wantDelta.Empty(), d.Empty())
 			assert.True(t, oldCopy.Equal(tt.old), "Merge modified its input")
 			// Idempotent on the state.
-			again, _ := Merge(st, resp, tt.info)
+			again, _ := Merge(st, resp, tt.initial)
 			assert.True(t, st.Equal(again), "merging twice differs: %+v vs %+v", st, again)
 			// The state survives its checkpoint encoding.
 			raw, err := json.Marshal(st)
@@ -216,7 +216,7 @@ func normalize(s State) State {
 
 func TestMergeDoesNotAliasResponse(t *testing.T) {
 	resp := decode(t, `{"device_one_time_keys_count":{"signed_curve25519":5},"device_unused_fallback_key_types":["signed_curve25519"]}`)
-	st, d := Merge(State{}, resp, Info{})
+	st, d := Merge(State{}, resp, false)
 	resp.DeviceOneTimeKeysCount.Val[sc] = 99
 	resp.DeviceUnusedFallbackKeyTypes.Val[0] = "x"
 	d.OTKCounts.Val[sc] = 77

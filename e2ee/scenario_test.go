@@ -85,7 +85,7 @@ func runScenario(t *testing.T, proto slidingsync.Protocol, e2eeKey string, steps
 		assert.Len(t, deltas, i, "commits")
 		require.NotEmpty(t, states)
 		res.final = states[len(states)-1]
-		assert.True(t, res.final.Equal(h.e2ee.State()))
+		assert.True(t, res.final.Equal(h.e2eeState()))
 	})
 	return res
 }
@@ -135,9 +135,9 @@ func TestScenarioSynapse(t *testing.T) {
 	}}
 	for _, proto := range []slidingsync.Protocol{slidingsync.ProtocolMSC4186, slidingsync.ProtocolV4} {
 		t.Run(proto.String(), func(t *testing.T) {
-			key := e2ee.E2EEName
+			key := "e2ee"
 			if proto == slidingsync.ProtocolV4 {
-				key = e2ee.E2EEKeyV4
+				key = "org.matrix.msc4543.e2ee"
 				steps := append([]step(nil), steps...)
 				for i := range steps {
 					steps[i].body = strings.ReplaceAll(steps[i].body, `"e2ee":`, `"org.matrix.msc4543.e2ee":`)
@@ -172,7 +172,7 @@ func TestScenarioProxyCaptured(t *testing.T) {
 		{name: "18 fresh connection: stale count, last delta repeated", noPos: true, body: proxyFixture(t, "18-conn-enc-initial-extensions-only"),
 			want: &e2ee.Delta{Gap: true, OTKCounts: counts(sc, 1), Left: users(bob)}},
 	}
-	res := runScenario(t, slidingsync.ProtocolMSC3575, e2ee.E2EEName, steps)
+	res := runScenario(t, slidingsync.ProtocolMSC3575, "e2ee", steps)
 	n, known := res.final.OTKCount(sc)
 	assert.Equal(t, 1, n)
 	assert.True(t, known)
@@ -198,7 +198,7 @@ func TestScenarioProxyFallback(t *testing.T) {
 		{name: "claim uses it again", body: body("8", `{"device_unused_fallback_key_types":[]}`), want: &e2ee.Delta{FallbackKeyTypes: fallback()}},
 		{name: "nothing changed again", body: `{"pos":"9","lists":{},"rooms":{}}`},
 	}
-	res := runScenario(t, slidingsync.ProtocolMSC3575, e2ee.E2EEName, steps)
+	res := runScenario(t, slidingsync.ProtocolMSC3575, "e2ee", steps)
 	n, known := res.final.OTKCount(sc)
 	assert.Equal(t, 0, n, "the count from claim 3 is kept while the fallback changes")
 	assert.True(t, known)
@@ -220,7 +220,7 @@ func TestScenarioNoFallbackSupport(t *testing.T) {
 			want: &e2ee.Delta{OTKCounts: counts(sc, 49), Left: users("@dave:c")}},
 		{name: "section left out", body: `{"pos":"d"}`},
 	}
-	res := runScenario(t, slidingsync.ProtocolMSC4186, e2ee.E2EEName, steps)
+	res := runScenario(t, slidingsync.ProtocolMSC4186, "e2ee", steps)
 	assert.False(t, res.final.FallbackKeyTypesKnown)
 	assert.False(t, res.final.NeedsFallbackKey(sc), "a server that never sends the field must not make the client churn fallback keys")
 }

@@ -1,6 +1,8 @@
 package e2ee_test
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -37,10 +39,16 @@ func timeoutOf(t *testing.T, rr slidingsynctest.RecordedRequest) int64 {
 
 func TestToDeviceLimitClamp(t *testing.T) {
 	for in, want := range map[int]int{0: 100, -5: 1, 1: 1, 50: 50, 100: 100, 1000: 100} {
-		td, err := e2ee.NewToDevice("@clamp:x", "DEV", e2ee.ToDeviceConfig{Handler: (&recHandler{}).handle, Limit: in})
+		exts, release, err := e2ee.New("@clamp:x", "DEV", e2ee.Config{ToDevice: (&recHandler{}).handle, ToDeviceLimit: in})
 		require.NoError(t, err)
-		assert.Equal(t, want, td.Limit(), "limit %d", in)
-		require.NoError(t, td.Close())
+		body, err := exts[0].Request(context.Background(), slidingsync.RequestInfo{})
+		require.NoError(t, err)
+		raw, err := json.Marshal(body)
+		require.NoError(t, err)
+		var req struct{ Limit int }
+		require.NoError(t, json.Unmarshal(raw, &req))
+		assert.Equal(t, want, req.Limit, "limit %d", in)
+		release()
 	}
 }
 
@@ -66,7 +74,9 @@ func TestToDeviceSinceAdvancesWithCommit(t *testing.T) {
 		evt := batches[0][0]
 		assert.Equal(t, event.Type{Type: "org.example.capture.ping", Class: event.ToDeviceEventType}, evt.Type)
 		assert.Equal(t, "@bob7ff91e03:localhost", evt.Sender.String())
-		assert.Equal(t, "7", h.toDevice.Since())
+		var cp struct{ Since string }
+		h.checkpoint("to_device", &cp)
+		assert.Equal(t, "7", cp.Since)
 	})
 }
 
@@ -175,8 +185,8 @@ func TestWireKeysV4(t *testing.T) {
 		reqs := h.waitRequests(2)
 		synctest.Wait()
 		h.stop()
-		assert.Equal(t, map[string]any{"enabled": true}, ext(t, reqs[0], e2ee.E2EEKeyV4))
-		assert.Equal(t, map[string]any{"enabled": true, "limit": float64(100), "since": "3"}, ext(t, reqs[1], e2ee.ToDeviceKeyV4))
+		assert.Equal(t, map[string]any{"enabled": true}, ext(t, reqs[0], "org.matrix.msc4543.e2ee"))
+		assert.Equal(t, map[string]any{"enabled": true, "limit": float64(100), "since": "3"}, ext(t, reqs[1], "org.matrix.msc4538.to_device"))
 		assert.Len(t, reqs[1].Parsed.Extensions, 2)
 		deltas, _ := h.consumer.snapshot()
 		require.Len(t, deltas, 1)

@@ -11,13 +11,13 @@ import (
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
-// Wire keys of the e2ee extension. The checkpoint is always stored under Name.
+// Wire keys of the e2ee extension. The checkpoint is always stored under e2eeName.
 const (
-	// E2EEName is the extension's name and its wire key on the MSC3575 and MSC4186 dialects.
-	E2EEName = "e2ee"
-	// E2EEKeyV4 is the extension's wire key on the stable v4 dialect (MSC4543, which
+	// e2eeName is the extension's name and its wire key on the MSC3575 and MSC4186 dialects.
+	e2eeName = "e2ee"
+	// e2eeKeyV4 is the extension's wire key on the stable v4 dialect (MSC4543, which
 	// supersedes MSC3884, until it is stable).
-	E2EEKeyV4 = "org.matrix.msc4543.e2ee"
+	e2eeKeyV4 = "org.matrix.msc4543.e2ee"
 )
 
 // Response is the e2ee section of a sliding sync response (MSC3884, MSC4543). Every field keeps

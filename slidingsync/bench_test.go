@@ -351,7 +351,7 @@ func BenchmarkStateHeap10k(b *testing.B) {
 				st := mustDecodeMerge(b, body, emptyBenchState)
 				if compact {
 					for roomID, rs := range st.rooms {
-						st.rooms[roomID] = CompactRoom(rs)
+						st.rooms[roomID] = compactRoom(rs)
 					}
 				}
 				runtime.GC()

@@ -1,4 +1,4 @@
-package slidingsync_test
+package slidingsync
 
 import (
 	"encoding/json"
@@ -7,12 +7,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix/event"
-
-	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
 func TestCompactRoom(t *testing.T) {
-	var rr slidingsync.RoomResponse
+	var rr RoomResponse
 	require.NoError(t, json.Unmarshal([]byte(`{
 		"initial": true,
 		"required_state": [
@@ -23,11 +21,11 @@ func TestCompactRoom(t *testing.T) {
 		"timeline": [{"type": "m.room.message", "sender": "@a:x", "event_id": "$t", "content": {"msgtype": "m.text", "body": "hi"}}],
 		"invite_state": [{"type": "m.room.name", "state_key": "", "sender": "@a:x", "content": {"name": "N"}}]
 	}`), &rr))
-	full := slidingsync.MergeRoom(nil, "!r:x", &rr, 0)
+	full := MergeRoom(nil, "!r:x", &rr, 0)
 	before, err := json.Marshal(full)
 	require.NoError(t, err)
 
-	small := slidingsync.CompactRoom(full)
+	small := compactRoom(full)
 	require.NotSame(t, full, small)
 	var events []*event.Event
 	for _, e := range small.State {
@@ -59,10 +57,10 @@ func TestCompactRoom(t *testing.T) {
 	assert.Nil(t, member.Content.Parsed)
 
 	// Already compact, or nothing to compact: the same value back.
-	again := slidingsync.CompactRoom(slidingsync.CompactRoom(full))
-	assert.Equal(t, again, slidingsync.CompactRoom(again))
-	assert.Same(t, again, slidingsync.CompactRoom(again))
-	assert.Nil(t, slidingsync.CompactRoom(nil))
-	code := &slidingsync.RoomState{ID: "!c:x", Timeline: []*event.Event{{Type: event.EventMessage, Content: event.Content{Parsed: &event.MessageEventContent{Body: "built in code"}}}}}
-	assert.Same(t, code, slidingsync.CompactRoom(code), "events without raw JSON are kept")
+	again := compactRoom(compactRoom(full))
+	assert.Equal(t, again, compactRoom(again))
+	assert.Same(t, again, compactRoom(again))
+	assert.Nil(t, compactRoom(nil))
+	code := &RoomState{ID: "!c:x", Timeline: []*event.Event{{Type: event.EventMessage, Content: event.Content{Parsed: &event.MessageEventContent{Body: "built in code"}}}}}
+	assert.Same(t, code, compactRoom(code), "events without raw JSON are kept")
 }

@@ -24,100 +24,93 @@ import (
 	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
-// recordingExt is a test extension that records what the loop asks of it.
+// Every dialect.
+var allProtocols = []slidingsync.Protocol{slidingsync.ProtocolMSC4186, slidingsync.ProtocolMSC3575, slidingsync.ProtocolV4}
+
+// What the zero values of Config mean, as documented.
+const (
+	zeroPollTimeout   = 30 * time.Second
+	zeroTimeoutMargin = 15 * time.Second
+	zeroMinBackoff    = time.Second
+	zeroMaxBackoff    = 30 * time.Second
+)
+
+// recordingExt is a test extension that records what the loop asks of it. Its cursor lives in
+// its checkpoint, which the Conn keeps for it.
 type recordingExt struct {
 	mu        sync.Mutex
 	requests  []slidingsync.RequestInfo
 	processed []json.RawMessage
-	resets    int
-	restores  []json.RawMessage
 	failNext  int
-	cursor    string
-	more      bool
-	// afterCommits records the cursor at each AfterCommit: only committed cursors appear.
+	// afterCommits records the cursor of each Step whose After ran: only committed cursors
+	// appear.
 	afterCommits []string
 }
 
 func (e *recordingExt) Name() string { return "test_ext" }
 
+func (e *recordingExt) WireKey(slidingsync.Protocol) string { return "test_ext" }
+
+func cursorOf(info slidingsync.RequestInfo) string {
+	var cursor string
+	if info.Checkpoint != nil {
+		_ = json.Unmarshal(info.Checkpoint, &cursor)
+	}
+	return cursor
+}
+
 func (e *recordingExt) Request(_ context.Context, info slidingsync.RequestInfo) (any, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.requests = append(e.requests, info)
-	return map[string]any{"enabled": true, "since": e.cursor}, nil
+	return map[string]any{"enabled": true, "since": cursorOf(info)}, nil
 }
 
-func (e *recordingExt) Process(_ context.Context, _ slidingsync.RequestInfo, raw json.RawMessage) error {
+func (e *recordingExt) Process(_ context.Context, info slidingsync.RequestInfo, raw json.RawMessage) (slidingsync.Step, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.processed = append(e.processed, raw)
 	if e.failNext > 0 {
 		e.failNext--
-		e.cursor = "poisoned"
-		return errors.New("extension failure")
+		return slidingsync.Step{}, errors.New("extension failure")
 	}
+	cursor := cursorOf(info)
+	var step slidingsync.Step
 	if raw != nil {
 		var body struct {
 			NextBatch string `json:"next_batch"`
 			More      bool   `json:"more"`
 		}
 		if err := json.Unmarshal(raw, &body); err != nil {
-			return err
+			return step, err
 		}
-		e.cursor = body.NextBatch
-		e.more = body.More
-	} else {
-		e.more = false
+		cursor = body.NextBatch
+		step.Checkpoint, _ = json.Marshal(cursor)
+		step.More = body.More
 	}
-	return nil
-}
-
-func (e *recordingExt) Checkpoint(context.Context) (json.RawMessage, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return json.Marshal(e.cursor)
-}
-
-func (e *recordingExt) Restore(_ context.Context, raw json.RawMessage) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.restores = append(e.restores, raw)
-	e.cursor = ""
-	if raw != nil {
-		return json.Unmarshal(raw, &e.cursor)
+	step.Stalled = cursor == "stuck"
+	step.After = func(context.Context) {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		e.afterCommits = append(e.afterCommits, cursor)
 	}
-	return nil
+	return step, nil
 }
 
-func (e *recordingExt) Reset(context.Context) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.resets++
-	return nil
-}
-
-func (e *recordingExt) AfterCommit(context.Context) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.afterCommits = append(e.afterCommits, e.cursor)
-}
-
-func (e *recordingExt) Stalled() bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.cursor == "stuck"
-}
-
-func (e *recordingExt) MorePending() bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.more
-}
-
+// snapshot returns the requests the extension saw, how many of them started afresh (no pos)
+// after the first, and the last committed cursor.
 func (e *recordingExt) snapshot() (reqs []slidingsync.RequestInfo, resets int, cursor string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return append([]slidingsync.RequestInfo(nil), e.requests...), e.resets, e.cursor
+	for i, info := range e.requests {
+		if i > 0 && info.Pos == "" {
+			resets++
+		}
+	}
+	if n := len(e.afterCommits); n > 0 {
+		cursor = e.afterCommits[n-1]
+	}
+	return append([]slidingsync.RequestInfo(nil), e.requests...), resets, cursor
 }
 
 var allList = slidingsync.ListConfig{
@@ -147,7 +140,7 @@ func startWith(t *testing.T, srv *slidingsynctest.Server, cli *mautrix.Client, p
 	t.Helper()
 	cfg.Protocol = proto
 	if cfg.Lists == nil {
-		cfg.Lists = map[string]slidingsync.ListConfig{"all": allList}
+		cfg.Lists = map[string]slidingsync.List{"all": {ListConfig: allList}}
 	}
 	conn, err := slidingsync.New(cli, cfg)
 	require.NoError(t, err)
@@ -174,7 +167,7 @@ func roomResp(pos string, rooms ...id.RoomID) *slidingsync.Response {
 }
 
 func TestRunSendsCompleteRequestsAndTimeouts(t *testing.T) {
-	for _, proto := range slidingsync.Protocols {
+	for _, proto := range allProtocols {
 		t.Run(proto.String(), func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				ext := &recordingExt{}
@@ -263,7 +256,7 @@ func TestConfigChangeDiscardsInFlightResponse(t *testing.T) {
 		// The server answers the long-poll, but the list changes before the answer is read.
 		srv.Push(roomResp("p2", "!stale:x"))
 		<-bt.arrived
-		h.conn.SetList("dms", slidingsync.ListConfig{Ranges: []slidingsync.Range{{Start: 0, End: 4}}})
+		h.conn.SetList("dms", slidingsync.List{ListConfig: slidingsync.ListConfig{Ranges: []slidingsync.Range{{Start: 0, End: 4}}}})
 		srv.Push(roomResp("p3", "!fresh:x"))
 		bt.release <- struct{}{}
 		// The next request carries the new list, the old pos, and does not long-poll.
@@ -396,18 +389,18 @@ func TestBackoffScheduleOnServerErrors(t *testing.T) {
 		assert.Equal(t, "p1", h.conn.Pos(), "converges when the server recovers")
 		require.ErrorIs(t, h.stop(t), context.Canceled)
 
-		ceiling := slidingsync.DefaultMinBackoff
+		ceiling := zeroMinBackoff
 		var total time.Duration
 		for i := 1; i <= failures; i++ {
 			gap := reqs[i].Received.Sub(reqs[i-1].Received)
 			assert.GreaterOrEqual(t, gap, ceiling/2, "gap %d", i)
 			assert.LessOrEqual(t, gap, ceiling, "gap %d", i)
 			total += gap
-			ceiling = min(ceiling*2, slidingsync.DefaultMaxBackoff)
+			ceiling = min(ceiling*2, zeroMaxBackoff)
 		}
-		assert.Equal(t, slidingsync.DefaultMaxBackoff, ceiling, "the schedule reached its cap")
+		assert.Equal(t, zeroMaxBackoff, ceiling, "the schedule reached its cap")
 		// At the cap an outage costs at most a few requests a minute.
-		assert.GreaterOrEqual(t, reqs[failures].Received.Sub(reqs[failures-1].Received), slidingsync.DefaultMaxBackoff/2)
+		assert.GreaterOrEqual(t, reqs[failures].Received.Sub(reqs[failures-1].Received), zeroMaxBackoff/2)
 	})
 }
 
@@ -442,12 +435,12 @@ func TestFailedCycleCommitsNothing(t *testing.T) {
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{
 			Store:      store,
 			Extensions: []slidingsync.Extension{ext},
-			OnResponse: func(_ context.Context, res *slidingsync.Result) error {
+			OnResponse: func(_ context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
 				if res.Response.Pos == "p2" && handlerFails > 0 {
 					handlerFails--
-					return errors.New("handler failure")
+					return slidingsync.Step{}, errors.New("handler failure")
 				}
-				return nil
+				return slidingsync.Step{}, nil
 			},
 		})
 		h.srv.PushJSON(http.StatusOK, `{"pos":"p1","extensions":{"test_ext":{"next_batch":"c1"}}}`)
@@ -473,7 +466,7 @@ func TestFailedCycleCommitsNothing(t *testing.T) {
 		assert.Equal(t, "p2", cp.Pos)
 		assert.JSONEq(t, `"c2"`, string(cp.Extensions["test_ext"]))
 		ext.mu.Lock()
-		assert.Equal(t, []string{"c1", "c2"}, ext.afterCommits, "AfterCommit runs only after successful commits")
+		assert.Equal(t, []string{"c1", "c2"}, ext.afterCommits, "After runs only after successful commits")
 		ext.mu.Unlock()
 	})
 }
@@ -542,8 +535,8 @@ func TestHTTPTimeoutExceedsPollTimeout(t *testing.T) {
 		}
 		calls := silent.callTimes()
 		gap := calls[2].Sub(calls[1])
-		assert.GreaterOrEqual(t, gap, 15*time.Second+slidingsync.DefaultMinBackoff/2, "poll timeout + margin, then backoff")
-		assert.LessOrEqual(t, gap, 15*time.Second+slidingsync.DefaultMinBackoff)
+		assert.GreaterOrEqual(t, gap, 15*time.Second+zeroMinBackoff/2, "poll timeout + margin, then backoff")
+		assert.LessOrEqual(t, gap, 15*time.Second+zeroMinBackoff)
 		require.ErrorIs(t, h.stop(t), context.Canceled)
 	})
 }
@@ -589,8 +582,8 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	ext := &recordingExt{}
 	_, err = slidingsync.New(cli, slidingsync.Config{Extensions: []slidingsync.Extension{ext, ext}})
 	assert.Error(t, err)
-	_, err = slidingsync.New(cli, slidingsync.Config{Protocol: slidingsync.ProtocolMSC4186, Lists: map[string]slidingsync.ListConfig{
-		"x": {RequiredState: slidingsync.RequiredState{Exclude: []slidingsync.StateFilter{{Type: "m.room.member"}}}},
+	_, err = slidingsync.New(cli, slidingsync.Config{Protocol: slidingsync.ProtocolMSC4186, Lists: map[string]slidingsync.List{
+		"x": {ListConfig: slidingsync.ListConfig{RequiredState: slidingsync.RequiredState{Exclude: []slidingsync.StateFilter{{Type: "m.room.member"}}}}},
 	}})
 	assert.Error(t, err, "exclusions need the v4 dialect")
 	_, err = slidingsync.New(cli, slidingsync.Config{Protocol: "v5"})
@@ -613,7 +606,7 @@ func TestGrowingWindowCoversEveryRoom(t *testing.T) {
 			return rangesResp(total, lc.Ranges)
 		})
 		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
-			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 10, TimelineLimit: 1}},
+			Lists: map[string]slidingsync.List{"all": {Window: slidingsync.Grow(10), ListConfig: slidingsync.ListConfig{TimelineLimit: 1}}},
 		})
 		h.run()
 		for i := 0; ; i++ {
@@ -655,8 +648,8 @@ func rangesResp(total int, ranges []slidingsync.Range) *slidingsync.Response {
 	return resp
 }
 
-// With ShrinkTo below GrowBatch, the Conn scans the list (the head plus a range moving down by
-// GrowBatch, each reaching back GrowBatch/20 rooms) instead of growing one window, then keeps
+// With a Scan window, the Conn scans the list (the head plus a range moving down by the batch,
+// each reaching back batch/20 rooms) instead of growing one window, then keeps
 // only the head: later requests ask for it alone, the list keeps only those positions, and
 // every room stays known. The v4 dialect (one range per list) grows one window instead.
 func TestGrownWindowShrinks(t *testing.T) {
@@ -682,7 +675,7 @@ func TestGrownWindowShrinks(t *testing.T) {
 					return rangesResp(total, rs)
 				})
 				h := startWith(t, srv, srv.NewClient(), tc.proto, slidingsync.Config{
-					Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 40, ShrinkTo: 5, TimelineLimit: 1}},
+					Lists: map[string]slidingsync.List{"all": {Window: slidingsync.Scan(40, 5), ListConfig: slidingsync.ListConfig{TimelineLimit: 1}}},
 				})
 				h.run()
 				time.Sleep(time.Minute)
@@ -726,7 +719,7 @@ func TestStalledExtensionBacksOff(t *testing.T) {
 		assert.Equal(t, ext.requests[0].Key, h.conn.Key(), "extensions see the connection's key")
 		for i := 1; i <= 4; i++ {
 			gap := reqs[i].Received.Sub(reqs[i-1].Received)
-			ceiling := slidingsync.DefaultMinBackoff << (i - 1)
+			ceiling := zeroMinBackoff << (i - 1)
 			assert.GreaterOrEqual(t, gap, ceiling/2, "gap %d", i)
 			assert.LessOrEqual(t, gap, ceiling, "gap %d", i)
 		}
@@ -839,11 +832,11 @@ func TestUnknownPosStormDoesNotSpin(t *testing.T) {
 func TestRemovedListsAndSubscriptionsAreUndoneOnStickyServers(t *testing.T) {
 	// The proxy keeps lists and subscriptions absent from a request, so removing one must be
 	// said once; the other dialects just stop sending it.
-	for _, proto := range slidingsync.Protocols {
+	for _, proto := range allProtocols {
 		t.Run(proto.String(), func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				h := start(t, proto, slidingsync.Config{
-					Lists:             map[string]slidingsync.ListConfig{"all": allList, "dms": allList},
+					Lists:             map[string]slidingsync.List{"all": {ListConfig: allList}, "dms": {ListConfig: allList}},
 					RoomSubscriptions: map[id.RoomID]slidingsync.RoomSubscription{"!sub:x": {TimelineLimit: 1}},
 				})
 				h.srv.Push(roomResp("p1"))
@@ -898,11 +891,11 @@ func TestCompactStateOnConnection(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		store := slidingsync.NewMemoryStore()
 		var seen []*event.Event
-		cfg := slidingsync.Config{Store: store, CompactState: true, OnResponse: func(_ context.Context, res *slidingsync.Result) error {
+		cfg := slidingsync.Config{Store: store, CompactState: true, OnResponse: func(_ context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
 			for _, rr := range res.Response.Rooms {
 				seen = append(seen, rr.Timeline...)
 			}
-			return nil
+			return slidingsync.Step{}, nil
 		}}
 		h := start(t, slidingsync.ProtocolMSC4186, cfg)
 		h.srv.PushJSON(http.StatusOK, `{"pos":"p1","rooms":{"!a:x":{"initial":true,
@@ -1002,7 +995,7 @@ func TestShrunkWindowProbesPastABurst(t *testing.T) {
 		// head probes (and merges with the scan range) until it ends with a quiet room.
 		midScan = func() { burstLocked(5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16) }
 		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
-			Lists: map[string]slidingsync.ListConfig{"all": {GrowBatch: 20, ShrinkTo: 5, TimelineLimit: 1}},
+			Lists: map[string]slidingsync.List{"all": {Window: slidingsync.Scan(20, 5), ListConfig: slidingsync.ListConfig{TimelineLimit: 1}}},
 		})
 		h.run()
 		rangesFrom := func(from int) [][]slidingsync.Range {
@@ -1075,9 +1068,9 @@ func TestSetListRestartsTheWindow(t *testing.T) {
 			served = append(served, rs)
 			return rangesResp(total, rs)
 		})
-		lc := slidingsync.ListConfig{GrowBatch: 20, ShrinkTo: 5, TimelineLimit: 1}
+		lc := slidingsync.List{Window: slidingsync.Scan(20, 5), ListConfig: slidingsync.ListConfig{TimelineLimit: 1}}
 		h := startWith(t, srv, srv.NewClient(), slidingsync.ProtocolMSC4186, slidingsync.Config{
-			Lists: map[string]slidingsync.ListConfig{"all": lc},
+			Lists: map[string]slidingsync.List{"all": lc},
 		})
 		h.run()
 		time.Sleep(time.Minute)

@@ -44,8 +44,8 @@
 // cursors (the to-device since) mean nothing there.
 //
 // Errors: M_UNKNOWN_POS (matched by errcode), and Synapse's 400 M_UNKNOWN "Invalid stream
-// token" for a pos it cannot parse, drop pos, call every [Resetter] extension and start
-// afresh; M_UNKNOWN_TOKEN makes Run return; 429 waits retry_after_ms; 5xx, network errors and
+// token" for a pos it cannot parse, drop pos and start afresh
+// (extensions see a request without pos); M_UNKNOWN_TOKEN makes Run return; 429 waits retry_after_ms; 5xx, network errors and
 // undecodable responses back off exponentially with jitter up to Config.MaxBackoff (30 s), so
 // an outage costs a few requests a minute; other 4xx make Run return with an error naming the
 // dialect and its URL. Every failure Run retries reaches Config.OnSyncError with the length of
@@ -56,20 +56,32 @@
 // A response is processed in this order: every extension's Process (so room keys from
 // to-device are stored before anything reads the timeline), the merge of lists and rooms
 // (pure functions: [MergeList], [MergeRoom]), Config.OnResponse, then one [Store.Commit] of pos,
-// changed lists and rooms, extension checkpoints and extension transaction hooks. Only after
-// the commit does the new pos become current. A failure anywhere before the commit commits
-// nothing and the same pos is requested again, so delivery is at least once: a crash or error
-// replays the response, and handlers must be idempotent. Extensions with nothing to write for a response stay out of the
-// commit ([TxnSkipper]), so that an idle long-poll commits pos alone (one statement with
-// sqlstore).
+// changed lists and rooms, and the [Step] of every extension and of the handler: its
+// checkpoint, and its Commit inside the transaction. Only after the commit does the new pos
+// become current and do the Steps' After run. A failure anywhere before the commit commits
+// nothing, drops every Step and requests the same pos again, so delivery is at least once: a
+// crash or error replays the response, and handlers must be idempotent. A response whose
+// Steps have no Commit and that changes nothing but pos (an idle long-poll) commits pos alone
+// (one statement with sqlstore).
+//
+// # Extensions
+//
+// One contract ([Extension]): a body for every request, and for every response a [Step] that
+// says what it produced: a checkpoint (a cursor), work inside the commit, work after it, more
+// data pending (the next request does not long-poll), or a stall (the loop backs off). The
+// Conn keeps every extension's checkpoint and hands the last committed one back with every
+// call (RequestInfo.Checkpoint), so no extension keeps staged and committed copies of its
+// state, and a failed cycle leaves nothing to undo. An application writes inside the commit
+// through the Step that Config.OnResponse returns; it needs no extension for that.
 //
 // # Windows and memory
 //
-// A list with ListConfig.GrowBatch has its window managed: it covers every room step by step
-// without long-polling (scanning with a head range and a moving range where the dialect takes
-// several ranges), then, with ShrinkTo, keeps only the top of the list and probes further when
-// the window's last room has new activity. Config.RoomCache bounds the rooms kept in memory;
-// the others are read from the store ([RoomLoader]) when a response touches them.
+// A [List] pairs the wire settings ([ListConfig]) with a client-side [Window]: fixed ranges (the
+// zero Window), [Grow], which covers every room step by step without long-polling, or [Scan],
+// which covers every room with a kept head and a moving range (where the dialect takes several
+// ranges), then keeps only the head and probes further when the window's last room has new
+// activity. Config.RoomCache bounds the rooms kept in memory; the others are read from the
+// store ([RoomLoader]) when a response touches them.
 //
 // # Merge rules
 //
@@ -80,7 +92,7 @@
 // required_state or the timeline clears it; on MSC4186 an entry without is_dm means not a DM
 // (Synapse sends it on every entry of a DM). limited replaces the kept timeline and marks the
 // room's membership stale ([RoomState.MembersStale]); an expanded timeline replaces it too.
-// A SYNC op may echo a range reaching past [MaxWindowIndex]. The window of a list follows the MSC3575
+// A SYNC op may echo a range reaching past the largest window index (2^18 - 1). The window of a list follows the MSC3575
 // ops and never extends past its count.
 //
 // # Concurrency

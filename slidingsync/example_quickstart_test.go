@@ -32,18 +32,20 @@ func quickstart(ctx context.Context, cli *mautrix.Client, dbPath string) error {
 	}
 	conn, err := slidingsync.New(cli, slidingsync.Config{
 		Store: store, // pos, rooms, lists and extension cursors survive restarts
-		Lists: map[string]slidingsync.ListConfig{"all": {
-			GrowBatch:     500, // grows in the background until every room is known
-			TimelineLimit: 1,
-			RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{
-				{Type: "m.room.name", StateKey: ""}, {Type: "m.room.encryption", StateKey: ""},
-			}},
+		Lists: map[string]slidingsync.List{"all": {
+			Window: slidingsync.Grow(500), // grows in the background until every room is known
+			ListConfig: slidingsync.ListConfig{
+				TimelineLimit: 1,
+				RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{
+					{Type: "m.room.name", StateKey: ""}, {Type: "m.room.encryption", StateKey: ""},
+				}},
+			},
 		}},
-		OnResponse: func(ctx context.Context, res *slidingsync.Result) error {
+		OnResponse: func(ctx context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
 			for roomID, room := range res.Rooms {
 				fmt.Printf("%s is called %q\n", roomID, room.Name)
 			}
-			return nil // an error retries the same response later: handlers must be idempotent
+			return slidingsync.Step{}, nil // an error retries the same response later: handlers must be idempotent
 		},
 	})
 	if err != nil {

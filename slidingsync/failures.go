@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -90,4 +92,72 @@ func isUnknownPos(err error) bool {
 	return httpErr.Response.StatusCode == http.StatusBadRequest &&
 		httpErr.RespError.ErrCode == mautrix.MUnknown.ErrCode &&
 		strings.Contains(strings.ToLower(httpErr.RespError.Err), "invalid stream token")
+}
+
+var errFatal = errors.New("slidingsync: fatal")
+
+// classify decides whether an error is retried and after how long.
+func (c *Conn) classify(err error, failures int) (time.Duration, bool) {
+	if errors.Is(err, errFatal) {
+		return 0, false
+	}
+	if errors.Is(err, ErrInvalidResponse) {
+		return c.backoff(failures), true
+	}
+	var httpErr mautrix.HTTPError
+	if errors.As(err, &httpErr) && httpErr.Response != nil {
+		status := httpErr.Response.StatusCode
+		switch {
+		case status == http.StatusTooManyRequests:
+			if wait, ok := retryAfter(httpErr); ok {
+				return min(wait, 10*time.Minute), true
+			}
+			return c.backoff(failures), true
+		case status >= 500:
+			return c.backoff(failures), true
+		case status >= 400:
+			return 0, false
+		}
+		// A 2xx whose body could not be read, or an odd status: treat as transient.
+		return c.backoff(failures), true
+	}
+	// Network errors, timeouts and body read errors.
+	return c.backoff(failures), true
+}
+
+func retryAfter(httpErr mautrix.HTTPError) (time.Duration, bool) {
+	if httpErr.RespError != nil {
+		if ms, ok := httpErr.RespError.ExtraData["retry_after_ms"].(float64); ok && ms >= 0 {
+			return time.Duration(ms) * time.Millisecond, true
+		}
+	}
+	if h := httpErr.Response.Header.Get("Retry-After"); h != "" {
+		if secs, err := strconv.Atoi(h); err == nil && secs >= 0 {
+			return time.Duration(secs) * time.Second, true
+		}
+	}
+	return 0, false
+}
+
+// backoff returns the wait after the given number of consecutive failures: exponential from
+// MinBackoff, capped at MaxBackoff, with jitter in [d/2, d].
+func (c *Conn) backoff(failures int) time.Duration {
+	lo, hi := c.cfg.MinBackoff, c.cfg.MaxBackoff
+	d := lo
+	for i := 0; i < failures && d < hi; i++ {
+		d *= 2
+	}
+	d = min(d, hi)
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }

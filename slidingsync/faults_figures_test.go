@@ -163,7 +163,7 @@ func TestFaultFigures(t *testing.T) {
 		backoffPerMin = 5.0
 		// The longest the loop can be waiting (a backoff at the cap) or stuck in a request
 		// (poll timeout plus margin) when the server recovers, plus the response itself.
-		backoffRecovery = slidingsync.DefaultMaxBackoff + slidingsync.DefaultPollTimeout + slidingsync.DefaultTimeoutMargin + time.Second
+		backoffRecovery = zeroMaxBackoff + zeroPollTimeout + zeroTimeoutMargin + time.Second
 	)
 	matrixErr := func(status int, errcode string, extra string, header http.Header) faultFunc {
 		return func(*http.Request, string) (*http.Response, error) {
@@ -238,7 +238,7 @@ func TestFaultFigures(t *testing.T) {
 			return resp, nil
 		},
 		// Each attempt lasts poll timeout plus margin (45 s) before its backoff.
-		maxPerMin:     60 / (slidingsync.DefaultPollTimeout + slidingsync.DefaultTimeoutMargin).Seconds(),
+		maxPerMin:     60 / (zeroPollTimeout + zeroTimeoutMargin).Seconds(),
 		recoverWithin: backoffRecovery,
 	}, {
 		name: "undecodable 200",

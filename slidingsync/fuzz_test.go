@@ -132,7 +132,7 @@ func FuzzDecodeResponse(f *testing.F) {
 			// Compacting changes the representation, never the state.
 			full, err := json.Marshal(fresh)
 			require.NoError(t, err)
-			small, err := json.Marshal(CompactRoom(fresh))
+			small, err := json.Marshal(compactRoom(fresh))
 			require.NoError(t, err)
 			require.JSONEq(t, string(full), string(small))
 
@@ -182,7 +182,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if err != nil {
 			return
 		}
-		for _, p := range Protocols {
+		for _, p := range protocols {
 			q1, b1, err := EncodeRequest(p, req)
 			if err != nil {
 				continue

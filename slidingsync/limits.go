@@ -46,4 +46,4 @@ func checkServable(p Protocol, req *Request) error {
 
 // everyRoom is the range asked for a list without ranges on the dialects that take ranges:
 // Synapse sends no room at all for a list without one.
-var everyRoom = []Range{{Start: 0, End: MaxWindowIndex - 1}}
+var everyRoom = []Range{{Start: 0, End: maxWindowIndex - 1}}

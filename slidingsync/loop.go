@@ -56,9 +56,7 @@ func (c *Conn) start(ctx context.Context) (Endpoint, error) {
 	c.mu.Lock()
 	c.endpoint = endpoint
 	c.mu.Unlock()
-	if err := c.adoptEndpoint(ctx, endpoint); err != nil {
-		return Endpoint{}, err
-	}
+	c.adoptEndpoint(ctx, endpoint)
 	return endpoint, nil
 }
 
@@ -79,7 +77,7 @@ func (l *loop) cycle(ctx context.Context) error {
 	c := l.c
 	pos := c.Pos()
 	info := RequestInfo{Key: c.key, Protocol: l.ep.Protocol, Pos: pos}
-	timeout := c.pollTimeout()
+	timeout := c.cfg.PollTimeout
 	if l.noPoll || pos == "" {
 		timeout = 0
 	}
@@ -91,7 +89,7 @@ func (l *loop) cycle(ctx context.Context) error {
 	// A response may carry the very pos its request sent: Synapse answers every idle
 	// long-poll so, once the poll has run out. It is processed like any other (its
 	// extension data is current), and the next request long-polls at once.
-	more, err := c.process(ctx, info, resp, gen)
+	out, err := c.process(ctx, info, resp, gen)
 	switch {
 	case err == nil:
 	case ctx.Err() != nil:
@@ -107,16 +105,16 @@ func (l *loop) cycle(ctx context.Context) error {
 	if pos != "" {
 		l.resets = 0
 	}
-	l.noPoll = more
+	l.noPoll = out.more
 	quick := resp.Pos == pos && timeout > 0 && time.Since(sent) < min(timeout/2, time.Second)
-	return l.pace(ctx, pos, quick)
+	return l.pace(ctx, pos, quick, out.stalled)
 }
 
 // pace waits after a processed response when the server must not make the loop spin: an
 // answer that repeats pos at once (not an idle server, which waits out the poll, but one that
 // answers without moving; a server cutting long-polls to a second or more is not slowed), or
 // an extension whose cursor stalls.
-func (l *loop) pace(ctx context.Context, pos string, quick bool) error {
+func (l *loop) pace(ctx context.Context, pos string, quick, stalled bool) error {
 	c := l.c
 	if quick {
 		l.early++
@@ -130,7 +128,7 @@ func (l *loop) pace(ctx context.Context, pos string, quick bool) error {
 	} else {
 		l.early = 0
 	}
-	if !c.stalled() {
+	if !stalled {
 		l.extStalls = 0
 		return nil
 	}
@@ -179,9 +177,7 @@ func (l *loop) startAfresh(ctx context.Context, err error) error {
 	} else {
 		log.Warn().Err(err).Msg("Server forgot the connection, starting afresh")
 	}
-	if err := c.reset(ctx); err != nil {
-		return err
-	}
+	c.reset()
 	l.noPoll = true
 	return nil
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -12,70 +11,73 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// process runs one response through the extensions, the merge and the handler, commits it,
-// and only then makes its pos and state current. It reports whether an extension has more
-// data pending.
-func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, gen uint64) (more bool, err error) {
+// outcome is what a committed response asks of the loop.
+type outcome struct {
+	more    bool // request again at once, without long-polling
+	stalled bool // an extension makes no progress: back off first
+}
+
+// process runs one response through the extensions, the merge and the handler, commits it
+// with every Step, makes its pos and state current and only then runs the Steps' After.
+func (c *Conn) process(ctx context.Context, info RequestInfo, resp *Response, gen uint64) (outcome, error) {
 	if c.configGen() != gen {
-		return false, errConfigChanged
+		return outcome{}, errConfigChanged
 	}
-	defer func() {
-		if err != nil {
-			if rerr := c.restoreExtensions(ctx); rerr != nil {
-				err = errors.Join(err, rerr)
-			}
-		}
-	}()
-	if err := c.processExtensions(ctx, info, resp); err != nil {
-		return false, err
+	steps, err := c.processExtensions(ctx, info, resp)
+	if err != nil {
+		return outcome{}, err
 	}
 	res := &Result{Response: resp, Initial: info.Pos == ""}
 	if res.Lists, err = c.mergeLists(resp); err != nil {
-		return false, err
+		return outcome{}, err
 	}
 	news, err := c.mergeRooms(ctx, info, res)
 	if err != nil {
-		return false, err
+		return outcome{}, err
 	}
 	if c.cfg.OnResponse != nil {
-		if err := c.cfg.OnResponse(ctx, res); err != nil {
-			return false, fmt.Errorf("response handler: %w", err)
+		step, err := c.cfg.OnResponse(ctx, res)
+		if err != nil {
+			return outcome{}, fmt.Errorf("response handler: %w", err)
 		}
+		step.Checkpoint = nil
+		steps = append(steps, step)
 	}
-	upd, more, err := c.update(ctx, res)
-	if err != nil {
-		return false, err
-	}
+	upd := c.update(res, steps)
 	// An idle long-poll on Synapse repeats pos and changes nothing: there is nothing to write.
 	if resp.Pos != info.Pos || upd.Origin != "" || len(upd.Rooms) > 0 || len(upd.Lists) > 0 ||
 		len(upd.Extensions) > 0 || len(upd.TxnHooks) > 0 {
 		if err := c.store.Commit(ctx, c.key, upd); err != nil {
-			return false, fmt.Errorf("commit: %w", err)
+			return outcome{}, fmt.Errorf("commit: %w", err)
 		}
 	}
-	if c.applyCommitted(info, gen, res, upd, news) {
-		more = true
-	}
-	for _, ext := range c.exts {
-		if ac, ok := ext.(AfterCommitter); ok {
-			ac.AfterCommit(ctx)
+	out := outcome{more: c.applyCommitted(info, gen, res, upd, news)}
+	for _, st := range steps {
+		if st.After != nil {
+			st.After(ctx)
 		}
+		out.more = out.more || st.More
+		out.stalled = out.stalled || st.Stalled
 	}
-	return more, nil
+	return out, nil
 }
 
-// processExtensions hands every extension its part of the response (nil when omitted).
-func (c *Conn) processExtensions(ctx context.Context, info RequestInfo, resp *Response) error {
-	for _, ext := range c.exts {
+// processExtensions hands every extension its part of the response (nil when omitted) and
+// returns their Steps, in the order of Config.Extensions.
+func (c *Conn) processExtensions(ctx context.Context, info RequestInfo, resp *Response) ([]Step, error) {
+	steps := make([]Step, len(c.exts), len(c.exts)+1)
+	for i, ext := range c.exts {
 		var raw json.RawMessage
-		if r, ok := resp.Extensions[wireKey(ext, info.Protocol)]; ok && string(r) != "null" {
+		if r, ok := resp.Extensions[ext.WireKey(info.Protocol)]; ok && string(r) != "null" {
 			raw = r
 		}
-		if err := ext.Process(ctx, info, raw); err != nil {
-			return fmt.Errorf("extension %s: %w", ext.Name(), err)
+		step, err := ext.Process(ctx, c.extensionInfo(info, ext), raw)
+		if err != nil {
+			return nil, fmt.Errorf("extension %s: %w", ext.Name(), err)
 		}
+		steps[i] = step
 	}
-	return nil
+	return steps, nil
 }
 
 // mergeLists merges every list of the response, cutting the window of a list whose managed
@@ -143,7 +145,7 @@ func (c *Conn) mergeRooms(ctx context.Context, info RequestInfo, res *Result) (m
 		}
 		rs := MergeRoom(old, roomID, rr, c.cfg.TimelineCap)
 		if c.cfg.CompactState {
-			rs = CompactRoom(rs)
+			rs = compactRoom(rs)
 		}
 		res.Rooms[roomID] = rs
 	}
@@ -152,10 +154,12 @@ func (c *Conn) mergeRooms(ctx context.Context, info RequestInfo, res *Result) (m
 
 // update builds what the commit writes. Only what changed is written: Synapse repeats every
 // list (and the extensions their state) in every response, and an idle long-poll would
-// otherwise rewrite them all. It also reports whether an extension has more data pending.
-func (c *Conn) update(ctx context.Context, res *Result) (*Update, bool, error) {
+// otherwise rewrite them all. steps[i] is the Step of extension i; a last one, if any, the
+// handler's.
+func (c *Conn) update(res *Result, steps []Step) *Update {
 	upd := &Update{Pos: res.Response.Pos, Rooms: res.Rooms}
 	c.stateMu.RLock()
+	defer c.stateMu.RUnlock()
 	if c.originDirty {
 		upd.Origin = c.origin
 	}
@@ -167,34 +171,21 @@ func (c *Conn) update(ctx context.Context, res *Result) (*Update, bool, error) {
 			upd.Lists[name] = ls
 		}
 	}
-	c.stateMu.RUnlock()
-	more := false
-	for _, ext := range c.exts {
-		if ck, ok := ext.(Checkpointer); ok {
-			raw, err := ck.Checkpoint(ctx)
-			if err != nil {
-				return nil, false, fmt.Errorf("extension %s checkpoint: %w", ext.Name(), err)
-			}
-			c.stateMu.RLock()
-			old, had := c.checkpts[ext.Name()]
-			c.stateMu.RUnlock()
-			if !had || !bytes.Equal(old, raw) {
+	for i, st := range steps {
+		if i < len(c.exts) && st.Checkpoint != nil {
+			name := c.exts[i].Name()
+			if old, had := c.checkpts[name]; !had || !bytes.Equal(old, st.Checkpoint) {
 				if upd.Extensions == nil {
 					upd.Extensions = make(map[string]json.RawMessage)
 				}
-				upd.Extensions[ext.Name()] = raw
+				upd.Extensions[name] = st.Checkpoint
 			}
 		}
-		if tc, ok := ext.(TxnCommitter); ok {
-			if ts, ok := ext.(TxnSkipper); !ok || !ts.SkipTxn() {
-				upd.TxnHooks = append(upd.TxnHooks, tc.CommitTxn)
-			}
-		}
-		if mp, ok := ext.(MorePender); ok && mp.MorePending() {
-			more = true
+		if st.Commit != nil {
+			upd.TxnHooks = append(upd.TxnHooks, st.Commit)
 		}
 	}
-	return upd, more, nil
+	return upd
 }
 
 // applyCommitted makes a committed response's pos and state current and moves the managed

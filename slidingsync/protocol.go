@@ -28,8 +28,8 @@ const (
 	ProtocolV4 Protocol = "v4"
 )
 
-// Protocols lists the concrete dialects, in the order Discover prefers them.
-var Protocols = []Protocol{ProtocolMSC4186, ProtocolMSC3575, ProtocolV4}
+// protocols lists the concrete dialects, in the order Discover prefers them.
+var protocols = []Protocol{ProtocolMSC4186, ProtocolMSC3575, ProtocolV4}
 
 // ParseProtocol parses a protocol name as used on command lines ("auto", "msc4186", "msc3575", "v4").
 func ParseProtocol(s string) (Protocol, error) {
@@ -83,9 +83,9 @@ type Endpoint struct {
 	BaseURL *url.URL
 }
 
-// URL returns the full sync URL for the endpoint with the given query, falling back to the
+// requestURL returns the full sync URL for the endpoint with the given query, falling back to the
 // homeserver URL when BaseURL is nil.
-func (e Endpoint) URL(homeserver *url.URL, query url.Values) (string, error) {
+func (e Endpoint) requestURL(homeserver *url.URL, query url.Values) (string, error) {
 	base := e.BaseURL
 	if base == nil {
 		base = homeserver

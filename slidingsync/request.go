@@ -114,7 +114,7 @@ type ListFilters struct {
 // sent on every request: the client keeps stickiness.
 type ListConfig struct {
 	// Ranges is the window. The v4 dialect takes one range: the first is sent. None means
-	// every room: a Conn sends no range on v4 and [0, MaxWindowIndex-1] on MSC3575 and
+	// every room: a Conn sends no range on v4 and [0, maxWindowIndex-1] on MSC3575 and
 	// MSC4186 (Synapse sends no room at all for a list without ranges).
 	Ranges []Range
 	// Sort is sent on MSC3575 only; other dialects order by recent activity.

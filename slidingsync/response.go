@@ -128,14 +128,14 @@ func DecodeResponse(body []byte) (*Response, error) {
 	if err := json.Unmarshal(body, &resp); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidResponse, err)
 	}
-	if err := resp.Validate(); err != nil {
+	if err := resp.validate(); err != nil {
 		return nil, err
 	}
 	return &resp, nil
 }
 
-// Validate checks the invariants the merge relies on.
-func (r *Response) Validate() error {
+// validate checks the invariants the merge relies on.
+func (r *Response) validate() error {
 	if r.Pos == "" {
 		return fmt.Errorf("%w: no pos", ErrInvalidResponse)
 	}
@@ -163,8 +163,8 @@ func (r *Response) Validate() error {
 		}
 	}
 	for name, l := range r.Lists {
-		if len(l.Ops) > MaxListOps {
-			return fmt.Errorf("%w: list %q has %d ops, more than %d", ErrInvalidResponse, name, len(l.Ops), MaxListOps)
+		if len(l.Ops) > maxListOps {
+			return fmt.Errorf("%w: list %q has %d ops, more than %d", ErrInvalidResponse, name, len(l.Ops), maxListOps)
 		}
 		for i, op := range l.Ops {
 			if err := op.validate(); err != nil {

@@ -11,18 +11,18 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// DefaultTimelineCap is how many of the latest timeline events a RoomState keeps when
+// defaultTimelineCap is how many of the latest timeline events a RoomState keeps when
 // Config.TimelineCap is zero.
-const DefaultTimelineCap = 20
+const defaultTimelineCap = 20
 
-// MaxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
+// maxWindowIndex bounds the list window: an op that starts or puts a room at a higher index is
 // rejected, so a hostile count or index cannot make the client allocate or shift without
 // limit. A range may end past it (a server echoing a wide requested range).
-const MaxWindowIndex = 1 << 18
+const maxWindowIndex = 1 << 18
 
-// MaxListOps bounds the ops of one list in one response (servers send one per range, or a
+// maxListOps bounds the ops of one list in one response (servers send one per range, or a
 // few DELETE/INSERT pairs), which bounds the cost of applying them.
-const MaxListOps = 1000
+const maxListOps = 1000
 
 // StateKey identifies a piece of room state.
 type StateKey struct {
@@ -91,10 +91,10 @@ func applyOpt[T any](dst *T, o Opt[T], initial bool) {
 // fields are unset; otherwise absent fields are unchanged and explicit nulls clear; a required
 // state stub deletes that state; a limited timeline replaces the kept timeline and marks
 // membership stale; otherwise new events are appended. At most timelineCap events are kept
-// (DefaultTimelineCap when timelineCap <= 0).
+// (defaultTimelineCap when timelineCap <= 0).
 func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap int) *RoomState {
 	if timelineCap <= 0 {
-		timelineCap = DefaultTimelineCap
+		timelineCap = defaultTimelineCap
 	}
 	next := &RoomState{ID: roomID}
 	if old != nil && !r.Initial {
@@ -165,11 +165,11 @@ func MergeRoom(old *RoomState, roomID id.RoomID, r *RoomResponse, timelineCap in
 	return next
 }
 
-// CompactRoom returns rs with every event whose content is decoded replaced by a copy that
+// compactRoom returns rs with every event whose content is decoded replaced by a copy that
 // keeps the content as raw JSON only (Content.VeryRaw; Raw and Parsed nil), or rs itself when
 // nothing needs it. rs and its events are not modified. Events without raw JSON (built in
 // code) are kept as they are. See Config.CompactState.
-func CompactRoom(rs *RoomState) *RoomState {
+func compactRoom(rs *RoomState) *RoomState {
 	if rs == nil {
 		return nil
 	}
@@ -286,22 +286,22 @@ func (op ListOp) validate() error {
 		if op.Range == nil {
 			return fmt.Errorf("%s without range", op.Op)
 		}
-		// The end may lie past MaxWindowIndex: Synapse echoes the range a client asked for,
+		// The end may lie past maxWindowIndex: Synapse echoes the range a client asked for,
 		// however wide. Only the positions the op fills are bounded.
-		if !op.Range.Valid() || op.Range.Start >= MaxWindowIndex {
+		if !op.Range.Valid() || op.Range.Start >= maxWindowIndex {
 			return fmt.Errorf("%s with invalid range [%d, %d]", op.Op, op.Range.Start, op.Range.End)
 		}
 		if op.Op == ListOpSync && len(op.RoomIDs)-1 > op.Range.End-op.Range.Start {
 			return fmt.Errorf("SYNC of %d rooms into range [%d, %d]", len(op.RoomIDs), op.Range.Start, op.Range.End)
 		}
-		if op.Op == ListOpSync && op.Range.Start+len(op.RoomIDs) > MaxWindowIndex {
-			return fmt.Errorf("SYNC of %d rooms from %d: past position %d", len(op.RoomIDs), op.Range.Start, MaxWindowIndex)
+		if op.Op == ListOpSync && op.Range.Start+len(op.RoomIDs) > maxWindowIndex {
+			return fmt.Errorf("SYNC of %d rooms from %d: past position %d", len(op.RoomIDs), op.Range.Start, maxWindowIndex)
 		}
 	case ListOpInsert, ListOpDelete:
 		if op.Index == nil {
 			return fmt.Errorf("%s without index", op.Op)
 		}
-		if *op.Index < 0 || *op.Index >= MaxWindowIndex {
+		if *op.Index < 0 || *op.Index >= maxWindowIndex {
 			return fmt.Errorf("%s with invalid index %d", op.Op, *op.Index)
 		}
 		if op.Op == ListOpInsert && op.RoomID == "" {
@@ -326,8 +326,8 @@ func MergeList(old ListState, lr ListResponse) (ListState, error) {
 		}
 		next.Count = lr.Count.Val
 	}
-	if len(lr.Ops) > MaxListOps {
-		return old, fmt.Errorf("%d ops, more than %d", len(lr.Ops), MaxListOps)
+	if len(lr.Ops) > maxListOps {
+		return old, fmt.Errorf("%d ops, more than %d", len(lr.Ops), maxListOps)
 	}
 	for i, op := range lr.Ops {
 		if err := op.validate(); err != nil {

@@ -471,20 +471,20 @@ func TestMergeRoom(t *testing.T) {
 			},
 		},
 		{
-			name:    "a zero cap means DefaultTimelineCap",
+			name:    "a zero cap means defaultTimelineCap",
 			cap:     0,
 			entries: []string{`{"initial":true,"timeline":` + msgs(1, 15) + `}`, `{"timeline":` + msgs(16, 30) + `}`},
 			check: func(t *testing.T, rs *RoomState) {
-				assert.Equal(t, msgIDs(30-DefaultTimelineCap+1, 30), timelineIDs(rs))
+				assert.Equal(t, msgIDs(30-defaultTimelineCap+1, 30), timelineIDs(rs))
 			},
 		},
 		{
-			name:    "a negative cap means DefaultTimelineCap",
+			name:    "a negative cap means defaultTimelineCap",
 			cap:     -1,
 			entries: []string{`{"initial":true,"timeline":` + msgs(1, 25) + `}`},
 			check: func(t *testing.T, rs *RoomState) {
-				assert.Len(t, rs.Timeline, DefaultTimelineCap)
-				assert.Equal(t, id.EventID("$m25"), rs.Timeline[DefaultTimelineCap-1].ID)
+				assert.Len(t, rs.Timeline, defaultTimelineCap)
+				assert.Equal(t, id.EventID("$m25"), rs.Timeline[defaultTimelineCap-1].ID)
 			},
 		},
 		{
@@ -754,12 +754,12 @@ func TestMergeList(t *testing.T) {
 			want: ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
 		},
 		{
-			name: "Synapse echoes a requested range ending past MaxWindowIndex",
+			name: "Synapse echoes a requested range ending past maxWindowIndex",
 			lr:   `{"count":2,"ops":[{"op":"SYNC","range":[0,999999],"room_ids":["!a","!b"]}]}`,
 			want: ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
 		},
 		{
-			name: "an INVALIDATE of a range ending past MaxWindowIndex clears what is known",
+			name: "an INVALIDATE of a range ending past maxWindowIndex clears what is known",
 			old:  ListState{Count: 2, Rooms: roomIDs("!a", "!b")},
 			lr:   `{"count":2,"ops":[{"op":"INVALIDATE","range":[1,9007199254740991]}]}`,
 			want: ListState{Count: 2, Rooms: roomIDs("!a")},
@@ -920,10 +920,10 @@ func TestMergeListRejectsImpossibleResponses(t *testing.T) {
 		{"DELETE without index", `{"ops":[{"op":"DELETE"}]}`, "without index"},
 		{"INSERT without room_id", `{"ops":[{"op":"INSERT","index":0}]}`, "without room_id"},
 		{"negative index", `{"ops":[{"op":"DELETE","index":-1}]}`, "invalid index"},
-		{"index at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"INSERT","index":%d,"room_id":"!x"}]}`, MaxWindowIndex), "invalid index"},
+		{"index at maxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"INSERT","index":%d,"room_id":"!x"}]}`, maxWindowIndex), "invalid index"},
 		{"huge index", `{"ops":[{"op":"INSERT","index":9007199254740991,"room_id":"!x"}]}`, "invalid index"},
-		{"range starting at MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":[]}]}`, MaxWindowIndex, MaxWindowIndex+5), "invalid range"},
-		{"SYNC of room IDs past MaxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":["!x","!y"]}]}`, MaxWindowIndex-1, MaxWindowIndex+5), "past position"},
+		{"range starting at maxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":[]}]}`, maxWindowIndex, maxWindowIndex+5), "invalid range"},
+		{"SYNC of room IDs past maxWindowIndex", fmt.Sprintf(`{"ops":[{"op":"SYNC","range":[%d,%d],"room_ids":["!x","!y"]}]}`, maxWindowIndex-1, maxWindowIndex+5), "past position"},
 		{"reversed range", `{"ops":[{"op":"INVALIDATE","range":[2,1]}]}`, "invalid range"},
 		{"negative range", `{"ops":[{"op":"SYNC","range":[-1,1],"room_ids":[]}]}`, "invalid range"},
 		{"SYNC of more room IDs than its range", `{"ops":[{"op":"SYNC","range":[0,1],"room_ids":["!x","!y","!z"]}]}`, "SYNC of 3 rooms"},

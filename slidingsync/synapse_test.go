@@ -114,7 +114,7 @@ func TestSynapseIdleLongPollRepeatsPosAndIsProcessed(t *testing.T) {
 		h.run()
 
 		// Three idle long-polls run out; a message arrives 1 s after the third answer.
-		time.Sleep(3*slidingsync.DefaultPollTimeout + time.Second)
+		time.Sleep(3*zeroPollTimeout + time.Second)
 		synctest.Wait()
 		_, _, cursor := ext.snapshot()
 		assert.Equal(t, "idle3", cursor, "the extension data of every same-pos answer is processed")
@@ -132,7 +132,7 @@ func TestSynapseIdleLongPollRepeatsPosAndIsProcessed(t *testing.T) {
 		for i, r := range reqs[1:5] {
 			assert.Equal(t, "p1", r.pos, "request %d", i+1)
 			assert.Equal(t, "30000", r.timeout, "request %d long-polls", i+1)
-			assert.Equal(t, time.Duration(i)*slidingsync.DefaultPollTimeout, r.at.Sub(start), "request %d follows the previous answer at once", i+1)
+			assert.Equal(t, time.Duration(i)*zeroPollTimeout, r.at.Sub(start), "request %d follows the previous answer at once", i+1)
 		}
 	})
 }
@@ -145,13 +145,13 @@ func TestSynapseIdleLongPollWithNothingNewCommitsNothing(t *testing.T) {
 		cli.Client = &http.Client{Transport: tr}
 		store := &countingStore{MemoryStore: slidingsync.NewMemoryStore()}
 		var handled int
-		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store, OnResponse: func(context.Context, *slidingsync.Result) error {
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store, OnResponse: func(context.Context, *slidingsync.Result) (slidingsync.Step, error) {
 			handled++
-			return nil
+			return slidingsync.Step{}, nil
 		}})
 		srv.Push(roomResp("p1", "!a:x"))
 		h.run()
-		time.Sleep(5*slidingsync.DefaultPollTimeout + time.Second)
+		time.Sleep(5*zeroPollTimeout + time.Second)
 		synctest.Wait()
 		require.ErrorIs(t, h.stop(t), context.Canceled)
 		assert.Equal(t, 6, handled, "every answer reaches the handler")
@@ -336,17 +336,17 @@ func TestRepeatedServerErrorIsReportedAndLoggedOncePerStreak(t *testing.T) {
 func TestConfigSynapseRefusesIsRefusedByNew(t *testing.T) {
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 	cli := srv.NewClient()
-	lists := func(n int) map[string]slidingsync.ListConfig {
-		out := make(map[string]slidingsync.ListConfig, n)
+	lists := func(n int) map[string]slidingsync.List {
+		out := make(map[string]slidingsync.List, n)
 		for i := range n {
-			out[fmt.Sprintf("l%d", i)] = allList
+			out[fmt.Sprintf("l%d", i)] = slidingsync.List{ListConfig: allList}
 		}
 		return out
 	}
-	with := func(edit func(*slidingsync.ListConfig)) map[string]slidingsync.ListConfig {
+	with := func(edit func(*slidingsync.ListConfig)) map[string]slidingsync.List {
 		lc := allList
 		edit(&lc)
-		return map[string]slidingsync.ListConfig{"all": lc}
+		return map[string]slidingsync.List{"all": {ListConfig: lc}}
 	}
 	for _, tc := range []struct {
 		name  string
@@ -366,7 +366,7 @@ func TestConfigSynapseRefusesIsRefusedByNew(t *testing.T) {
 			RoomSubscriptions: map[id.RoomID]slidingsync.RoomSubscription{"!a:x": {TimelineLimit: 5000}},
 		}, "TimelineLimit 5000"},
 		{"Synapse refuses a list name over 64 characters", slidingsync.Config{
-			Lists: map[string]slidingsync.ListConfig{strings.Repeat("é", 65): allList},
+			Lists: map[string]slidingsync.List{strings.Repeat("é", 65): {ListConfig: allList}},
 		}, "longer than the 64 characters"},
 		{"Synapse refuses more than 100 lists", slidingsync.Config{Lists: lists(101)}, "101 lists"},
 	} {
@@ -383,7 +383,7 @@ func TestConfigSynapseRefusesIsRefusedByNew(t *testing.T) {
 	}
 	t.Run("at the limits", func(t *testing.T) {
 		cfg := slidingsync.Config{Protocol: slidingsync.ProtocolMSC4186, Lists: lists(100)}
-		cfg.Lists[strings.Repeat("é", 64)] = slidingsync.ListConfig{TimelineLimit: 1000}
+		cfg.Lists[strings.Repeat("é", 64)] = slidingsync.List{ListConfig: slidingsync.ListConfig{TimelineLimit: 1000}}
 		delete(cfg.Lists, "l0")
 		_, err := slidingsync.New(cli, cfg)
 		assert.NoError(t, err)
@@ -395,7 +395,7 @@ func TestConfigSynapseRefusesIsRefusedAfterDiscoveryAndBySetList(t *testing.T) {
 		srv := slidingsynctest.NewServer(slidingsynctest.Options{}) // advertises MSC4186
 		lc := allList
 		lc.Filters = &slidingsync.ListFilters{Spaces: []string{"!space:x"}}
-		conn, err := slidingsync.New(srv.NewClient(), slidingsync.Config{Lists: map[string]slidingsync.ListConfig{"spaces": lc}})
+		conn, err := slidingsync.New(srv.NewClient(), slidingsync.Config{Lists: map[string]slidingsync.List{"spaces": {ListConfig: lc}}})
 		require.NoError(t, err, "the dialect is not known before discovery")
 		err = conn.Run(context.Background())
 		require.Error(t, err)
@@ -403,7 +403,7 @@ func TestConfigSynapseRefusesIsRefusedAfterDiscoveryAndBySetList(t *testing.T) {
 		assert.Empty(t, srv.Requests(), "no sync request was sent")
 
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
-		err = h.conn.SetList("spaces", lc)
+		err = h.conn.SetList("spaces", slidingsync.List{ListConfig: lc})
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), "msc4186")
 		h.srv.Push(roomResp("p1"))
@@ -421,15 +421,15 @@ func TestListWithoutRangesGetsEveryRoomFromSynapse(t *testing.T) {
 		// its SYNC op, however far past the list it reaches.
 		lc := allList
 		lc.Ranges = nil
-		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Lists: map[string]slidingsync.ListConfig{"all": lc}})
+		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Lists: map[string]slidingsync.List{"all": {ListConfig: lc}}})
 		h.srv.PushJSON(http.StatusOK, fmt.Sprintf(`{"pos":"p1","lists":{"all":{"count":2,"ops":[{"op":"SYNC","range":[0,%d],"room_ids":["!a:x","!b:x"]}]}},
-			"rooms":{"!a:x":{"initial":true},"!b:x":{"initial":true}},"extensions":{}}`, slidingsync.MaxWindowIndex-1))
+			"rooms":{"!a:x":{"initial":true},"!b:x":{"initial":true}},"extensions":{}}`, (1<<18)-1))
 		h.run()
 		reqs, err := h.srv.WaitRequests(context.Background(), 2)
 		require.NoError(t, err)
 		synctest.Wait()
 		require.ErrorIs(t, h.stop(t), context.Canceled)
-		assert.Equal(t, []slidingsync.Range{{Start: 0, End: slidingsync.MaxWindowIndex - 1}}, reqs[0].Parsed.Lists["all"].Ranges)
+		assert.Equal(t, []slidingsync.Range{{Start: 0, End: (1 << 18) - 1}}, reqs[0].Parsed.Lists["all"].Ranges)
 		ls, ok := h.conn.List("all")
 		require.True(t, ok, "the echoed range is accepted")
 		assert.Equal(t, []id.RoomID{"!a:x", "!b:x"}, ls.Rooms)

@@ -539,8 +539,8 @@ func TestDecodeResponseRejects(t *testing.T) {
 		{"SYNC without range", `{"pos":"1","lists":{"all":{"count":1,"ops":[{"op":"SYNC","room_ids":["!a:x"]}]}}}`, "without range"},
 		{"INSERT without index", `{"pos":"1","lists":{"all":{"ops":[{"op":"INSERT","room_id":"!a:x"}]}}}`, "without index"},
 		{"INSERT without room_id", `{"pos":"1","lists":{"all":{"ops":[{"op":"INSERT","index":0}]}}}`, "without room_id"},
-		{"index beyond MaxWindowIndex", fmt.Sprintf(`{"pos":"1","lists":{"all":{"ops":[{"op":"DELETE","index":%d}]}}}`, MaxWindowIndex+1), "invalid index"},
-		{"range beyond MaxWindowIndex", `{"pos":"1","lists":{"all":{"ops":[{"op":"INVALIDATE","range":[2000000000,2000000001]}]}}}`, "invalid range"},
+		{"index beyond maxWindowIndex", fmt.Sprintf(`{"pos":"1","lists":{"all":{"ops":[{"op":"DELETE","index":%d}]}}}`, maxWindowIndex+1), "invalid index"},
+		{"range beyond maxWindowIndex", `{"pos":"1","lists":{"all":{"ops":[{"op":"INVALIDATE","range":[2000000000,2000000001]}]}}}`, "invalid range"},
 		{"SYNC of more IDs than its range", `{"pos":"1","lists":{"all":{"ops":[{"op":"SYNC","range":[0,0],"room_ids":["!a:x","!b:x"]}]}}}`, "SYNC of 2 rooms"},
 		{"range of three numbers", `{"pos":"1","lists":{"all":{"ops":[{"op":"SYNC","range":[0,1,2]}]}}}`, "2 elements"},
 		{"count of the wrong type", `{"pos":"1","lists":{"all":{"count":"3"}}}`, "invalid response"},
@@ -590,13 +590,13 @@ func TestValidateBuiltResponses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := tt.resp.Validate()
+			err := tt.resp.validate()
 			require.Error(t, err)
 			assert.True(t, errors.Is(err, ErrInvalidResponse), "%v does not wrap ErrInvalidResponse", err)
 		})
 	}
 	ok := Response{Pos: "1", Lists: map[string]ListResponse{"a": {Ops: []ListOp{{Op: ListOpInsert, Index: &idx, RoomID: "!a:x"}}}}}
-	assert.NoError(t, ok.Validate())
+	assert.NoError(t, ok.validate())
 }
 
 func TestRequestFixturesRoundTrip(t *testing.T) {
@@ -888,7 +888,7 @@ func TestEncodeRequestAlwaysSendsRoomConfig(t *testing.T) {
 		RoomSubscriptions: map[id.RoomID]RoomSubscription{"!a:x": {}},
 	}
 	emptyRS := map[Protocol]any{ProtocolMSC3575: []any{}, ProtocolMSC4186: []any{}, ProtocolV4: map[string]any{}}
-	for _, p := range Protocols {
+	for _, p := range protocols {
 		t.Run(p.String(), func(t *testing.T) {
 			_, body, err := EncodeRequest(p, req)
 			require.NoError(t, err)
@@ -1156,7 +1156,7 @@ func TestParseProtocol(t *testing.T) {
 		_, err := ParseProtocol(bad)
 		assert.Error(t, err, bad)
 	}
-	for _, p := range append([]Protocol{ProtocolAuto}, Protocols...) {
+	for _, p := range append([]Protocol{ProtocolAuto}, protocols...) {
 		got, err := ParseProtocol(p.String())
 		require.NoError(t, err)
 		assert.Equal(t, p, got, "String and ParseProtocol round trip")
@@ -1172,7 +1172,7 @@ func TestProtocolPath(t *testing.T) {
 	assert.True(t, ProtocolMSC3575.PosInQuery())
 	assert.True(t, ProtocolMSC4186.PosInQuery())
 	assert.False(t, ProtocolV4.PosInQuery())
-	assert.Equal(t, []Protocol{ProtocolMSC4186, ProtocolMSC3575, ProtocolV4}, Protocols)
+	assert.Equal(t, []Protocol{ProtocolMSC4186, ProtocolMSC3575, ProtocolV4}, protocols)
 }
 
 func TestEndpointURL(t *testing.T) {
@@ -1198,17 +1198,17 @@ func TestEndpointURL(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := tt.ep.URL(tt.hs, tt.q)
+			got, err := tt.ep.requestURL(tt.hs, tt.q)
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, got)
 		})
 	}
 	assert.Equal(t, "https://proxy.example.org/sliding/?stale=1", proxy.String(), "the base URL is not modified")
 
-	_, err = Endpoint{Protocol: ProtocolMSC4186}.URL(nil, q)
+	_, err = Endpoint{Protocol: ProtocolMSC4186}.requestURL(nil, q)
 	assert.Error(t, err, "no base at all")
-	_, err = Endpoint{Protocol: ProtocolMSC4186}.URL(&url.URL{Path: "/relative"}, q)
+	_, err = Endpoint{Protocol: ProtocolMSC4186}.requestURL(&url.URL{Path: "/relative"}, q)
 	assert.Error(t, err, "a base without scheme and host")
-	_, err = Endpoint{}.URL(hs, q)
+	_, err = Endpoint{}.requestURL(hs, q)
 	assert.Error(t, err, "no concrete protocol")
 }

@@ -25,11 +25,8 @@ import (
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
-// DefaultKeyWait is Config.KeyWait when it is zero.
-const DefaultKeyWait = time.Hour
-
-// ErrAlreadyRunning is returned by Run while another Run of the same Helper has not returned.
-var ErrAlreadyRunning = errors.New("bot: Helper is already running")
+// defaultKeyWait is what a zero Config.KeyWait means.
+const defaultKeyWait = time.Hour
 
 // ErrNotRunning is returned by what needs the stores that Run opens (encryption, decryption,
 // sends under an idempotency key) when Run is not running.
@@ -61,15 +58,16 @@ type Config struct {
 	// dispatched.
 	AutoJoin bool
 	// KeyWait is how long an encrypted event waits for its room key before it is given up
-	// (and passed to OnDecryptionError). Zero means DefaultKeyWait.
+	// (and passed to OnDecryptionError). Zero means 1 h.
 	KeyWait time.Duration
 	// OnDecryptionError is called, from the dispatching goroutine, with an event that could
 	// not be decrypted and was given up. Nil means such events are only logged.
 	OnDecryptionError func(ctx context.Context, evt *event.Event, err error)
 	// OnResponse is called with every processed sliding sync response after the Helper has
 	// staged its events, before the commit; an error fails the cycle, which retries the same
-	// response later. Nil means none.
-	OnResponse func(ctx context.Context, res *slidingsync.Result) error
+	// response later. Its Step is committed with the Helper's (see slidingsync.Config). Nil
+	// means none.
+	OnResponse func(ctx context.Context, res *slidingsync.Result) (slidingsync.Step, error)
 
 	// Protocol is the sliding sync dialect; empty means discovery when Run starts.
 	Protocol slidingsync.Protocol
@@ -78,8 +76,7 @@ type Config struct {
 	BaseURL string
 	// ConnID is the sliding sync conn_id; empty means the default connection.
 	ConnID string
-	// PollTimeout is the long-poll asked of the server; zero means
-	// slidingsync.DefaultPollTimeout.
+	// PollTimeout is the long-poll asked of the server; zero means 30 s.
 	PollTimeout time.Duration
 	// AllowInsecureHTTP allows plain http:// to a host that is not a loopback address. False:
 	// such a homeserver is refused before any request (the login included), and the client's
@@ -135,7 +132,7 @@ func New(cli *mautrix.Client, cfg Config) (*Helper, error) {
 		return nil, fmt.Errorf("bot: Config.DB is a %T, not a string or a *dbutil.Database", cfg.DB)
 	}
 	if cfg.KeyWait <= 0 {
-		cfg.KeyWait = DefaultKeyWait
+		cfg.KeyWait = defaultKeyWait
 	}
 	h := &Helper{cli: cli, cfg: cfg, syncer: cfg.Syncer, ready: make(chan struct{})}
 	if h.syncer == nil {
@@ -193,7 +190,7 @@ func (h *Helper) Ready() <-chan struct{} { return h.ready }
 // started has stopped: context.Cause(ctx) when ctx ended it, else the error that stopped it.
 func (h *Helper) Run(ctx context.Context) error {
 	if !h.running.CompareAndSwap(false, true) {
-		return ErrAlreadyRunning
+		return slidingsync.ErrAlreadyRunning
 	}
 	defer h.running.Store(false)
 	if !h.cfg.AllowInsecureHTTP {
@@ -247,7 +244,7 @@ func (h *Helper) openDB(ctx context.Context) (db, botDB *dbutil.Database, closeD
 		}
 		closeDB = func() { _ = db.Close() }
 	}
-	botDB = db.Child(VersionTableName, UpgradeTable, nil)
+	botDB = db.Child(versionTableName, upgradeTable, nil)
 	if err := botDB.Upgrade(ctx); err != nil {
 		closeDB()
 		return nil, nil, nil, fmt.Errorf("bot: upgrade the bot's tables: %w", err)
@@ -259,26 +256,21 @@ func (h *Helper) openDB(ctx context.Context) (db, botDB *dbutil.Database, closeD
 // held.
 func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slidingsync.Store, sess session) error {
 	log := zerolog.Ctx(ctx)
-	state, olm, mach, err := h.cryptoStores(ctx, db, sess)
+	olm, mach, err := h.cryptoStores(ctx, db, sess)
 	if err != nil {
 		return err
 	}
-	e2eeExt, err := e2ee.NewE2EE(h.cli.UserID, h.cli.DeviceID, e2ee.Config{Consumer: mach})
+	exts, release, err := e2ee.New(h.cli.UserID, h.cli.DeviceID, e2ee.Config{Consumer: mach, ToDevice: mach.HandleToDevice})
 	if err != nil {
 		return err
 	}
-	defer e2eeExt.Close()
-	toDevice, err := e2ee.NewToDevice(h.cli.UserID, h.cli.DeviceID, e2ee.ToDeviceConfig{Handler: mach.HandleToDevice})
-	if err != nil {
-		return err
-	}
-	defer toDevice.Close()
-	in := &inbox{h: h, db: botDB, state: state, mach: mach, account: accountKey(h.cli), created: sess.created,
+	defer release()
+	in := &inbox{h: h, db: botDB, mach: mach, account: accountKey(h.cli), created: sess.created,
 		wake: make(chan struct{}, 1), responded: make(chan struct{})}
 	if err := in.start(ctx); err != nil {
 		return err
 	}
-	conn, err := h.newConn(store, in, e2eeExt, toDevice)
+	conn, err := h.newConn(store, in, exts)
 	if err != nil {
 		return err
 	}
@@ -297,47 +289,48 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 
 // cryptoStores upgrades mautrix's state and crypto stores and loads the Olm account and the
 // crypto Machine.
-func (h *Helper) cryptoStores(ctx context.Context, db *dbutil.Database, sess session) (*stateStore, *mcrypto.OlmMachine, *crypto.Machine, error) {
+func (h *Helper) cryptoStores(ctx context.Context, db *dbutil.Database, sess session) (*mcrypto.OlmMachine, *crypto.Machine, error) {
 	log := zerolog.Ctx(ctx)
 	sql := sqlstatestore.NewSQLStateStore(db, dbutil.ZeroLogger(log.With().Str("db", "state").Logger()), false)
 	if err := sql.Upgrade(ctx); err != nil {
-		return nil, nil, nil, fmt.Errorf("bot: upgrade the state store: %w", err)
+		return nil, nil, fmt.Errorf("bot: upgrade the state store: %w", err)
 	}
 	state := &stateStore{SQLStateStore: sql, cli: h.cli, plain: map[id.RoomID]bool{}}
 	h.cli.StateStore = state
 	cs := mcrypto.NewSQLCryptoStore(db, dbutil.ZeroLogger(log.With().Str("db", "crypto").Logger()), h.cli.UserID.String(), h.cli.DeviceID, sess.pickleKey)
 	if err := cs.DB.Upgrade(ctx); err != nil {
-		return nil, nil, nil, fmt.Errorf("bot: upgrade the crypto store: %w", err)
+		return nil, nil, fmt.Errorf("bot: upgrade the crypto store: %w", err)
 	}
 	olmLog := log.With().Str("component", "olm").Logger()
 	olm := mcrypto.NewOlmMachine(h.cli, &olmLog, cs, state)
 	if err := olm.Load(ctx); err != nil {
-		return nil, nil, nil, fmt.Errorf("bot: load the Olm account: %w", err)
+		return nil, nil, fmt.Errorf("bot: load the Olm account: %w", err)
 	}
 	mach, err := crypto.New(h.cli, olm, h.cfg.Crypto)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	if err := mach.Upgrade(ctx); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
-	return state, olm, mach, nil
+	return olm, mach, nil
 }
 
 // newConn returns the bot's sliding sync connection: every room, scanned 500 at a time, then
 // the 5 most recently active (a room with news moves into the window).
-func (h *Helper) newConn(store slidingsync.Store, in *inbox, exts ...slidingsync.Extension) (*slidingsync.Conn, error) {
+func (h *Helper) newConn(store slidingsync.Store, in *inbox, exts []slidingsync.Extension) (*slidingsync.Conn, error) {
 	return slidingsync.New(h.cli, slidingsync.Config{
 		Protocol:   h.cfg.Protocol,
 		BaseURL:    h.cfg.BaseURL,
 		ConnID:     h.cfg.ConnID,
 		Store:      store,
-		Extensions: append(exts, in),
-		Lists: map[string]slidingsync.ListConfig{"all": {
-			GrowBatch:     500,
-			ShrinkTo:      5,
-			TimelineLimit: 5, // limited timelines are filled from /messages
-			RequiredState: crypto.BotRequiredState(false),
+		Extensions: exts,
+		Lists: map[string]slidingsync.List{"all": {
+			Window: slidingsync.Scan(500, 5),
+			ListConfig: slidingsync.ListConfig{
+				TimelineLimit: 5, // limited timelines are filled from /messages
+				RequiredState: crypto.BotRequiredState(false),
+			},
 		}},
 		AllowInsecureHTTP: h.cfg.AllowInsecureHTTP,
 		PollTimeout:       h.cfg.PollTimeout,

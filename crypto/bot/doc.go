@@ -68,7 +68,7 @@
 // only after all have stopped; the first to fail stops the others. The Machine of a new
 // device starts when the first sync response arrives, so a bot that cannot sync uploads
 // nothing. A Helper runs
-// once at a time ([ErrAlreadyRunning]). Handlers run one at a time on the dispatcher; a
+// once at a time ([slidingsync.ErrAlreadyRunning]). Handlers run one at a time on the dispatcher; a
 // handler that panics is logged and its event counts as handled. When ctx ends during a
 // handler, the event is dispatched again by the next Run.
 //

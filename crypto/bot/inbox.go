@@ -26,7 +26,7 @@ const invitePrefix = "invite|"
 const maxBackfillPages = 20
 
 // staged is one event of the response being processed, written to the inbox by the commit.
-type staged struct {
+type stagedEvent struct {
 	key    string
 	roomID id.RoomID
 	raw    []byte
@@ -38,25 +38,17 @@ type ownSend struct {
 	eventID id.EventID
 }
 
-// inbox is a client-side extension of the Conn (it sends nothing): the response handler
-// stages the response's events, CommitTxn writes them, the room state and what the
-// timelines say of the bot's own sends in the commit transaction, and the dispatcher works
+// inbox is the bot's part of every commit: the response handler (onResponse) stages the
+// response's events and returns a Step that writes them, the room state and what the
+// timelines say of the bot's own sends in the commit transaction; the dispatcher works
 // through what was committed.
 type inbox struct {
 	h       *Helper
 	db      *dbutil.Database
-	state   *stateStore
 	mach    *crypto.Machine
 	account string
 	created time.Time // events older than the bot's first start are history
-
-	// Staged by onResponse, written by CommitTxn, cleared by AfterCommit: all on Run's
-	// goroutine of the Conn.
-	res       *slidingsync.Result
-	staged    []staged
-	own       []ownSend
-	uninvited []id.RoomID // rooms with a handled invite row that are no longer invites
-	seq       int64
+	seq     int64     // last inbox sequence number; Run's goroutine of the Conn only
 
 	invitedMu sync.Mutex
 	invited   map[id.RoomID]bool // rooms with an invite row
@@ -88,33 +80,71 @@ func (in *inbox) start(ctx context.Context) error {
 	return nil
 }
 
-func (*inbox) Name() string { return "ssbot_inbox" }
-
-func (*inbox) Request(context.Context, slidingsync.RequestInfo) (any, error) { return nil, nil }
-
-func (*inbox) Process(context.Context, slidingsync.RequestInfo, json.RawMessage) error {
-	return nil
+// staging is what one response gives the inbox, written by the commit.
+type staging struct {
+	res       *slidingsync.Result
+	events    []stagedEvent
+	own       []ownSend
+	uninvited []id.RoomID // rooms with a handled invite row that are no longer invites
 }
 
 // onResponse is the Conn's response handler: it stages the response's events for the
-// commit, filling the gaps of limited timelines first.
-func (in *inbox) onResponse(ctx context.Context, res *slidingsync.Result) error {
+// commit, filling the gaps of limited timelines first, and returns the Step that writes them.
+func (in *inbox) onResponse(ctx context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
 	in.firstOnce.Do(func() { close(in.responded) })
-	in.res, in.staged, in.own, in.uninvited = res, in.staged[:0], in.own[:0], in.uninvited[:0]
+	st := &staging{res: res}
+	if err := in.stage(ctx, st); err != nil {
+		return slidingsync.Step{}, err
+	}
+	var step slidingsync.Step
+	if in.h.cfg.OnResponse != nil {
+		var err error
+		if step, err = in.h.cfg.OnResponse(ctx, res); err != nil {
+			return slidingsync.Step{}, err
+		}
+	}
+	if len(res.Response.Rooms) == 0 {
+		// An idle long-poll: nothing to write, nothing to wake.
+		return step, nil
+	}
+	appCommit, appAfter := step.Commit, step.After
+	step.Commit = func(ctx context.Context) error {
+		if err := in.commit(ctx, st); err != nil {
+			return err
+		}
+		if appCommit != nil {
+			return appCommit(ctx)
+		}
+		return nil
+	}
+	step.After = func(ctx context.Context) {
+		in.committed(st)
+		if appAfter != nil {
+			appAfter(ctx)
+		}
+	}
+	return step, nil
+}
+
+// stage collects the response's events, invites and own sends.
+func (in *inbox) stage(ctx context.Context, st *staging) error {
 	me := in.h.cli.UserID
+	res := st.res
 	for roomID, room := range res.Response.Rooms {
 		if room == nil {
 			continue
 		}
 		if inv := room.InviteState; inv.HasValue() && len(inv.Val) > 0 {
-			if err := in.stageInvite(roomID, inv.Val); err != nil {
+			ev, err := in.stageInvite(roomID, inv.Val)
+			if err != nil {
 				return err
 			}
+			st.events = append(st.events, ev)
 			continue
 		}
 		in.invitedMu.Lock()
 		if in.invited[roomID] {
-			in.uninvited = append(in.uninvited, roomID)
+			st.uninvited = append(st.uninvited, roomID)
 		}
 		in.invitedMu.Unlock()
 		timeline := room.Timeline
@@ -134,7 +164,7 @@ func (in *inbox) onResponse(ctx context.Context, res *slidingsync.Result) error 
 			}
 			if evt.Sender == me {
 				if txn := evt.Unsigned.TransactionID; txn != "" {
-					in.own = append(in.own, ownSend{txn, evt.ID})
+					st.own = append(st.own, ownSend{txn, evt.ID})
 				}
 				continue // the bot's own events are not dispatched
 			}
@@ -147,17 +177,14 @@ func (in *inbox) onResponse(ctx context.Context, res *slidingsync.Result) error 
 			if err != nil {
 				return fmt.Errorf("bot: encode event %s: %w", evt.ID, err)
 			}
-			in.staged = append(in.staged, staged{key: evt.ID.String(), roomID: roomID, raw: raw})
+			st.events = append(st.events, stagedEvent{key: evt.ID.String(), roomID: roomID, raw: raw})
 		}
-	}
-	if in.h.cfg.OnResponse != nil {
-		return in.h.cfg.OnResponse(ctx, res)
 	}
 	return nil
 }
 
-// stageInvite stages the bot's own member event of an invite.
-func (in *inbox) stageInvite(roomID id.RoomID, state []*event.Event) error {
+// stageInvite returns the bot's own member event of an invite, to stage.
+func (in *inbox) stageInvite(roomID id.RoomID, state []*event.Event) (stagedEvent, error) {
 	me := in.h.cli.UserID.String()
 	for _, evt := range state {
 		if evt == nil || evt.Type != event.StateMember || evt.StateKey == nil || *evt.StateKey != me {
@@ -167,19 +194,14 @@ func (in *inbox) stageInvite(roomID id.RoomID, state []*event.Event) error {
 		cp.RoomID = roomID
 		raw, err := json.Marshal(&cp)
 		if err != nil {
-			return fmt.Errorf("bot: encode the invite to %s: %w", roomID, err)
+			return stagedEvent{}, fmt.Errorf("bot: encode the invite to %s: %w", roomID, err)
 		}
-		in.staged = append(in.staged, staged{key: invitePrefix + roomID.String(), roomID: roomID, raw: raw})
-		return nil
+		return stagedEvent{key: invitePrefix + roomID.String(), roomID: roomID, raw: raw}, nil
 	}
 	// No member event for the bot (a server that strips it): an invite all the same.
 	raw, err := json.Marshal(&event.Event{Type: event.StateMember, StateKey: &me, RoomID: roomID,
 		Content: event.Content{Raw: map[string]any{"membership": "invite"}}})
-	if err != nil {
-		return err
-	}
-	in.staged = append(in.staged, staged{key: invitePrefix + roomID.String(), roomID: roomID, raw: raw})
-	return nil
+	return stagedEvent{key: invitePrefix + roomID.String(), roomID: roomID, raw: raw}, err
 }
 
 // backfill pages back from a limited timeline's prev_batch until an event already in the
@@ -221,24 +243,15 @@ func (in *inbox) backfill(ctx context.Context, roomID id.RoomID, from string) ([
 	return newestFirst, nil
 }
 
-// SkipTxn tells the Conn that a response without rooms (an idle long-poll) gives CommitTxn
-// nothing to write.
-func (in *inbox) SkipTxn() bool {
-	return len(in.staged) == 0 && len(in.own) == 0 && len(in.uninvited) == 0 &&
-		(in.res == nil || len(in.res.Response.Rooms) == 0)
-}
-
-// CommitTxn writes, in the transaction that commits the response: the room state into
+// commit writes, in the transaction that commits the response: the room state into
 // mautrix's state store, the staged events into the inbox (an event seen again keeps its
 // row), the bot's own sends seen in timelines into the outbox, and forgets handled invites
 // of rooms that are no longer invites (so a later invite is dispatched again; one still
 // being handled is handled to its end).
-func (in *inbox) CommitTxn(ctx context.Context) error {
-	if in.res != nil {
-		in.mach.HandleRooms(ctx, in.state, in.res)
-	}
+func (in *inbox) commit(ctx context.Context, st *staging) error {
+	in.mach.HandleRooms(ctx, st.res)
 	now := time.Now()
-	for _, s := range in.staged {
+	for _, s := range st.events {
 		in.seq = max(in.seq+1, now.UnixNano())
 		_, err := in.db.Exec(ctx, `INSERT INTO ssbot_inbox (account, event_key, room_id, event, seq, queued_at) VALUES ($1, $2, $3, $4, $5, $6)
 			ON CONFLICT (account, event_key) DO NOTHING`, in.account, s.key, s.roomID, string(s.raw), in.seq, now.UnixMilli())
@@ -246,13 +259,13 @@ func (in *inbox) CommitTxn(ctx context.Context) error {
 			return fmt.Errorf("bot: queue %s: %w", s.key, err)
 		}
 	}
-	for _, o := range in.own {
+	for _, o := range st.own {
 		_, err := in.db.Exec(ctx, `UPDATE ssbot_outbox SET event_id=$3 WHERE account=$1 AND txn_id=$2 AND event_id IS NULL`, in.account, o.txn, o.eventID)
 		if err != nil {
 			return fmt.Errorf("bot: note sent %s: %w", o.txn, err)
 		}
 	}
-	for _, roomID := range in.uninvited {
+	for _, roomID := range st.uninvited {
 		_, err := in.db.Exec(ctx, `DELETE FROM ssbot_inbox WHERE account=$1 AND event_key=$2`, in.account, invitePrefix+roomID.String())
 		if err != nil {
 			return fmt.Errorf("bot: forget the invite to %s: %w", roomID, err)
@@ -261,21 +274,20 @@ func (in *inbox) CommitTxn(ctx context.Context) error {
 	return nil
 }
 
-// AfterCommit wakes the dispatcher when the commit queued events.
-func (in *inbox) AfterCommit(context.Context) {
-	queued := len(in.staged) > 0
+// committed notes the invites the commit wrote and forgot, and wakes the dispatcher when it
+// queued events.
+func (in *inbox) committed(st *staging) {
 	in.invitedMu.Lock()
-	for _, roomID := range in.uninvited {
+	for _, roomID := range st.uninvited {
 		delete(in.invited, roomID)
 	}
-	for _, s := range in.staged {
+	for _, s := range st.events {
 		if strings.HasPrefix(s.key, invitePrefix) {
 			in.invited[s.roomID] = true
 		}
 	}
 	in.invitedMu.Unlock()
-	in.res, in.staged, in.own, in.uninvited = nil, in.staged[:0], in.own[:0], in.uninvited[:0]
-	if queued {
+	if len(st.events) > 0 {
 		select {
 		case in.wake <- struct{}{}:
 		default:

@@ -6,14 +6,14 @@ import (
 	"go.mau.fi/util/dbutil"
 )
 
-// VersionTableName is the table that records the schema version of this package's tables
+// versionTableName is the table that records the schema version of this package's tables
 // (ssbot_session, ssbot_inbox, ssbot_outbox), so that they share a database with the sliding
 // sync store and mautrix's stores.
-const VersionTableName = "ssbot_version"
+const versionTableName = "ssbot_version"
 
 //go:embed upgrades/*.sql
 var upgrades embed.FS
 
-// UpgradeTable holds the schema upgrades of this package's tables, read from the embedded
+// upgradeTable holds the schema upgrades of this package's tables, read from the embedded
 // upgrades/*.sql files.
-var UpgradeTable = dbutil.BuildUpgradeTable().WithFSPath(upgrades, "upgrades").Finish()
+var upgradeTable = dbutil.BuildUpgradeTable().WithFSPath(upgrades, "upgrades").Finish()

@@ -146,9 +146,9 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 	if err != nil {
 		return err
 	}
-	cfg.OnResponse = func(ctx context.Context, res *slidingsync.Result) error {
+	cfg.OnResponse = func(ctx context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
 		d.onResponse(ctx, res)
-		return nil
+		return slidingsync.Step{}, nil
 	}
 	// A short rotation interval makes the replacement of a used fallback key visible.
 	cfg.Crypto = crypto.Config{FallbackKeyRotation: time.Second}

@@ -158,7 +158,7 @@ func openCounting(target string) (*dbutil.Database, error) {
 	return dbutil.NewFromConfig("", dbutil.Config{PoolConfig: dbutil.PoolConfig{
 		Type:         countingDriverName,
 		URI:          dbopen.SQLiteDSN(dbopen.DriverModernc, target),
-		MaxIdleConns: dbopen.DefaultMaxIdleConns,
+		MaxIdleConns: 4, // dbopen's default
 	}}, nil)
 }
 

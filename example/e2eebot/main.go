@@ -31,7 +31,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
-	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
 )
 
 type options struct {
@@ -72,7 +71,7 @@ func main() {
 	flag.BoolVar(&o.logout, "logout", false, "delete the device stored in -db on the server (peers stop encrypting for it) and forget it, then exit")
 	flag.BoolVar(&o.insecure, "allow-insecure-http", false, "allow plain http:// to a homeserver that is not on loopback")
 	flag.DurationVar(&o.pollTimeout, "poll-timeout", 0, "how long the server may hold a sync request with nothing new (0 means the SDK's 30 s); shorter when a proxy on the way cuts idle requests")
-	flag.DurationVar(&o.leaseDuration, "lease", sqlstore.DefaultLeaseDuration, "how long a bot that died keeps another process from taking over its device")
+	flag.DurationVar(&o.leaseDuration, "lease", 30*time.Second, "how long a bot that died keeps another process from taking over its device")
 	flag.StringVar(&o.leaseHolder, "lease-holder", "", "a stable name for this bot in the lease, so that a restart on another host takes it back at once; only when a supervisor guarantees one process at a time (without it, a restart on the same host takes over at once once the old process is gone)")
 	flag.Parse()
 	flag.Visit(func(f *flag.Flag) { o.dbSet = o.dbSet || f.Name == "db" })

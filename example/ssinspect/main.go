@@ -219,7 +219,7 @@ func printConn(out io.Writer, key slidingsync.ConnKey, cp *slidingsync.Checkpoin
 // raw.
 func describeExtension(name string, raw json.RawMessage) string {
 	switch name {
-	case e2ee.E2EEName:
+	case "e2ee":
 		var st e2ee.State
 		if err := json.Unmarshal(raw, &st); err != nil {
 			return "undecodable: " + err.Error()

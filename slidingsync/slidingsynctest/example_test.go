@@ -23,7 +23,7 @@ func Example() {
 
 	conn, err := slidingsync.New(srv.NewClient(), slidingsync.Config{
 		Protocol: slidingsync.ProtocolMSC4186,
-		Lists:    map[string]slidingsync.ListConfig{"all": {Ranges: []slidingsync.Range{{Start: 0, End: 9}}}},
+		Lists:    map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{Ranges: []slidingsync.Range{{Start: 0, End: 9}}}}},
 	})
 	if err != nil {
 		panic(err)

@@ -702,7 +702,7 @@ func TestConnKeepsOneRequestInFlight(t *testing.T) {
 		assert.Equal(t, "1", conn.Pos())
 		require.Equal(t, 1, srv.InFlight())
 
-		conn.SetList("all", slidingsync.ListConfig{Ranges: []slidingsync.Range{{Start: 0, End: 9}}})
+		conn.SetList("all", slidingsync.List{ListConfig: slidingsync.ListConfig{Ranges: []slidingsync.Range{{Start: 0, End: 9}}}})
 		reqs, err := srv.WaitRequests(t.Context(), 3)
 		require.NoError(t, err)
 		synctest.Wait()

@@ -19,16 +19,17 @@ import (
 // time.
 var ErrLeaseLost = errors.New("sqlstore: lease lost")
 
-// DefaultLeaseDuration is LeaseConfig.Duration when it is zero.
-const DefaultLeaseDuration = 30 * time.Second
+// defaultLeaseDuration is LeaseConfig.Duration when it is zero.
+const defaultLeaseDuration = 30 * time.Second
 
-// DefaultLeaseName is LeaseConfig.Name when it is empty: the lease for the connection that
+// defaultLeaseName is LeaseConfig.Name when it is empty: the lease for the connection that
 // carries a device's e2ee and to_device extensions.
-const DefaultLeaseName = "e2ee"
+const defaultLeaseName = "e2ee"
 
 // LeaseConfig configures a lease. The zero value is usable.
 type LeaseConfig struct {
-	// Name tells apart several leases of one device. Empty means DefaultLeaseName.
+	// Name tells apart several leases of one device. Empty means "e2ee": the lease for the
+	// connection that carries the device's e2ee and to_device extensions.
 	Name string
 	// Holder identifies this process in the lease row. Empty means hostname, pid, a random
 	// suffix and the PID namespace: a process on the same host (and PID namespace) then takes
@@ -37,7 +38,7 @@ type LeaseConfig struct {
 	// only give one when a supervisor guarantees a single process at a time.
 	Holder string
 	// Duration is how long the lease lasts without renewal: after the holder dies, a standby
-	// process takes over within Duration plus PollInterval. Zero means DefaultLeaseDuration.
+	// process takes over within Duration plus PollInterval. Zero means 30 s.
 	Duration time.Duration
 	// RenewInterval is how often the holder renews. Zero means Duration/3; it is cut to
 	// Duration/2.
@@ -49,13 +50,13 @@ type LeaseConfig struct {
 
 func (cfg LeaseConfig) withDefaults() LeaseConfig {
 	if cfg.Name == "" {
-		cfg.Name = DefaultLeaseName
+		cfg.Name = defaultLeaseName
 	}
 	if cfg.Holder == "" {
 		cfg.Holder = defaultHolder()
 	}
 	if cfg.Duration <= 0 {
-		cfg.Duration = DefaultLeaseDuration
+		cfg.Duration = defaultLeaseDuration
 	}
 	if cfg.RenewInterval <= 0 {
 		cfg.RenewInterval = cfg.Duration / 3

@@ -33,7 +33,7 @@ func sharedDatabase(t *testing.T, b backend) {
 	require.NoError(t, ss.Upgrade(ctx))
 	s := sqlstore.New(db, nil)
 	require.NoError(t, s.Upgrade(ctx))
-	for _, table := range []string{"crypto_version", "mx_version", sqlstore.VersionTableName} {
+	for _, table := range []string{"crypto_version", "mx_version", "slidingsync_version"} {
 		exists, err := db.TableExists(ctx, table)
 		require.NoError(t, err)
 		assert.True(t, exists, table)

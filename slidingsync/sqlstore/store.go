@@ -19,9 +19,9 @@ import (
 	"maunium.net/go/mautrix/id"
 )
 
-// DefaultRoomBatchSize is how many rooms one INSERT statement writes when Store.RoomBatchSize is
+// defaultRoomBatchSize is how many rooms one INSERT statement writes when Store.RoomBatchSize is
 // zero. SQLite allows 32766 parameters per statement and PostgreSQL 65535; a room takes two.
-const DefaultRoomBatchSize = 1000
+const defaultRoomBatchSize = 1000
 
 const maxRoomBatchSize = 16000
 
@@ -32,7 +32,7 @@ type Store struct {
 	// the database passed to New, and has its own version table.
 	DB *dbutil.Database
 	// RoomBatchSize is how many rooms one multi-row INSERT writes. Zero means
-	// DefaultRoomBatchSize; values above 16000 are cut to 16000.
+	// 1000; values above 16000 are cut to 16000.
 	RoomBatchSize int
 
 	stmts stmtCache
@@ -41,10 +41,10 @@ type Store struct {
 var _ slidingsync.RoomLoader = (*Store)(nil)
 
 // New returns a store on db, in a child database with its own version table
-// ([VersionTableName]). log may be nil to use db's logger. Call Upgrade before using the store.
+// ([versionTableName]). log may be nil to use db's logger. Call Upgrade before using the store.
 // New registers no SQL driver: the application opens db with the driver it wants.
 func New(db *dbutil.Database, log dbutil.DatabaseLogger) *Store {
-	return &Store{DB: db.Child(VersionTableName, UpgradeTable, log)}
+	return &Store{DB: db.Child(versionTableName, upgradeTable, log)}
 }
 
 // Upgrade creates or upgrades the store's tables.
@@ -130,7 +130,7 @@ func (s *Store) Commit(ctx context.Context, key slidingsync.ConnKey, upd *slidin
 	}
 	batch := s.RoomBatchSize
 	if batch <= 0 {
-		batch = DefaultRoomBatchSize
+		batch = defaultRoomBatchSize
 	}
 	batch = min(batch, maxRoomBatchSize)
 	// Rooms are encoded on other goroutines while the transaction begins and writes.

@@ -144,10 +144,10 @@ type canonical struct {
 	Extensions map[string]string             `json:"extensions"`
 }
 
-// Canonical encodes a checkpoint so that two checkpoints a store must treat as equal encode
+// canonicalJSON encodes a checkpoint so that two checkpoints a store must treat as equal encode
 // to equal bytes: nil and empty maps, slices and checkpoints are the same, rooms and lists are
 // compared by their JSON encoding.
-func Canonical(cp *slidingsync.Checkpoint) (string, error) {
+func canonicalJSON(cp *slidingsync.Checkpoint) (string, error) {
 	c := canonical{
 		Lists:      map[string]json.RawMessage{},
 		Rooms:      map[id.RoomID]json.RawMessage{},
@@ -191,9 +191,9 @@ func Canonical(cp *slidingsync.Checkpoint) (string, error) {
 // AssertEqual fails the test unless the checkpoints are equal by [Canonical].
 func AssertEqual(t testing.TB, want, got *slidingsync.Checkpoint, msgAndArgs ...any) bool {
 	t.Helper()
-	w, err := Canonical(want)
+	w, err := canonicalJSON(want)
 	require.NoError(t, err)
-	g, err := Canonical(got)
+	g, err := canonicalJSON(got)
 	require.NoError(t, err)
 	return assert.Equal(t, w, g, msgAndArgs...)
 }

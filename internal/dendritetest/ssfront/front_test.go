@@ -29,16 +29,31 @@ type recorder struct {
 	toDevice  []*event.Event
 	deltas    int
 	responses int
+	state     e2ee.State // committed
 }
 
-func (r *recorder) HandleE2EE(context.Context, *e2ee.Delta) error {
+func (r *recorder) HandleE2EE(_ context.Context, st e2ee.State, d *e2ee.Delta) slidingsync.Step {
+	step := slidingsync.Step{After: func(context.Context) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.state = st
+	}}
+	if !d.Empty() {
+		step.Commit = func(context.Context) error {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			r.deltas++
+			return nil
+		}
+	}
+	return step
+}
+
+func (r *recorder) committed() e2ee.State {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.deltas++
-	return nil
+	return r.state
 }
-
-func (r *recorder) E2EECommitted(context.Context, e2ee.State) {}
 
 func (r *recorder) handleToDevice(_ context.Context, evts []*event.Event) error {
 	r.mu.Lock()
@@ -164,28 +179,27 @@ func TestFront(t *testing.T) {
 
 	// Bob's connection through the front.
 	rec := &recorder{}
-	e2eeExt, err := e2ee.NewE2EE(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec})
+	exts, release, err := e2ee.New(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec, ToDevice: rec.handleToDevice})
 	require.NoError(t, err)
-	t.Cleanup(func() { _ = e2eeExt.Close() })
-	tdExt, err := e2ee.NewToDevice(bob.UserID, bob.DeviceID, e2ee.ToDeviceConfig{Handler: rec.handleToDevice})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = tdExt.Close() })
+	t.Cleanup(release)
+	store := slidingsync.NewMemoryStore()
 	conn, err := slidingsync.New(bobFront, slidingsync.Config{
 		Protocol: slidingsync.ProtocolMSC4186,
-		Lists: map[string]slidingsync.ListConfig{"all": {
+		Store:    store,
+		Lists: map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
 			Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
 			RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{{Type: "m.room.name", StateKey: ""}}, LazyMembers: true},
 			TimelineLimit: 10,
-		}},
-		Extensions:  []slidingsync.Extension{e2eeExt, tdExt},
+		}}},
+		Extensions:  exts,
 		PollTimeout: time.Second,
 		MinBackoff:  50 * time.Millisecond,
 		MaxBackoff:  time.Second,
-		OnResponse: func(context.Context, *slidingsync.Result) error {
+		OnResponse: func(context.Context, *slidingsync.Result) (slidingsync.Step, error) {
 			rec.mu.Lock()
 			rec.responses++
 			rec.mu.Unlock()
-			return nil
+			return slidingsync.Step{}, nil
 		},
 	})
 	require.NoError(t, err)
@@ -223,8 +237,8 @@ func TestFront(t *testing.T) {
 		ls, ok := conn.List("all")
 		return ok && ls.Count == 1 && len(ls.Rooms) == 1 && ls.Rooms[0] == room.RoomID
 	})
-	// The extension's committed state follows the Conn's own state after the commit.
-	eventually(t, "the e2ee section to carry counts", func() bool { return e2eeExt.State().OTKCountsKnown })
+	// The consumer is told the committed state after the commit.
+	eventually(t, "the e2ee section to carry counts", func() bool { return rec.committed().OTKCountsKnown })
 
 	// A to-device message from alice arrives once.
 	toDevType := event.Type{Type: "org.example.front_test", Class: event.ToDeviceEventType}
@@ -242,7 +256,11 @@ func TestFront(t *testing.T) {
 	assert.Equal(t, toDevType.Type, rec.toDevice[0].Type.Type)
 	assert.Equal(t, alice.UserID, rec.toDevice[0].Sender)
 	rec.mu.Unlock()
-	ack := tdExt.Since()
+	cp, err := store.Load(ctx, conn.Key())
+	require.NoError(t, err)
+	var committed struct{ Since string }
+	require.NoError(t, json.Unmarshal(cp.Extensions["to_device"], &committed))
+	ack := committed.Since
 	require.NotEmpty(t, ack)
 	stopConn()
 
@@ -347,17 +365,17 @@ func TestInviteThenJoin(t *testing.T) {
 
 	bobFront := frontClient(t, front, bob)
 	rec := &recorder{}
-	e2eeExt, err := e2ee.NewE2EE(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec})
+	exts, release, err := e2ee.New(bob.UserID, bob.DeviceID, e2ee.Config{Consumer: rec})
 	require.NoError(t, err)
-	t.Cleanup(func() { _ = e2eeExt.Close() })
+	t.Cleanup(release)
 	conn, err := slidingsync.New(bobFront, slidingsync.Config{
 		Protocol: slidingsync.ProtocolMSC4186,
-		Lists: map[string]slidingsync.ListConfig{"all": {
+		Lists: map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
 			Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
 			RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{{Type: "*", StateKey: "*"}}},
 			TimelineLimit: 20,
-		}},
-		Extensions:  []slidingsync.Extension{e2eeExt},
+		}}},
+		Extensions:  exts,
 		PollTimeout: time.Second,
 		MinBackoff:  50 * time.Millisecond,
 		MaxBackoff:  time.Second,
@@ -406,6 +424,6 @@ func TestInviteThenJoin(t *testing.T) {
 	_, err = bob.UploadKeys(ctx, &mautrix.ReqUploadKeys{OneTimeKeys: otks})
 	require.NoError(t, err)
 	eventually(t, "a count of 3", func() bool {
-		return e2eeExt.State().OTKCounts[id.KeyAlgorithmSignedCurve25519] == 3
+		return rec.committed().OTKCounts[id.KeyAlgorithmSignedCurve25519] == 3
 	})
 }

@@ -47,7 +47,7 @@ type Config struct {
 	// MaxOpenConns limits open connections; zero means no limit.
 	MaxOpenConns int
 	// MaxIdleConns is how many idle connections are kept for reuse; zero means
-	// DefaultMaxIdleConns. Without idle connections every statement opens a connection
+	// 4. Without idle connections every statement opens a connection
 	// (for SQLite: opening the file, running the pragmas, reading the schema) and closes it.
 	MaxIdleConns int
 	// Owner is recorded by dbutil to stop two programs from sharing one database by mistake;
@@ -63,8 +63,8 @@ type Config struct {
 	RelaxedSync bool
 }
 
-// DefaultMaxIdleConns is Config.MaxIdleConns when it is zero.
-const DefaultMaxIdleConns = 4
+// defaultMaxIdleConns is Config.MaxIdleConns when it is zero.
+const defaultMaxIdleConns = 4
 
 // driverCgoFullSync is mautrix's variant of DriverCgo with synchronous=FULL.
 const driverCgoFullSync = "sqlite3-fk-wal-fullsync"
@@ -100,7 +100,7 @@ func Open(target string, cfg Config) (*dbutil.Database, error) {
 	dc.MaxOpenConns = cfg.MaxOpenConns
 	dc.MaxIdleConns = cfg.MaxIdleConns
 	if dc.MaxIdleConns <= 0 {
-		dc.MaxIdleConns = DefaultMaxIdleConns
+		dc.MaxIdleConns = defaultMaxIdleConns
 	}
 	db, err := dbutil.NewFromConfig(cfg.Owner, dc, cfg.Log)
 	if err != nil {
