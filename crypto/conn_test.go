@@ -41,9 +41,8 @@ func TestMachineOnConnection(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		e := newEnv(t, Config{})
 		defer e.db.Close()
-		srv := slidingsynctest.NewServer(slidingsynctest.Options{UserID: testUser, DeviceID: testDevice})
+		srv := slidingsynctest.NewServer(slidingsynctest.Options{UserID: testUser, DeviceID: testDevice, AccessToken: e.cli.AccessToken})
 		e.cli.Client.Transport = routeTransport{keys: slidingsynctest.HandlerTransport(e.hs), rest: srv.Transport()}
-		e.cli.AccessToken = srv.Options().AccessToken
 		e.cli.Log = zerolog.New(zerolog.NewTestWriter(t))
 		e.track(alice, bob)
 

@@ -423,6 +423,11 @@ func (hs *crashHS) upload(w http.ResponseWriter, body []byte) {
 	writeJSON(w, map[string]any{"one_time_key_counts": map[string]int{"signed_curve25519": 50}})
 }
 
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
 func keyIDs(keys map[id.KeyID]mautrix.OneTimeKey) []id.KeyID {
 	return slices.Sorted(maps.Keys(keys))
 }

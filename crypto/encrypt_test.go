@@ -25,10 +25,9 @@ func TestEncryptRoomEvent(t *testing.T) {
 	const aliceDevice id.DeviceID = "ALICEDEV"
 	bot := newEnv(t, Config{})
 	al := newEnvAs(t, Config{}, alice, aliceDevice)
-	link(bot, al)
 	bot.setUp(ctx)
 	al.setUp(ctx)
-	bot.hs.members = map[id.RoomID][]id.UserID{room: {testUser, alice}}
+	bot.hs.srv.AddRoom(room, testUser, alice)
 	store := bot.olm.StateStore.(interface {
 		IsEncrypted(context.Context, id.RoomID) (bool, error)
 	})

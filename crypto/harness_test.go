@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -19,6 +21,7 @@ import (
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
@@ -28,203 +31,119 @@ const (
 	testDevice id.DeviceID = "BOTDEVICE"
 )
 
-// fakeHS is the key API of a homeserver: /keys/upload, /keys/query and /keys/claim. It keeps
-// the uploaded keys and counts the one-time keys it holds, as a server does.
-type fakeHS struct {
-	t *testing.T
+// servers holds each test's homeserver: one minihs without a listener (it may run inside a
+// testing/synctest bubble), shared by the test's devices.
+var servers sync.Map // testing.TB → *minihs.Server
 
-	mu           sync.Mutex
-	uploads      []json.RawMessage // every non-empty /keys/upload body
-	emptyUploads int               // /keys/upload with nothing to upload (count checks)
-	deviceKeys   json.RawMessage
-	otks         map[string]json.RawMessage
-	fallback     map[string]json.RawMessage
-	queries      [][]id.UserID
-	failQueries  int                           // the next failQueries /keys/query answer 500
-	failUploads  int                           // the next failUploads non-empty /keys/upload are stored, then answered 504 (a timeout)
-	otkConflicts int                           // one-time key IDs uploaded again with another key (a server rejects them)
-	queryHook    func(users []id.UserID)       // runs inside /keys/query, may block
-	userDevices  map[id.UserID]json.RawMessage // device_keys answered per user; default {}
-
-	// self is the device whose keys are uploaded here; peers are other devices' servers,
-	// whose device keys /keys/query and whose one-time keys (then fallback keys) /keys/claim
-	// answer.
-	self       id.UserID
-	selfDevice id.DeviceID
-	peers      []*fakeHS
-	sent       []json.RawMessage // /sendToDevice bodies
-
-	members       map[id.RoomID][]id.UserID // joined members answered by /rooms/{id}/members
-	memberFetches int
+func serverOf(tb testing.TB) *minihs.Server {
+	if srv, ok := servers.Load(tb); ok {
+		return srv.(*minihs.Server)
+	}
+	srv, err := minihs.NewServer(minihs.Options{Rooms: -1, Dir: tb.TempDir(), NoListener: true})
+	require.NoError(tb, err)
+	servers.Store(tb, srv)
+	tb.Cleanup(func() {
+		servers.Delete(tb)
+		srv.Close()
+	})
+	return srv
 }
 
-func newFakeHS(t *testing.T) *fakeHS {
-	return &fakeHS{t: t, otks: map[string]json.RawMessage{}, fallback: map[string]json.RawMessage{}}
+// fakeHS is one device's way to the test's homeserver: it keeps the bodies of the device's
+// requests that the tests look at and injects the failures they need.
+type fakeHS struct {
+	srv *minihs.Server
+
+	mu            sync.Mutex
+	uploads       []json.RawMessage       // every non-empty /keys/upload body
+	queries       [][]id.UserID           // the users of every /keys/query, sorted
+	sent          []json.RawMessage       // /sendToDevice bodies
+	memberFetches int                     // /rooms/{id}/members requests
+	failQueries   int                     // the next failQueries /keys/query answer 500
+	failUploads   int                     // the next failUploads non-empty /keys/upload are stored, then answered 504 (a timeout)
+	queryHook     func(users []id.UserID) // runs inside /keys/query, may block
 }
 
 func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	var req struct {
+		DeviceKeys   json.RawMessage            `json:"device_keys"`
+		OneTimeKeys  map[string]json.RawMessage `json:"one_time_keys"`
+		FallbackKeys map[string]json.RawMessage `json:"fallback_keys"`
+	}
+	_ = json.Unmarshal(body, &req)
+	hs.mu.Lock()
+	fail := 0
 	switch {
 	case strings.Contains(r.URL.Path, "/sendToDevice/"):
-		hs.mu.Lock()
-		hs.sent = append(hs.sent, json.RawMessage(body))
-		hs.mu.Unlock()
-		writeJSON(w, map[string]any{})
+		hs.sent = append(hs.sent, body)
 	case strings.HasSuffix(r.URL.Path, "/members"):
-		roomID := id.RoomID(strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/_matrix/client/v3/rooms/"), "/members"))
-		hs.mu.Lock()
 		hs.memberFetches++
-		var chunk []map[string]any
-		for _, u := range hs.members[roomID] {
-			chunk = append(chunk, map[string]any{"type": "m.room.member", "state_key": u, "sender": u, "room_id": roomID,
-				"event_id": "$" + string(u), "content": map[string]any{"membership": "join"}})
+	case strings.HasSuffix(r.URL.Path, "/keys/upload") && (len(req.DeviceKeys) > 0 || len(req.OneTimeKeys) > 0 || len(req.FallbackKeys) > 0):
+		hs.uploads = append(hs.uploads, body)
+		if hs.failUploads > 0 {
+			hs.failUploads, fail = hs.failUploads-1, http.StatusGatewayTimeout
 		}
-		hs.mu.Unlock()
-		writeJSON(w, map[string]any{"chunk": chunk})
-	case strings.HasSuffix(r.URL.Path, "/keys/claim"):
-		var req struct {
-			OneTimeKeys map[id.UserID]map[id.DeviceID]string `json:"one_time_keys"`
-		}
-		_ = json.Unmarshal(body, &req)
-		out := map[id.UserID]map[id.DeviceID]map[string]json.RawMessage{}
-		for _, p := range hs.peers {
-			if _, ok := req.OneTimeKeys[p.self][p.selfDevice]; !ok {
-				continue
-			}
-			p.mu.Lock()
-			for k, v := range p.otks {
-				out[p.self] = map[id.DeviceID]map[string]json.RawMessage{p.selfDevice: {k: v}}
-				delete(p.otks, k)
-				break
-			}
-			if out[p.self] == nil {
-				for k, v := range p.fallback {
-					out[p.self] = map[id.DeviceID]map[string]json.RawMessage{p.selfDevice: {k: v}}
-				}
-			}
-			p.mu.Unlock()
-		}
-		writeJSON(w, map[string]any{"one_time_keys": out, "failures": map[string]any{}})
-	case strings.HasSuffix(r.URL.Path, "/keys/upload"):
-		var req struct {
-			DeviceKeys   json.RawMessage            `json:"device_keys"`
-			OneTimeKeys  map[string]json.RawMessage `json:"one_time_keys"`
-			FallbackKeys map[string]json.RawMessage `json:"fallback_keys"`
-		}
-		if err := json.Unmarshal(body, &req); err != nil {
-			w.WriteHeader(http.StatusBadRequest)
-			return
-		}
-		hs.mu.Lock()
-		if len(req.DeviceKeys) == 0 && len(req.OneTimeKeys) == 0 && len(req.FallbackKeys) == 0 {
-			hs.emptyUploads++
-		} else {
-			hs.uploads = append(hs.uploads, json.RawMessage(body))
-		}
-		if len(req.DeviceKeys) > 0 {
-			hs.deviceKeys = req.DeviceKeys
-		}
-		for k, v := range req.OneTimeKeys {
-			if old, ok := hs.otks[k]; ok && !bytes.Equal(old, v) {
-				hs.otkConflicts++
-			}
-			hs.otks[k] = v
-		}
-		if len(req.FallbackKeys) > 0 {
-			hs.fallback = req.FallbackKeys
-		}
-		n := 0
-		for k := range hs.otks {
-			if strings.HasPrefix(k, "signed_curve25519:") {
-				n++
-			}
-		}
-		fail := hs.failUploads > 0 && (len(req.DeviceKeys) > 0 || len(req.OneTimeKeys) > 0 || len(req.FallbackKeys) > 0)
-		if fail {
-			hs.failUploads--
-		}
-		hs.mu.Unlock()
-		if fail {
-			w.WriteHeader(http.StatusGatewayTimeout)
-			return
-		}
-		writeJSON(w, map[string]any{"one_time_key_counts": map[string]int{"signed_curve25519": n}})
 	case strings.HasSuffix(r.URL.Path, "/keys/query"):
-		var req struct {
+		var q struct {
 			DeviceKeys map[id.UserID][]id.DeviceID `json:"device_keys"`
 		}
-		_ = json.Unmarshal(body, &req)
-		users := make([]id.UserID, 0, len(req.DeviceKeys))
-		for u := range req.DeviceKeys {
-			users = append(users, u)
-		}
-		slices.Sort(users)
-		hs.mu.Lock()
+		_ = json.Unmarshal(body, &q)
+		users := slices.Sorted(maps.Keys(q.DeviceKeys))
 		hs.queries = append(hs.queries, users)
-		hook := hs.queryHook
-		fail := hs.failQueries > 0
-		if fail {
-			hs.failQueries--
-		}
-		hs.mu.Unlock()
-		if hook != nil {
+		if hook := hs.queryHook; hook != nil {
+			hs.mu.Unlock()
 			hook(users)
+			hs.mu.Lock()
 		}
-		if fail {
-			w.WriteHeader(http.StatusInternalServerError)
-			writeJSON(w, map[string]string{"errcode": "M_UNKNOWN", "error": "try later"})
-			return
+		if hs.failQueries > 0 {
+			hs.failQueries, fail = hs.failQueries-1, http.StatusInternalServerError
 		}
-		resp := map[id.UserID]json.RawMessage{}
-		hs.mu.Lock()
-		for _, u := range users {
-			if dk, ok := hs.userDevices[u]; ok {
-				resp[u] = dk
-			} else if p := hs.peerOf(u); p != nil {
-				p.mu.Lock()
-				resp[u] = json.RawMessage(`{"` + string(p.selfDevice) + `":` + string(p.deviceKeys) + `}`)
-				p.mu.Unlock()
-			} else {
-				resp[u] = json.RawMessage(`{}`)
-			}
-		}
-		hs.mu.Unlock()
-		writeJSON(w, map[string]any{"device_keys": resp, "failures": map[string]any{}})
+	}
+	hs.mu.Unlock()
+	switch fail {
+	case http.StatusInternalServerError:
+		w.WriteHeader(fail)
+		_, _ = w.Write([]byte(`{"errcode":"M_UNKNOWN","error":"try later"}`))
+	case http.StatusGatewayTimeout:
+		hs.srv.Handler().ServeHTTP(httptest.NewRecorder(), r)
+		w.WriteHeader(fail)
 	default:
-		w.WriteHeader(http.StatusNotFound)
-		writeJSON(w, map[string]string{"errcode": "M_UNRECOGNIZED", "error": "not here"})
+		hs.srv.Handler().ServeHTTP(w, r)
 	}
-}
-
-func (hs *fakeHS) peerOf(u id.UserID) *fakeHS {
-	for _, p := range hs.peers {
-		if p.self == u {
-			return p
-		}
-	}
-	return nil
-}
-
-// link makes every server answer for the devices of the others.
-func link(envs ...*env) {
-	for _, e := range envs {
-		for _, o := range envs {
-			if o != e {
-				e.hs.peers = append(e.hs.peers, o.hs)
-			}
-		}
-	}
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(v)
 }
 
 func (hs *fakeHS) snapshot() (uploads []json.RawMessage, queries [][]id.UserID) {
 	hs.mu.Lock()
 	defer hs.mu.Unlock()
 	return slices.Clone(hs.uploads), slices.Clone(hs.queries)
+}
+
+// lastSent returns the content of the last to-device message hs's device sent to a device.
+func (hs *fakeHS) lastSent(tb testing.TB, user id.UserID, dev id.DeviceID) json.RawMessage {
+	tb.Helper()
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	require.NotEmpty(tb, hs.sent)
+	var body struct {
+		Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
+	}
+	require.NoError(tb, json.Unmarshal(hs.sent[len(hs.sent)-1], &body))
+	return body.Messages[user][dev]
+}
+
+// claimAll claims every one-time key the server holds for the device of e, as senders do.
+func (e *env) claimAll() {
+	e.t.Helper()
+	for {
+		if n, _, _ := e.hs.srv.KeyCounts(e.cli.UserID, e.cli.DeviceID); n == 0 {
+			return
+		}
+		_, err := e.cli.ClaimKeys(context.Background(), &mautrix.ReqClaimKeys{OneTimeKeys: mautrix.OneTimeKeysRequest{
+			e.cli.UserID: {e.cli.DeviceID: id.KeyAlgorithmSignedCurve25519}}})
+		require.NoError(e.t, err)
+	}
 }
 
 // env is a bot device: a real goolm OlmMachine on a SQLite crypto store and a Machine.
@@ -251,26 +170,27 @@ func newEnvAs(t *testing.T, cfg Config, user id.UserID, device id.DeviceID) *env
 // newEnvOn builds a device on the database target: a SQLite path or a postgres:// URI.
 func newEnvOn(t *testing.T, cfg Config, user id.UserID, device id.DeviceID, target string) *env {
 	t.Helper()
-	hs := newFakeHS(t)
-	hs.self, hs.selfDevice = user, device
-	e := newDevice(t, cfg, user, device, target, dbopen.Config{RelaxedSync: true}, hs)
-	e.t, e.hs = t, hs
+	e := newDevice(t, cfg, user, device, target, dbopen.Config{RelaxedSync: true})
+	e.t = t
 	return e
 }
 
-// newDevice builds a device: a client whose requests go to handler in-process, a goolm
-// OlmMachine on a crypto store in the database target, and a Machine. The env's t and hs are
+// newDevice builds a device: a client whose requests go to the test's homeserver in-process,
+// a goolm OlmMachine on a crypto store in the database target, and a Machine. The env's t is
 // left for the caller.
-func newDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, target string, dbCfg dbopen.Config, handler http.Handler) *env {
+func newDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, target string, dbCfg dbopen.Config) *env {
 	tb.Helper()
 	ctx := context.Background()
 	db, err := dbopen.Open(target, dbCfg)
 	require.NoError(tb, err)
 	tb.Cleanup(func() { _ = db.Close() })
-	cli, err := mautrix.NewClient("https://hs.example.org", user, "token")
+	hs := &fakeHS{srv: serverOf(tb)}
+	token := "token_" + device.String()
+	hs.srv.SetToken(token, user, device)
+	cli, err := mautrix.NewClient("https://hs.example.org", user, token)
 	require.NoError(tb, err)
 	cli.DeviceID = device
-	cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(handler)}
+	cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(hs)}
 	log := zerolog.Nop()
 	cli.Log = log
 	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))
@@ -280,7 +200,7 @@ func newDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, ta
 	m, err := New(cli, olm, cfg)
 	require.NoError(tb, err)
 	require.NoError(tb, m.Upgrade(ctx))
-	return &env{db: db, cli: cli, olm: olm, store: cs, m: m}
+	return &env{hs: hs, db: db, cli: cli, olm: olm, store: cs, m: m}
 }
 
 // track makes mautrix track users (as if their devices had been fetched).

@@ -25,8 +25,8 @@ import (
 func newLoggedEnv(t *testing.T, user id.UserID, device id.DeviceID, token string, pickleKey []byte, log zerolog.Logger) *env {
 	t.Helper()
 	ctx := log.WithContext(context.Background())
-	hs := newFakeHS(t)
-	hs.self, hs.selfDevice = user, device
+	hs := &fakeHS{srv: serverOf(t)}
+	hs.srv.SetToken(token, user, device)
 	db, err := dbopen.Open(filepath.Join(t.TempDir(), "bot.db"), dbopen.Config{RelaxedSync: true})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = db.Close() })
@@ -63,7 +63,6 @@ func TestSecretsNeverLogged(t *testing.T) {
 
 	bot := newLoggedEnv(t, testUser, testDevice, botToken, []byte(pickleText), log)
 	sender := newLoggedEnv(t, senderUser, "SENDERDEV", peerToken, []byte(pickleText+"-peer"), log)
-	link(bot, sender)
 	require.NoError(t, bot.m.shareKeys(ctx))
 	require.NoError(t, sender.m.shareKeys(ctx))
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/crypto/signatures"
 	"maunium.net/go/mautrix/id"
 
@@ -89,9 +90,8 @@ func TestEmptyCountsTopUpOnce(t *testing.T) {
 	for _, k := range b.OneTimeKeys {
 		e.verifySigned(k)
 	}
-	e.hs.mu.Lock()
-	assert.Len(t, e.hs.otks, 50, "the server never holds more keys than the account keeps half of")
-	e.hs.mu.Unlock()
+	held, _, _ := e.hs.srv.KeyCounts(testUser, testDevice)
+	assert.Equal(t, 50, held, "the server never holds more keys than the account keeps half of")
 
 	// A count at the threshold uploads nothing.
 	e.m.committed(counts(50), nil)
@@ -124,15 +124,11 @@ func TestRetriedUploadSendsIdenticalKeys(t *testing.T) {
 	assert.Equal(t, otkSet(uploads[0]), otkSet(uploads[1]), "the retry of the first upload")
 
 	// 40 keys are claimed; the top-up times out after the server stored it.
-	e.hs.mu.Lock()
-	n := 0
-	for k := range e.hs.otks {
-		if n == 40 {
-			break
-		}
-		delete(e.hs.otks, k)
-		n++
+	for range 40 {
+		_, err := e.cli.ClaimKeys(ctx, &mautrix.ReqClaimKeys{OneTimeKeys: mautrix.OneTimeKeysRequest{testUser: {testDevice: id.KeyAlgorithmSignedCurve25519}}})
+		require.NoError(t, err)
 	}
+	e.hs.mu.Lock()
 	e.hs.failUploads = 1
 	e.hs.mu.Unlock()
 	e.m.committed(counts(10), nil)
@@ -148,10 +144,9 @@ func TestRetriedUploadSendsIdenticalKeys(t *testing.T) {
 	for _, k := range decodeUpload(t, uploads[3]).OneTimeKeys {
 		e.verifySigned(k)
 	}
-	e.hs.mu.Lock()
-	defer e.hs.mu.Unlock()
-	assert.Zero(t, e.hs.otkConflicts)
-	assert.Len(t, e.hs.otks, 50)
+	assert.Zero(t, e.hs.srv.UploadRejections(), "no key ID came again with another key")
+	held, _, _ := e.hs.srv.KeyCounts(testUser, testDevice)
+	assert.Equal(t, 50, held)
 }
 
 // Run uploads the keys of a new device and queries outdated users, retrying a failed query

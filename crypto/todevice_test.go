@@ -46,13 +46,7 @@ func shareRoomKey(t *testing.T, sender *env, room id.RoomID) (*mcrypto.OutboundG
 	device, err := sender.olm.GetOrFetchDevice(ctx, testUser, testDevice)
 	require.NoError(t, err)
 	require.NoError(t, sender.olm.SendEncryptedToDevice(ctx, device, event.ToDeviceRoomKey, ogs.ShareContent()))
-	sender.hs.mu.Lock()
-	defer sender.hs.mu.Unlock()
-	var body struct {
-		Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
-	}
-	require.NoError(t, json.Unmarshal(sender.hs.sent[len(sender.hs.sent)-1], &body))
-	raw := body.Messages[testUser][testDevice]
+	raw := sender.hs.lastSent(t, testUser, testDevice)
 	require.NotEmpty(t, raw)
 	return ogs, raw
 }
@@ -86,7 +80,6 @@ func TestHandleToDeviceStoresRoomKeyOnce(t *testing.T) {
 	bot := newEnv(t, Config{})
 	const senderUser id.UserID = "@sender:example.org"
 	sender := newEnvAs(t, Config{}, senderUser, "SENDERDEV")
-	link(bot, sender)
 	require.NoError(t, bot.m.shareKeys(ctx))
 	require.NoError(t, sender.m.shareKeys(ctx))
 	logs := &lockedBuffer{}
@@ -114,13 +107,10 @@ func TestPreKeyMessageWithPreviousFallbackKey(t *testing.T) {
 		defer early.db.Close()
 		late := newEnvAs(t, Config{}, "@late:example.org", "LATE")
 		defer late.db.Close()
-		link(bot, early, late)
 		bot.setUp(ctx)
 		require.NoError(t, early.m.shareKeys(ctx))
 		require.NoError(t, late.m.shareKeys(ctx))
-		bot.hs.mu.Lock()
-		clear(bot.hs.otks) // every one-time key was claimed: senders get the fallback key
-		bot.hs.mu.Unlock()
+		bot.claimAll() // senders get the fallback key
 
 		// Both senders start Olm sessions on the first fallback key.
 		const room id.RoomID = "!room:example.org"
@@ -153,13 +143,7 @@ func sendOlm(t *testing.T, from, to *env, typ event.Type, content any) json.RawM
 	device, err := from.olm.GetOrFetchDevice(ctx, to.cli.UserID, to.cli.DeviceID)
 	require.NoError(t, err)
 	require.NoError(t, from.olm.SendEncryptedToDevice(ctx, device, typ, event.Content{Parsed: content}))
-	from.hs.mu.Lock()
-	defer from.hs.mu.Unlock()
-	var body struct {
-		Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
-	}
-	require.NoError(t, json.Unmarshal(from.hs.sent[len(from.hs.sent)-1], &body))
-	raw := body.Messages[to.cli.UserID][to.cli.DeviceID]
+	raw := from.hs.lastSent(t, to.cli.UserID, to.cli.DeviceID)
 	require.NotEmpty(t, raw)
 	return raw
 }
@@ -181,7 +165,6 @@ func twoDevices(t *testing.T) (bot, sender *env, unwedged *int) {
 	ctx := context.Background()
 	bot = newEnv(t, Config{})
 	sender = newEnvAs(t, Config{}, "@sender:example.org", "SENDERDEV")
-	link(bot, sender)
 	require.NoError(t, bot.m.shareKeys(ctx))
 	require.NoError(t, sender.m.shareKeys(ctx))
 	unwedged = new(int)

@@ -72,6 +72,10 @@ type Options struct {
 	// SendFault, when set, is asked about every room send of the bot before it is handled;
 	// nil means every send is answered normally.
 	SendFault func(roomID id.RoomID, txnID string) SendFault
+	// NoListener serves on no socket: the server is reached through [Server.Transport] only
+	// (URL is empty, no bytes are counted), so that it can live inside a testing/synctest
+	// bubble. False: it listens on 127.0.0.1.
+	NoListener bool
 }
 
 // SendFault is what the server does with one room send.
@@ -121,7 +125,8 @@ type Server struct {
 	opts Options
 	acct *Account
 	ss   *slidingsynctest.Server
-	hs   *httptest.Server
+	hs   *httptest.Server // nil with Options.NoListener
+	mux  http.Handler
 	dir  string
 	ownD bool // dir was made by NewServer
 
@@ -218,9 +223,12 @@ func NewServer(opts Options) (*Server, error) {
 		AdvertiseSimplified: &advertise,
 	})
 	s.ss.SetResponder(s.respond)
-	s.hs = httptest.NewUnstartedServer(s.routes())
-	s.hs.Listener = &countingListener{Listener: s.hs.Listener, s: s}
-	s.hs.Start()
+	s.mux = s.routes()
+	if !opts.NoListener {
+		s.hs = httptest.NewUnstartedServer(s.mux)
+		s.hs.Listener = &countingListener{Listener: s.hs.Listener, s: s}
+		s.hs.Start()
+	}
 	return s, nil
 }
 
@@ -262,8 +270,43 @@ func (s *Server) load(acct *Account) {
 	}
 }
 
-// URL returns the server's base URL (http://127.0.0.1:port).
-func (s *Server) URL() string { return s.hs.URL }
+// URL returns the server's base URL (http://127.0.0.1:port), empty with Options.NoListener.
+func (s *Server) URL() string {
+	if s.hs == nil {
+		return ""
+	}
+	return s.hs.URL
+}
+
+// Handler returns the server's handler, to serve it in-process (for example through
+// slidingsynctest.HandlerTransport, with Options.NoListener).
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// SetToken makes token an access token of user's device dev, registering the device if the
+// server does not know it yet.
+func (s *Server) SetToken(token string, user id.UserID, dev id.DeviceID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.devices[user][dev] == nil {
+		s.addDevice(user, dev)
+	}
+	s.tokens[token] = devRef{user, dev}
+}
+
+// AddRoom creates a room whose members have joined (the first one created it), as it stood
+// before the bot's sync began: its events wake no long-poll and are in no timeline.
+func (s *Server) AddRoom(roomID id.RoomID, members ...id.UserID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := &room{id: roomID, state: map[[2]string]entry{}, members: map[id.UserID]event.Membership{}}
+	empty := ""
+	s.setState(r, s.newEvent(roomID, event.StateCreate, &empty, members[0], map[string]any{"room_version": "10"}, 0), 0)
+	for _, u := range members {
+		key := u.String()
+		s.setState(r, s.newEvent(roomID, event.StateMember, &key, u, map[string]any{"membership": "join"}, 0), 0)
+	}
+	s.rooms[roomID] = r
+}
 
 // Bot returns the bot's user ID, device ID and access token.
 func (s *Server) Bot() (id.UserID, id.DeviceID, string) { return BotUserID, BotDeviceID, AccessToken }
@@ -304,8 +347,10 @@ func (s *Server) Close() {
 	dbs := s.peerDBs
 	s.mu.Unlock()
 	s.ss.Close()
-	s.hs.CloseClientConnections()
-	s.hs.Close()
+	if s.hs != nil {
+		s.hs.CloseClientConnections()
+		s.hs.Close()
+	}
 	for _, db := range dbs {
 		_ = db.Close()
 	}
