@@ -1,6 +1,7 @@
 // Package cachedbin finds the server binaries that the integration harnesses run (Dendrite,
 // the MSC3575 proxy): the one an environment variable names, else one cached in the user
-// cache directory (<cache>/sliding-e2ee/<name>-<version>), else one it builds there.
+// cache directory (<cache>/sliding-e2ee/<name>-<version>), else one it builds there. [Start]
+// runs one for a test until it answers, [Proc.Stop] and [Proc.Kill] end it.
 package cachedbin
 
 import (

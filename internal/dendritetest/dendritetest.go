@@ -4,9 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -42,7 +39,6 @@ const (
 	// 3.5 minutes on 2 cores.
 	buildTimeout = 8 * time.Minute
 	startTimeout = 60 * time.Second
-	stopTimeout  = 10 * time.Second
 )
 
 var (
@@ -58,9 +54,7 @@ type Server struct {
 	// Dir holds the configuration, databases and log of this server.
 	Dir string
 
-	cmd     *exec.Cmd
-	logPath string
-	exited  chan struct{}
+	proc *cachedbin.Proc
 }
 
 // CachedBinaryPath is where the harness caches the Dendrite binary it builds:
@@ -100,7 +94,7 @@ func Build(dst string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	tmp := dst + ".tmp-" + randomHex(4)
+	tmp := dst + ".tmp-" + cachedbin.RandomHex(4)
 	defer os.Remove(tmp)
 	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-o", tmp, Module+"/cmd/dendrite")
 	cmd.Dir = mod
@@ -113,12 +107,6 @@ func Build(dst string) error {
 		return fmt.Errorf("cannot build Dendrite %s (is the Go module proxy reachable?): %w: %s", Version, err, cachedbin.Tail(out, 2000))
 	}
 	return os.Rename(tmp, dst)
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 // Option changes how [Start] configures Dendrite.
@@ -150,12 +138,7 @@ func Start(t testing.TB, opts ...Option) *Server {
 	}
 	bin, err := Binary()
 	if err != nil {
-		msg := "DENDRITE NOT TESTED: " + err.Error()
-		if os.Getenv(EnvRequire) == "1" {
-			t.Fatal(msg + " (and " + EnvRequire + "=1)")
-		}
-		fmt.Fprintln(os.Stderr, "!!! "+msg)
-		t.Skip(msg)
+		cachedbin.Skip(t, "DENDRITE NOT TESTED", EnvRequire, err.Error())
 	}
 	dir := t.TempDir()
 	if err = writeKey(filepath.Join(dir, "matrix_key.pem")); err != nil {
@@ -177,7 +160,7 @@ func Start(t testing.TB, opts ...Option) *Server {
 		s, err := launch(bin, dir, port)
 		if err == nil {
 			t.Cleanup(func() {
-				if err := s.stop(); err != nil {
+				if err := s.proc.Stop(); err != nil {
 					t.Errorf("dendritetest: %v", err)
 				}
 			})
@@ -205,19 +188,13 @@ func writeKey(path string) error {
 	}
 	block := &pem.Block{
 		Type:    "MATRIX PRIVATE KEY",
-		Headers: map[string]string{"Key-ID": "ed25519:" + randomHex(3)},
+		Headers: map[string]string{"Key-ID": "ed25519:" + cachedbin.RandomHex(3)},
 		Bytes:   seed,
 	}
 	return os.WriteFile(path, pem.EncodeToMemory(block), 0o600)
 }
 
 func launch(bin, dir string, port int) (*Server, error) {
-	logPath := filepath.Join(dir, fmt.Sprintf("dendrite-%d.log", port))
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	defer logFile.Close()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	cmd := exec.Command(bin,
 		"-config", filepath.Join(dir, "dendrite.yaml"),
@@ -225,70 +202,16 @@ func launch(bin, dir string, port int) (*Server, error) {
 		"-really-enable-open-registration",
 	)
 	cmd.Dir = dir
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
-	setDeathSignal(cmd)
-	if err = cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
+	proc, err := cachedbin.Start("dendrite", cmd, filepath.Join(dir, fmt.Sprintf("dendrite-%d.log", port)),
+		"http://"+addr+"/_matrix/client/versions", startTimeout)
+	if err != nil {
+		return nil, err
 	}
-	s := &Server{URL: "http://" + addr, Dir: dir, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		close(s.exited)
-	}()
-	if err = s.waitReady(); err != nil {
-		return nil, errors.Join(err, s.stop())
-	}
-	return s, nil
-}
-
-func (s *Server) waitReady() error {
-	deadline := time.Now().Add(startTimeout)
-	client := &http.Client{Timeout: 2 * time.Second}
-	for time.Now().Before(deadline) {
-		select {
-		case <-s.exited:
-			return fmt.Errorf("dendrite exited during startup: %s\n%s", s.cmd.ProcessState, s.Log())
-		default:
-		}
-		resp, err := client.Get(s.URL + "/_matrix/client/versions")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("dendrite did not answer /_matrix/client/versions within %s\n%s", startTimeout, s.Log())
+	return &Server{URL: "http://" + addr, Dir: dir, proc: proc}, nil
 }
 
 // Log returns the tail of the server's log.
-func (s *Server) Log() string {
-	b, _ := os.ReadFile(s.logPath)
-	return cachedbin.Tail(b, 8000)
-}
-
-func (s *Server) stop() error {
-	select {
-	case <-s.exited:
-		return nil
-	default:
-	}
-	_ = s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-s.exited:
-		return nil
-	case <-time.After(stopTimeout):
-	}
-	_ = s.cmd.Process.Kill()
-	select {
-	case <-s.exited:
-		return nil
-	case <-time.After(stopTimeout):
-		return fmt.Errorf("dendrite (pid %d) did not exit after SIGKILL", s.cmd.Process.Pid)
-	}
-}
+func (s *Server) Log() string { return s.proc.Log() }
 
 // Client returns a mautrix client for this server with no user set.
 func (s *Server) Client(t testing.TB) *mautrix.Client {
@@ -305,7 +228,7 @@ func (s *Server) Client(t testing.TB) *mautrix.Client {
 // logged in as it, with user ID, device ID and access token set.
 func (s *Server) Register(t testing.TB, localpart string) *mautrix.Client {
 	t.Helper()
-	return s.RegisterWithPassword(t, localpart, "password-"+randomHex(8))
+	return s.RegisterWithPassword(t, localpart, "password-"+cachedbin.RandomHex(8))
 }
 
 // RegisterWithPassword is Register with a known password, for tests that log in again.

@@ -10,9 +10,7 @@ package pgtest
 
 import (
 	"context"
-	"crypto/rand"
 	"database/sql"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/url"
@@ -28,6 +26,7 @@ import (
 	"time"
 
 	_ "github.com/lib/pq" // The PostgreSQL driver the tests use.
+	"github.com/sliding-e2ee/sdk/internal/cachedbin"
 )
 
 const (
@@ -83,7 +82,7 @@ func NewDatabase(t testing.TB) string {
 		fmt.Fprintln(os.Stderr, "!!! "+msg)
 		t.Skip(msg)
 	}
-	name := "sstest_" + randomHex(8)
+	name := "sstest_" + cachedbin.RandomHex(8)
 	adminDB, err := sql.Open("postgres", admin)
 	if err != nil {
 		t.Fatalf("pgtest: %v", err)
@@ -109,12 +108,6 @@ func NewDatabase(t testing.TB) string {
 	}
 	u.Path = "/" + name
 	return u.String()
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 func server() (string, error) {

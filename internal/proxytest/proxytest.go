@@ -3,17 +3,13 @@ package proxytest
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -44,7 +40,6 @@ const (
 	// downloads included) takes about 3.5 minutes on 2 cores, a warm one seconds.
 	buildTimeout = 8 * time.Minute
 	startTimeout = 60 * time.Second
-	stopTimeout  = 10 * time.Second
 )
 
 var (
@@ -104,7 +99,7 @@ func Build(dst string) error {
 	if err = os.CopyFS(src, os.DirFS(mod.Dir)); err != nil {
 		return fmt.Errorf("copy %s: %w", mod.Dir, err)
 	}
-	tmp := dst + ".tmp-" + randomHex(4)
+	tmp := dst + ".tmp-" + cachedbin.RandomHex(4)
 	defer os.Remove(tmp)
 	build := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-o", tmp, Command)
 	build.Dir, build.Env, build.WaitDelay = src, env, 5*time.Second
@@ -114,22 +109,11 @@ func Build(dst string) error {
 	return os.Rename(tmp, dst)
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
 // skip skips the test with a message that starts with SkipPrefix, or fails it when EnvRequire
 // is 1.
 func skip(t testing.TB, why string) {
 	t.Helper()
-	msg := SkipPrefix + ": " + why
-	if os.Getenv(EnvRequire) == "1" {
-		t.Fatal(msg + " (and " + EnvRequire + "=1)")
-	}
-	fmt.Fprintln(os.Stderr, "!!! "+msg)
-	t.Skip(msg)
+	cachedbin.Skip(t, SkipPrefix, EnvRequire, why)
 }
 
 // Proxy is a running (or killed) sliding sync proxy in front of a Dendrite.
@@ -144,11 +128,9 @@ type Proxy struct {
 
 	bin, addr, secret, dir string
 
-	mu      sync.Mutex
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	logPath string
-	starts  int
+	mu     sync.Mutex
+	proc   *cachedbin.Proc
+	starts int
 }
 
 // Start starts a fresh Dendrite (dendritetest.Start with opts) that advertises the proxy in
@@ -184,7 +166,7 @@ func Start(t testing.TB, opts ...dendritetest.Option) (*dendritetest.Server, *Pr
 		DB:       db,
 		bin:      bin,
 		addr:     addr,
-		secret:   randomHex(16),
+		secret:   cachedbin.RandomHex(16),
 		dir:      t.TempDir(),
 	}
 	_ = l.Close()
@@ -206,12 +188,6 @@ func (p *Proxy) start() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.starts++
-	p.logPath = filepath.Join(p.dir, fmt.Sprintf("syncv3-%d.log", p.starts))
-	logFile, err := os.Create(p.logPath)
-	if err != nil {
-		return err
-	}
-	defer logFile.Close()
 	cmd := exec.Command(p.bin)
 	cmd.Dir = p.dir
 	cmd.Env = append(os.Environ(),
@@ -221,47 +197,14 @@ func (p *Proxy) start() error {
 		"SYNCV3_BINDADDR="+p.addr,
 		"SYNCV3_LOG_LEVEL=info",
 	)
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
-	setDeathSignal(cmd)
-	if err = cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", p.bin, err)
-	}
-	exited := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(exited)
-	}()
-	p.cmd, p.exited = cmd, exited
-	if err := p.waitReady(cmd, exited); err != nil {
-		_ = cmd.Process.Kill()
-		<-exited
+	// /client/server.json is served once the database is migrated and the listener is up.
+	proc, err := cachedbin.Start("the proxy", cmd, filepath.Join(p.dir, fmt.Sprintf("syncv3-%d.log", p.starts)),
+		p.URL+"/client/server.json", startTimeout)
+	if err != nil {
 		return err
 	}
+	p.proc = proc
 	return nil
-}
-
-// waitReady waits until the proxy answers GET /client/server.json, which it serves once its
-// database is migrated and its listener is up.
-func (p *Proxy) waitReady(cmd *exec.Cmd, exited <-chan struct{}) error {
-	deadline := time.Now().Add(startTimeout)
-	client := &http.Client{Timeout: 2 * time.Second}
-	for time.Now().Before(deadline) {
-		select {
-		case <-exited:
-			return fmt.Errorf("the proxy exited during startup: %s\n%s", cmd.ProcessState, p.logTail())
-		default:
-		}
-		resp, err := client.Get(p.URL + "/client/server.json")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("the proxy did not answer /client/server.json within %s\n%s", startTimeout, p.logTail())
 }
 
 // Kill kills the proxy with SIGKILL, as a crash would, and waits until it has exited. Its
@@ -270,16 +213,8 @@ func (p *Proxy) Kill(t testing.TB) {
 	t.Helper()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	select {
-	case <-p.exited:
-		return
-	default:
-	}
-	_ = p.cmd.Process.Kill()
-	select {
-	case <-p.exited:
-	case <-time.After(stopTimeout):
-		t.Fatalf("proxytest: the proxy (pid %d) did not exit after SIGKILL", p.cmd.Process.Pid)
+	if err := p.proc.Kill(); err != nil {
+		t.Fatalf("proxytest: %v", err)
 	}
 }
 
@@ -297,33 +232,11 @@ func (p *Proxy) Restart(t testing.TB) {
 func (p *Proxy) Log() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.logTail()
-}
-
-func (p *Proxy) logTail() string {
-	b, _ := os.ReadFile(p.logPath)
-	return cachedbin.Tail(b, 8000)
+	return p.proc.Log()
 }
 
 func (p *Proxy) stop() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	select {
-	case <-p.exited:
-		return nil
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exited:
-		return nil
-	case <-time.After(stopTimeout):
-	}
-	_ = p.cmd.Process.Kill()
-	select {
-	case <-p.exited:
-		return nil
-	case <-time.After(stopTimeout):
-		return fmt.Errorf("the proxy (pid %d) did not exit after SIGKILL", p.cmd.Process.Pid)
-	}
+	return p.proc.Stop()
 }

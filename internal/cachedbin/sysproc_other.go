@@ -1,6 +1,6 @@
 //go:build !linux
 
-package proxytest
+package cachedbin
 
 import "os/exec"
 
