@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
+	"slices"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/stretchr/testify/assert"
@@ -20,6 +23,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
+	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
 
 const syncPath = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
@@ -800,4 +804,31 @@ func TestKeyEndpointsAndByteCounts(t *testing.T) {
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusUnauthorized, resp.StatusCode, "no token")
+}
+
+// Without a listener the server lives inside a synctest bubble, reached in-process; a token
+// set for any device authenticates it, and a room added with members answers their list.
+func TestInProcessServerServesSetTokensAndAddedRooms(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s, err := NewServer(Options{Rooms: -1, Dir: t.TempDir(), NoListener: true})
+		require.NoError(t, err)
+		defer s.Close()
+		assert.Empty(t, s.URL())
+		const alice, room = id.UserID("@alice:example.org"), id.RoomID("!added:example.org")
+		s.SetToken("alice-token", alice, "ALICEDEV")
+		s.AddRoom(room, alice, BotUserID)
+		cli, err := mautrix.NewClient("https://anywhere.invalid", "", "alice-token")
+		require.NoError(t, err)
+		cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(s.Handler())}
+		who, err := cli.Whoami(t.Context())
+		require.NoError(t, err)
+		assert.Equal(t, alice, who.UserID)
+		assert.Equal(t, id.DeviceID("ALICEDEV"), who.DeviceID)
+		members, err := cli.JoinedMembers(t.Context(), room)
+		require.NoError(t, err)
+		assert.ElementsMatch(t, []id.UserID{alice, BotUserID}, slices.Collect(maps.Keys(members.Joined)))
+		cli.AccessToken = "unknown"
+		_, err = cli.Whoami(t.Context())
+		assert.ErrorIs(t, err, mautrix.MUnknownToken)
+	})
 }
