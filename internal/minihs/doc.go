@@ -1,7 +1,10 @@
 // Package minihs is the fake homeserver of this module's demo, of the tests that run a bot
-// against a server (as a separate process or in-process) and of the side-by-side benchmark
-// of a sliding sync bot and a classic /sync bot. It serves one bot device on 127.0.0.1, a
-// generated account, scripted peers, and the endpoints the SDK's crypto flow needs.
+// against a server (as a separate process or in-process), of crypto's tests and of the
+// side-by-side benchmark of a sliding sync bot and a classic /sync bot. It serves one bot
+// device on 127.0.0.1 (or, with Options.NoListener, only in-process through
+// [Server.Handler], inside a testing/synctest bubble if need be), a generated account,
+// scripted peers, devices registered with [Server.SetToken], rooms added with
+// [Server.AddRoom], and the endpoints the SDK's crypto flow needs.
 //
 // [Generate] builds an [Account] from a seed: rooms (every other one encrypted, unless
 // GenConfig.Plain) with their state and a recent event, a pool of users, peers with real
