@@ -180,20 +180,26 @@ func newEnvOn(t *testing.T, cfg Config, user id.UserID, device id.DeviceID, targ
 // left for the caller.
 func newDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, target string, dbCfg dbopen.Config) *env {
 	tb.Helper()
-	ctx := context.Background()
+	return buildDevice(tb, cfg, user, device, target, dbCfg, "token_"+device.String(), []byte("pickle key"), zerolog.Nop())
+}
+
+// buildDevice is newDevice with the device's access token and pickle key, and the logger of
+// its client and OlmMachine.
+func buildDevice(tb testing.TB, cfg Config, user id.UserID, device id.DeviceID, target string, dbCfg dbopen.Config,
+	token string, pickleKey []byte, log zerolog.Logger) *env {
+	tb.Helper()
+	ctx := log.WithContext(context.Background())
 	db, err := dbopen.Open(target, dbCfg)
 	require.NoError(tb, err)
 	tb.Cleanup(func() { _ = db.Close() })
 	hs := &fakeHS{srv: serverOf(tb)}
-	token := "token_" + device.String()
 	hs.srv.SetToken(token, user, device)
 	cli, err := mautrix.NewClient("https://hs.example.org", user, token)
 	require.NoError(tb, err)
 	cli.DeviceID = device
 	cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(hs)}
-	log := zerolog.Nop()
 	cli.Log = log
-	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, []byte("pickle key"))
+	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, pickleKey)
 	require.NoError(tb, cs.DB.Upgrade(ctx))
 	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
 	require.NoError(tb, olm.Load(ctx))

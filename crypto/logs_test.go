@@ -3,7 +3,6 @@ package crypto
 import (
 	"context"
 	"encoding/json"
-	"net/http"
 	"path/filepath"
 	"testing"
 	"time"
@@ -11,12 +10,9 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"maunium.net/go/mautrix"
-	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -24,25 +20,9 @@ import (
 // with every logger (the client's, the OlmMachine's) writing to log.
 func newLoggedEnv(t *testing.T, user id.UserID, device id.DeviceID, token string, pickleKey []byte, log zerolog.Logger) *env {
 	t.Helper()
-	ctx := log.WithContext(context.Background())
-	hs := &fakeHS{srv: serverOf(t)}
-	hs.srv.SetToken(token, user, device)
-	db, err := dbopen.Open(filepath.Join(t.TempDir(), "bot.db"), dbopen.Config{RelaxedSync: true})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = db.Close() })
-	cli, err := mautrix.NewClient("https://hs.example.org", user, token)
-	require.NoError(t, err)
-	cli.DeviceID = device
-	cli.Client = &http.Client{Transport: slidingsynctest.HandlerTransport(hs)}
-	cli.Log = log
-	cs := mcrypto.NewSQLCryptoStore(db, nil, "", device, pickleKey)
-	require.NoError(t, cs.DB.Upgrade(ctx))
-	olm := mcrypto.NewOlmMachine(cli, &log, cs, mcrypto.StateStore(mautrix.NewMemoryStateStore().(mcrypto.StateStore)))
-	require.NoError(t, olm.Load(ctx))
-	m, err := New(cli, olm, Config{})
-	require.NoError(t, err)
-	require.NoError(t, m.Upgrade(ctx))
-	return &env{t: t, hs: hs, db: db, cli: cli, olm: olm, store: cs, m: m}
+	e := buildDevice(t, Config{}, user, device, filepath.Join(t.TempDir(), "bot.db"), dbopen.Config{RelaxedSync: true}, token, pickleKey, log)
+	e.t = t
+	return e
 }
 
 // Secrets never reach the logs, even at trace level: a decrypted message body, the pickle key

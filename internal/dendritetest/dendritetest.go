@@ -41,12 +41,6 @@ const (
 	startTimeout = 60 * time.Second
 )
 
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
 // Server is a running Dendrite.
 type Server struct {
 	// URL is the client-server API base URL, http://127.0.0.1:<port>.
@@ -65,10 +59,9 @@ var binSpec = cachedbin.Spec{Name: "dendrite", Version: Version, EnvBin: EnvBin,
 
 // Binary returns the path of a Dendrite binary: the one named by EnvBin, else the cached one,
 // else one it builds into the cache. The result is computed once per process.
-func Binary() (string, error) {
-	binOnce.Do(func() { binPath, binErr = cachedbin.Find(binSpec) })
-	return binPath, binErr
-}
+func Binary() (string, error) { return binary() }
+
+var binary = sync.OnceValues(func() (string, error) { return cachedbin.Find(binSpec) })
 
 // Build builds Dendrite Version into dst in a throwaway module, so that Dendrite's
 // dependencies never enter this module's go.mod. It needs the go command and the Go module

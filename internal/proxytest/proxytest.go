@@ -42,12 +42,6 @@ const (
 	startTimeout = 60 * time.Second
 )
 
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
 // CachedBinaryPath is where the harness caches the proxy binary it builds:
 // <user cache dir>/sliding-e2ee/syncv3-<Version>.
 func CachedBinaryPath() (string, error) { return cachedbin.Path(binSpec) }
@@ -56,10 +50,9 @@ var binSpec = cachedbin.Spec{Name: "syncv3", Version: Version, EnvBin: EnvBin, B
 
 // Binary returns the path of a proxy binary: the one named by EnvBin, else the cached one,
 // else one it builds into the cache. The result is computed once per process.
-func Binary() (string, error) {
-	binOnce.Do(func() { binPath, binErr = cachedbin.Find(binSpec) })
-	return binPath, binErr
-}
+func Binary() (string, error) { return binary() }
+
+var binary = sync.OnceValues(func() (string, error) { return cachedbin.Find(binSpec) })
 
 // Build builds the proxy Version into dst. The Go module proxy does not serve the module's
 // version list, so "go install Module/cmd/syncv3@Version" is refused; Build downloads the
