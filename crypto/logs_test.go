@@ -13,6 +13,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/internal/testlog"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -37,7 +38,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 		senderUser = id.UserID("@sender:example.org")
 		room       = id.RoomID("!room:example.org")
 	)
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	log := zerolog.New(logs).Level(zerolog.TraceLevel).With().Timestamp().Logger()
 	ctx := log.WithContext(context.Background())
 
@@ -68,13 +69,9 @@ func TestSecretsNeverLogged(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, body, dec.Content.AsMessage().Body, "the test must really decrypt")
 
-	out := func() string {
-		logs.mu.Lock()
-		defer logs.mu.Unlock()
-		return logs.buf.String()
-	}()
-	require.Greater(t, logs.count(`"level":"trace"`), 0, "the test must capture trace output")
-	require.Greater(t, logs.count(`"level":"debug"`), 0, "the test must capture debug output")
+	out := logs.String()
+	require.Greater(t, logs.Count(`"level":"trace"`), 0, "the test must capture trace output")
+	require.Greater(t, logs.Count(`"level":"debug"`), 0, "the test must capture debug output")
 	for name, secret := range map[string]string{
 		"plaintext body":     body,
 		"bot access token":   botToken,
@@ -84,5 +81,5 @@ func TestSecretsNeverLogged(t *testing.T) {
 	} {
 		assert.NotContains(t, out, secret, "%s in the logs", name)
 	}
-	t.Logf("checked %d log lines (%d at trace level)", logs.count("\n"), logs.count(`"level":"trace"`))
+	t.Logf("checked %d log lines (%d at trace level)", logs.Count("\n"), logs.Count(`"level":"trace"`))
 }

@@ -1,12 +1,9 @@
 package crypto
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"strings"
-	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -17,24 +14,9 @@ import (
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
+
+	"github.com/sliding-e2ee/sdk/internal/testlog"
 )
-
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) count(s string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return strings.Count(b.buf.String(), s)
-}
 
 // shareRoomKey makes sender share a new Megolm session of room with the bot over Olm and
 // returns the session and the encrypted to-device content the bot would receive.
@@ -82,7 +64,7 @@ func TestHandleToDeviceStoresRoomKeyOnce(t *testing.T) {
 	sender := newEnvAs(t, Config{}, senderUser, "SENDERDEV")
 	require.NoError(t, bot.m.shareKeys(ctx))
 	require.NoError(t, sender.m.shareKeys(ctx))
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	log := zerolog.New(logs)
 	bot.olm.Log = &log
 
@@ -92,7 +74,7 @@ func TestHandleToDeviceStoresRoomKeyOnce(t *testing.T) {
 	assert.True(t, bot.hasRoomKey(room, ogs.ID()), "the room key is stored when HandleToDevice returns")
 
 	bot.deliver(senderUser, raw)
-	assert.Equal(t, 1, logs.count("Ignoring duplicate olm message"), "the re-delivered message is not decrypted again")
+	assert.Equal(t, 1, logs.Count("Ignoring duplicate olm message"), "the re-delivered message is not decrypted again")
 }
 
 // When the server has no one-time key left, senders claim the fallback key. A pre-key message

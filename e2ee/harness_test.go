@@ -1,12 +1,10 @@
 package e2ee_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 
@@ -16,6 +14,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/internal/testlog"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/slidingsynctest"
 )
@@ -92,24 +91,6 @@ func (h *recHandler) snapshot() [][]*event.Event {
 	return append([][]*event.Event(nil), h.batches...)
 }
 
-// syncBuffer is a log sink written by Run's goroutine and read after it returned.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) count(msg string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return strings.Count(b.buf.String(), msg)
-}
-
 type harness struct {
 	t        *testing.T
 	srv      *slidingsynctest.Server
@@ -118,7 +99,7 @@ type harness struct {
 	handler  *recHandler
 	store    slidingsync.Store
 	release  func() // releases the extensions' claims
-	logs     *syncBuffer
+	logs     *testlog.Buffer
 	cancel   context.CancelFunc
 	done     chan error
 }
@@ -140,7 +121,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		o.deviceID = slidingsynctest.DefaultDeviceID
 	}
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: o.proto, DeviceID: o.deviceID})
-	h := &harness{t: t, srv: srv, consumer: &recConsumer{}, handler: &recHandler{}, logs: &syncBuffer{}, done: make(chan error, 1)}
+	h := &harness{t: t, srv: srv, consumer: &recConsumer{}, handler: &recHandler{}, logs: &testlog.Buffer{}, done: make(chan error, 1)}
 	cfg := e2ee.Config{ToDeviceLimit: o.limit}
 	if !o.noE2EE {
 		cfg.Consumer = h.consumer

@@ -44,10 +44,9 @@ func TestHostileSectionIsCleanedWithOneWarning(t *testing.T) {
 		synctest.Wait()
 		h.stop()
 
-		assert.Equal(t, 3, h.logs.count("Ignored invalid entries in the e2ee extension response"), "one warning per response")
-		h.logs.mu.Lock()
+		assert.Equal(t, 3, h.logs.Count("Ignored invalid entries in the e2ee extension response"), "one warning per response")
 		var longest, full int
-		for _, line := range strings.Split(h.logs.buf.String(), "\n") {
+		for _, line := range strings.Split(h.logs.String(), "\n") {
 			if strings.Contains(line, "Ignored invalid entries") {
 				longest = max(longest, len(line))
 				var fields map[string]any
@@ -60,7 +59,6 @@ func TestHostileSectionIsCleanedWithOneWarning(t *testing.T) {
 				}
 			}
 		}
-		h.logs.mu.Unlock()
 		assert.Equal(t, 2, full, "both hostile responses are summarised")
 		assert.Less(t, longest, 1024, "the warning summarises, it does not list every entry")
 

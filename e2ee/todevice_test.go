@@ -171,8 +171,8 @@ func TestToDeviceStalledToken(t *testing.T) {
 			assert.GreaterOrEqual(t, gap, g.lo, "gap before request %d", i+2)
 			assert.LessOrEqual(t, gap, g.hi, "gap before request %d", i+2)
 		}
-		assert.Equal(t, 2, h.logs.count("does not advance"), "logged once per stall, not per response")
-		assert.Equal(t, 1, h.logs.count("advances again"))
+		assert.Equal(t, 2, h.logs.Count("does not advance"), "logged once per stall, not per response")
+		assert.Equal(t, 1, h.logs.Count("advances again"))
 	})
 }
 

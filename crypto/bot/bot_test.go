@@ -1,7 +1,6 @@
 package bot
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"path/filepath"
@@ -19,39 +18,12 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/minihs"
+	"github.com/sliding-e2ee/sdk/internal/testlog"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
-// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // testCtx returns a context whose logger keeps the logs, shown if the test fails.
-func testCtx(t *testing.T) (context.Context, *syncBuffer) {
-	t.Helper()
-	logs := &syncBuffer{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("logs:\n%s", logs.String())
-		}
-	})
-	log := zerolog.New(logs).Level(zerolog.DebugLevel).With().Timestamp().Logger()
-	return log.WithContext(t.Context()), logs
-}
+var testCtx = testlog.Context
 
 // fixture is a demo homeserver with alice, an encrypted room she invited the bot to, and the
 // bot's database.

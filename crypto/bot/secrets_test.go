@@ -15,6 +15,7 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/minihs"
+	"github.com/sliding-e2ee/sdk/internal/testlog"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
@@ -32,7 +33,7 @@ func TestSecretsStayOutOfTheLogs(t *testing.T) {
 				plainSecret = "plain-secret-91bc"
 				pickle      = "pickle-secret-5d2e"
 			)
-			logs := &syncBuffer{}
+			logs := &testlog.Buffer{}
 			var w = zerolog.SyncWriter(logs)
 			if redact {
 				w = slidingsync.RedactRequestBodies(w)

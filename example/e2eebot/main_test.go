@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"maunium.net/go/mautrix"
@@ -18,41 +16,17 @@ import (
 
 	"github.com/sliding-e2ee/sdk/crypto/bot"
 	"github.com/sliding-e2ee/sdk/internal/minihs"
+	"github.com/sliding-e2ee/sdk/internal/testlog"
 )
-
-// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // demoContext returns a context whose logger keeps the bot's logs, shown if the test fails.
 func demoContext(t *testing.T) context.Context {
-	t.Helper()
-	logs := &syncBuffer{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("bot logs:\n%s", logs.String())
-		}
-	})
-	log := zerolog.New(logs).Level(zerolog.DebugLevel).With().Timestamp().Logger()
-	return log.WithContext(t.Context())
+	ctx, _ := testlog.Context(t)
+	return ctx
 }
 
 func TestDemoCompletes(t *testing.T) {
-	var out syncBuffer
+	var out testlog.Buffer
 	dbPath := filepath.Join(t.TempDir(), "demo.db")
 	err := runDemoTo(demoContext(t), options{demoRooms: 600, db: dbPath, dbSet: true}, &out)
 	require.NoError(t, err, out.String())
@@ -89,7 +63,7 @@ func TestDemoCompletes(t *testing.T) {
 func TestDemoFailsWhenInterrupted(t *testing.T) {
 	ctx, cancel := context.WithCancel(demoContext(t))
 	cancel()
-	var out syncBuffer
+	var out testlog.Buffer
 	err := runDemoTo(ctx, options{demoRooms: 10}, &out)
 	require.Error(t, err)
 	assert.NotErrorIs(t, err, context.Canceled, "main exits 0 on context.Canceled; an unfinished demo must not")
