@@ -31,8 +31,8 @@ func (r *Range) UnmarshalJSON(data []byte) error {
 	return nil
 }
 
-// Valid reports whether the range is non-empty and non-negative.
-func (r Range) Valid() bool { return r.Start >= 0 && r.End >= r.Start }
+// valid reports whether the range is non-empty and non-negative.
+func (r Range) valid() bool { return r.Start >= 0 && r.End >= r.Start }
 
 // StateFilter selects state events by type and state key. "*" matches anything and "" is the
 // empty state key, as in the tuple dialects; the state key "$ME" means the user's own ID.
@@ -329,7 +329,7 @@ func EncodeRequest(p Protocol, req *Request) (url.Values, []byte, error) {
 	}
 	query := url.Values{}
 	w := wireRequest{ConnID: req.ConnID, Extensions: req.Extensions}
-	if p.PosInQuery() {
+	if p.posInQuery() {
 		if req.Pos != "" {
 			query.Set("pos", req.Pos)
 		}
@@ -384,7 +384,7 @@ func EncodeRequest(p Protocol, req *Request) (url.Values, []byte, error) {
 func encodeList(p Protocol, lc ListConfig) (wireList, error) {
 	var wl wireList
 	for _, r := range lc.Ranges {
-		if !r.Valid() {
+		if !r.valid() {
 			return wl, fmt.Errorf("invalid range [%d, %d]", r.Start, r.End)
 		}
 	}

@@ -37,9 +37,9 @@ const (
 // Synapse's limits on a request (its request model). The Synapse personality refuses a
 // request over them with 400 M_BAD_JSON.
 const (
-	MaxListNameLength = 64   // longest list name
-	MaxLists          = 100  // most lists in one request
-	MaxTimelineLimit  = 1000 // largest timeline_limit
+	maxListNameLength = 64   // longest list name
+	maxLists          = 100  // most lists in one request
+	maxTimelineLimit  = 1000 // largest timeline_limit
 )
 
 // Wire keys of the extensions Synapse knows. It computes one only when the request enabled
@@ -241,7 +241,7 @@ func (l *knownList) learn(lr slidingsync.ListResponse) {
 		l.count = lr.Count.Val
 	}
 	for _, op := range lr.Ops {
-		if op.Op != slidingsync.ListOpSync || op.Range == nil || !op.Range.Valid() {
+		if op.Op != slidingsync.ListOpSync || op.Range == nil || op.Range.Start < 0 || op.Range.End < op.Range.Start {
 			continue
 		}
 		for i := op.Range.Start; i <= op.Range.End && i < l.count; i++ {
@@ -362,18 +362,18 @@ func validateSynapseBody(raw map[string]json.RawMessage) (int, []byte) {
 		if p.TimelineLimit == nil || string(p.TimelineLimit) == "null" {
 			problems = append(problems, where+".timeline_limit: field required")
 			missing++
-		} else if n, err := strconv.ParseInt(string(p.TimelineLimit), 10, 64); err == nil && n > MaxTimelineLimit {
-			problems = append(problems, fmt.Sprintf("%s.timeline_limit: must be at most %d", where, MaxTimelineLimit))
+		} else if n, err := strconv.ParseInt(string(p.TimelineLimit), 10, 64); err == nil && n > maxTimelineLimit {
+			problems = append(problems, fmt.Sprintf("%s.timeline_limit: must be at most %d", where, maxTimelineLimit))
 		}
 	}
 	var lists map[string]wireCommonParams
 	_ = json.Unmarshal(raw["lists"], &lists)
-	if len(lists) > MaxLists {
-		problems = append(problems, fmt.Sprintf("lists: at most %d lists", MaxLists))
+	if len(lists) > maxLists {
+		problems = append(problems, fmt.Sprintf("lists: at most %d lists", maxLists))
 	}
 	for _, name := range slices.Sorted(maps.Keys(lists)) {
-		if len(name) > MaxListNameLength {
-			problems = append(problems, fmt.Sprintf("lists.%.16s...: name longer than %d characters", name, MaxListNameLength))
+		if len(name) > maxListNameLength {
+			problems = append(problems, fmt.Sprintf("lists.%.16s...: name longer than %d characters", name, maxListNameLength))
 		}
 		check("lists."+name, lists[name])
 	}

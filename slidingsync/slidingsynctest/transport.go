@@ -11,11 +11,6 @@ import (
 	"maunium.net/go/mautrix"
 )
 
-// Transport returns HandlerTransport(s): the server called in-process, without sockets. When
-// a request's context is cancelled while it long-polls, RoundTrip returns the context's error
-// at once and no scripted answer is consumed.
-func (s *Server) Transport() http.RoundTripper { return HandlerTransport(s) }
-
 // HandlerTransport returns an http.RoundTripper that serves every request with h, in the
 // caller's goroutine, whatever the URL's host: a client of a fake homeserver built as an
 // http.Handler needs no listener. It opens no sockets and starts no goroutines, so it works
@@ -112,7 +107,7 @@ func (s *Server) NewClient() *mautrix.Client {
 	cli.DeviceID = s.opts.DeviceID
 	// No Client.Timeout: callers bound requests with contexts, and a timeout would start a
 	// timer goroutine per request.
-	cli.Client = &http.Client{Transport: s.Transport()}
+	cli.Client = &http.Client{Transport: HandlerTransport(s)}
 	cli.Log = zerolog.Nop()
 	cli.DefaultHTTPRetries = 0
 	return cli
