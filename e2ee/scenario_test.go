@@ -58,7 +58,7 @@ func runScenario(t *testing.T, proto slidingsync.Protocol, e2eeKey string, steps
 		h := newHarness(t, harnessOpts{proto: proto, noToDev: true})
 		for _, s := range steps {
 			if s.unknownPos {
-				h.srv.PushUnknownPos()
+				h.srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 			} else {
 				h.srv.PushJSON(http.StatusOK, s.body)
 			}

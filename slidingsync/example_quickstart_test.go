@@ -21,7 +21,7 @@ import (
 // quickstart is the README's quick-start code; TestReadmeQuickstartInSync keeps them equal.
 func quickstart(ctx context.Context, cli *mautrix.Client, dbPath string) error {
 	// quickstart:start
-	db, err := dbopen.Open(dbPath, dbopen.Config{}) // SQLite (pure Go), or a postgres:// URI
+	db, err := dbopen.Open(dbPath, dbopen.Config{}) // SQLite, or a postgres:// URI
 	if err != nil {
 		return err
 	}

@@ -128,6 +128,6 @@ func TestForcedDialectTheServerLacksNamesItselfAndItsURL(t *testing.T) {
 		h.cancel()
 		require.ErrorIs(t, err, mautrix.MUnrecognized)
 		assert.Contains(t, err.Error(), "msc4186")
-		assert.Contains(t, err.Error(), slidingsynctest.DefaultHomeserverURL)
+		assert.Contains(t, err.Error(), srv.Options().HomeserverURL)
 	})
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -303,9 +304,9 @@ func TestRepeatedServerErrorIsReportedAndLoggedOncePerStreak(t *testing.T) {
 		}})
 		srv.Push(roomResp("p1", "!a:x"))
 		for range 4 {
-			srv.PushError(http.StatusInternalServerError, "M_UNKNOWN", "Internal server error", nil)
+			srv.PushError(mautrix.MUnknown.WithMessage("Internal server error"))
 		}
-		srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "bad gateway", nil)
+		srv.PushError(mautrix.MUnknown.WithStatus(http.StatusBadGateway).WithMessage("bad gateway"))
 		srv.Push(roomResp("p2"))
 		h.run()
 		_, err := srv.WaitRequests(context.Background(), 7)

@@ -31,7 +31,7 @@ func ssync(ctx context.Context, srv *slidingsynctest.Server, pos, timeout, body 
 	if timeout != "" {
 		q.Set("timeout", timeout)
 	}
-	return send(ctx, srv, http.MethodPost, srv.Protocol().Path(), q, body)
+	return send(ctx, srv, http.MethodPost, srv.Options().Protocol.Path(), q, body)
 }
 
 // decoded returns the JSON object of an answer.
