@@ -4,7 +4,8 @@
 //
 // A [Machine] is built from the mautrix client, an OlmMachine on a SQLCryptoStore and a
 // [Config]. It is the [e2ee.Consumer] of the e2ee extension, and [Machine.HandleToDevice] is
-// the [e2ee.ToDeviceHandler] of the to_device extension. [Machine.Run] owns the network work.
+// the [e2ee.Config.ToDevice] handler of the to_device extension. [Machine.Run] owns the
+// network work.
 // Keep the crypto store, this package's tables and the sliding sync store (sqlstore) in one
 // database, so that what the Step of HandleE2EE records commits or rolls back with pos:
 //
