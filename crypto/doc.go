@@ -95,7 +95,7 @@
 // the OlmMachine discard a room's outbound session when the timeline shows a membership or
 // history visibility change. Call it from the Step.Commit that slidingsync.Config.OnResponse
 // returns, so that the state commits or rolls back with pos in one transaction (as package
-// bot does), or from OnResponse itself. [BotRequiredState] is the required state a bot should
+// bot does), or from OnResponse itself. [RequiredState] is the required state a bot should
 // ask for.
 //
 // To send, [Machine.EncryptRoomEvent] makes sure of the recipients before sharing the room key:

@@ -51,7 +51,7 @@ type Config struct {
 	LoginAs *mautrix.ReqLogin
 	// Syncer receives the decrypted events (DefaultSyncer.Dispatch), so handlers registered
 	// on it work unchanged. Nil means the client's Syncer when it is a *mautrix.DefaultSyncer,
-	// else a new one.
+	// else a new one, which OnEvent and OnEventType register on.
 	Syncer *mautrix.DefaultSyncer
 	// AutoJoin joins the rooms the bot is invited to, once its device keys are on the server
 	// (so the first message sent to it is encrypted for it too). False: invites are only
@@ -160,9 +160,6 @@ func (h *Helper) OnEventType(eventType event.Type, fn mautrix.EventHandler) {
 
 // OnEvent registers a handler for every dispatched event.
 func (h *Helper) OnEvent(fn mautrix.EventHandler) { h.syncer.OnEvent(fn) }
-
-// Syncer returns the syncer the Helper dispatches to.
-func (h *Helper) Syncer() *mautrix.DefaultSyncer { return h.syncer }
 
 // Conn returns the sliding sync connection of the current or last Run, nil before Run built
 // it.
@@ -329,7 +326,7 @@ func (h *Helper) newConn(store slidingsync.Store, in *inbox, exts []slidingsync.
 			Window: slidingsync.Scan(500, 5),
 			ListConfig: slidingsync.ListConfig{
 				TimelineLimit: 5, // limited timelines are filled from /messages
-				RequiredState: crypto.BotRequiredState(false),
+				RequiredState: crypto.RequiredState(false),
 			},
 		}},
 		AllowInsecureHTTP: h.cfg.AllowInsecureHTTP,
