@@ -121,7 +121,7 @@ type Server struct {
 	watchers    []chan struct{} // WaitRequests calls to wake on the next arrival
 	inFlight    int
 	maxInFlight int
-	responder   Responder
+	responder   func(req *slidingsync.Request) *slidingsync.Response // SetResponder
 
 	// State of the Synapse personality.
 	issued       map[string]map[string]bool // pos → conn_ids it was served on
@@ -140,7 +140,7 @@ type item struct {
 	fields map[string]json.RawMessage
 	// pos is the explicit pos of a pushed response, kept so assigned ones never repeat it.
 	pos string
-	// keepPos serves fields with the pos of the request answered (PushKeepPos).
+	// keepPos serves fields with the pos of the request answered (PushIdle with a response).
 	keepPos bool
 	// idle is computed when served: the answer to a long-poll that ran out (PushIdle).
 	idle bool
@@ -238,17 +238,15 @@ func itemFor(resp *slidingsync.Response) *item {
 	return it
 }
 
-// Responder computes an answer from a request when nothing is queued, which turns the
-// scripted server into a small dynamic one (the demo homeserver honours ranges this way). It
-// returns nil to fall back to the long-poll. It is called with the server's lock held, so it
-// must not call the Server's methods; Push from another goroutine to wake a long-poll. A
-// response without pos gets a fresh one. Under the Synapse personality the answer is shaped
-// as Synapse's encoder would send it (see the package documentation), and a Responder with
+// SetResponder installs a responder, fn (nil removes it): it computes an answer from a
+// request when nothing is queued (queued answers still go first), which turns the scripted
+// server into a small dynamic one (the demo homeserver honours ranges this way). It returns
+// nil to fall back to the long-poll. It is called with the server's lock held, so it must not
+// call the Server's methods; Push from another goroutine to wake a long-poll. A response
+// without pos gets a fresh one. Under the Synapse personality the answer is shaped as
+// Synapse's encoder would send it (see the package documentation), and a responder with
 // nothing new sets Pos to req.Pos, as Synapse keeps the pos then.
-type Responder func(req *slidingsync.Request) *slidingsync.Response
-
-// SetResponder installs a Responder (nil removes it). Queued answers still go first.
-func (s *Server) SetResponder(fn Responder) {
+func (s *Server) SetResponder(fn func(req *slidingsync.Request) *slidingsync.Response) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.responder = fn

@@ -96,13 +96,6 @@ func (s *Server) SetE2EE(st E2EEState) {
 	s.e2ee = st.clone()
 }
 
-// E2EE returns what computed answers report about the device's keys now.
-func (s *Server) E2EE() E2EEState {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.e2ee.clone()
-}
-
 // ExpirePositions makes the server forget every connection, as Synapse forgets one unused
 // for 7 days (or for an hour with more than 100 rooms changed): under the Synapse
 // personality a later request with any pos issued so far gets 400 M_UNKNOWN_POS, every time,
@@ -163,20 +156,17 @@ func (s *Server) checkPos(pos, connID string) posStatus {
 	return posForeign
 }
 
-// PushIdle queues the answer the server computes when nothing happened: what a long-poll
-// that runs out gets, computed when it is served. Under the Synapse personality it keeps the
-// pos of the request it answers; under PersonalityPolite it is {"pos": "N"}.
-func (s *Server) PushIdle() {
-	s.enqueue(&item{status: http.StatusOK, idle: true})
-}
-
-// PushKeepPos queues a 200 response served with the pos of the request it answers (a fresh
-// one if that request has none), as Synapse answers when its streams did not move, for
-// instance with one-time key counts that changed meanwhile. resp.Pos is ignored; a nil resp
-// queues a response with only the pos. It panics if resp cannot be encoded.
-func (s *Server) PushKeepPos(resp *slidingsync.Response) {
+// PushIdle queues the answer of a server whose streams did not move. With resp nil it is
+// the answer the server computes when nothing happened, computed when it is served: what a
+// long-poll that runs out gets. Under the Synapse personality it keeps the pos of the
+// request it answers; under PersonalityPolite it is {"pos": "N"}. With resp, resp is served
+// as pushed with the pos of the request it answers (a fresh one if that request has none;
+// resp.Pos is ignored), as Synapse answers when only what its streams do not track changed,
+// for instance one-time key counts. It panics if resp cannot be encoded.
+func (s *Server) PushIdle(resp *slidingsync.Response) {
 	if resp == nil {
-		resp = &slidingsync.Response{}
+		s.enqueue(&item{status: http.StatusOK, idle: true})
+		return
 	}
 	cp := *resp
 	cp.Pos = ""
@@ -190,7 +180,7 @@ func (s *Server) PushKeepPos(resp *slidingsync.Response) {
 // requested range that echoes the range as requested (wider than the list is fine) with the
 // room IDs inside it. When the only range starts at 0 and covers the whole list Synapse does
 // not sort the rooms; this function then lists them in room ID order, an order that has
-// nothing to do with activity. A list without ranges gets the count only. A Responder can
+// nothing to do with activity. A list without ranges gets the count only. A responder can
 // use it to answer lists the way the Synapse personality does.
 func SynapseListResponse(lc slidingsync.ListConfig, rooms []id.RoomID) slidingsync.ListResponse {
 	return knownList{count: len(rooms), rooms: rooms}.response(lc.Ranges)
@@ -480,7 +470,7 @@ func (s *Server) e2eeSection(incremental bool, given map[string]json.RawMessage)
 	return out
 }
 
-// shapeResponse turns a Responder's answer into what Synapse's encoder would send: no null
+// shapeResponse turns a responder's answer into what Synapse's encoder would send: no null
 // name or avatar, is_dm only when true, no ops on a list without ranges, only the extensions
 // the request enabled, the e2ee section complete, and rooms and extensions always present. It
 // returns the top-level fields without pos. resp is not modified. Caller holds s.mu.

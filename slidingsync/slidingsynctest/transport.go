@@ -97,7 +97,7 @@ func (r *recorder) Write(p []byte) (int, error) {
 }
 
 // NewClient returns a client logged in as Options.UserID and DeviceID with the access token,
-// based at Options.HomeserverURL, sending through Transport. It logs nothing and never
+// based at Options.HomeserverURL, sending through HandlerTransport(s). It logs nothing and never
 // retries by itself (DefaultHTTPRetries 0), so every attempt shows in Requests.
 func (s *Server) NewClient() *mautrix.Client {
 	cli, err := mautrix.NewClient(s.opts.HomeserverURL, s.opts.UserID, s.opts.AccessToken)
