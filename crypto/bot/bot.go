@@ -85,10 +85,19 @@ type Config struct {
 	// Lease configures the lease that keeps a second process of the same device in standby.
 	// The zero value is usable: with no Holder, a process restarted on the same host after a
 	// crash takes the lease over at once.
-	Lease sqlstore.LeaseConfig
-	// Crypto configures the crypto Machine (fallback key rotation, retry delays).
-	Crypto crypto.Config
+	Lease LeaseConfig
+	// Crypto configures the crypto Machine (fallback key rotation, retry delays). The zero
+	// value is usable.
+	Crypto CryptoConfig
 }
+
+// LeaseConfig is sqlstore.LeaseConfig, named here so that a bot configures the Helper
+// without importing the store package.
+type LeaseConfig = sqlstore.LeaseConfig
+
+// CryptoConfig is the Config of this module's crypto package, named here so that a bot's
+// imports need no package called crypto (mautrix's and Go's have the same name).
+type CryptoConfig = crypto.Config
 
 // Helper runs an end-to-end encrypted bot on sliding sync: see the package documentation.
 // It implements mautrix.CryptoHelper, so setting the client's Crypto to it makes the client's
