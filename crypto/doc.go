@@ -6,6 +6,11 @@
 // [Config]. It is the [e2ee.Consumer] of the e2ee extension, and [Machine.HandleToDevice] is
 // the [e2ee.Config.ToDevice] handler of the to_device extension. [Machine.Run] owns the
 // network work.
+//
+// A bot on package bot (crypto/bot) needs neither this package nor mautrix's crypto: its
+// Config names this package's Config as bot.CryptoConfig. Code that uses both packages here
+// imports mautrix's as mcrypto, as below, since both are called crypto.
+//
 // Keep the crypto store, this package's tables and the sliding sync store (sqlstore) in one
 // database, so that what the Step of HandleE2EE records commits or rolls back with pos:
 //

@@ -131,27 +131,6 @@ type ListConfig struct {
 	BumpEventTypes []string
 	// SlowGetAllRooms is sent on MSC3575 and MSC4186 only.
 	SlowGetAllRooms bool
-	// GrowBatch, when positive, makes the Conn manage the window: it starts as
-	// [0, GrowBatch-1] and grows by GrowBatch after every processed response, without
-	// long-polling in between, until it covers every room of the list; then it follows the
-	// count. With a ShrinkTo below GrowBatch and a dialect that takes several ranges (MSC3575,
-	// MSC4186), the Conn scans instead of growing: it asks for [0, ShrinkTo-1] plus a range
-	// of GrowBatch rooms that moves down the list (reaching back GrowBatch/20 rooms, as rooms
-	// with activity push the others down), so that a server repeating the window's room IDs
-	// sends each about once instead of a quadratic number of times. Ranges is ignored. It is a
-	// client setting and is never sent.
-	GrowBatch int
-	// ShrinkTo, when positive with GrowBatch, shrinks the window to [0, ShrinkTo-1] once it
-	// has seen every room: every room is then known (and stored), and servers that repeat
-	// the window's room IDs in every response (Synapse) no longer send them all on every
-	// long-poll. With an activity order, a room with anything new moves to the top of the list
-	// and so into the window. When the window's last room has new activity (a bump stamp
-	// beyond the known one), more rooms than the window holds may have had some: the Conn
-	// then probes at once, doubling the window (by GrowBatch at most) each time, until a
-	// window ends with a room without news, and shrinks back. State changes that do not bump a room (a name, a
-	// member) in rooms past the window arrive when the room next moves up. Positions past the
-	// window are dropped from ListState.Rooms. It is a client setting and is never sent.
-	ShrinkTo int
 }
 
 // RoomSubscription asks for one room regardless of lists.
