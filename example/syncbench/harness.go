@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -90,6 +91,7 @@ type tracker struct {
 	echoRoom   id.RoomID
 	echoAt     time.Time
 	echoSent   time.Time
+	echoSteps  map[minihs.Kind]time.Time // the first of each kind of event after echoAt
 	watchUser  id.UserID
 	changeAt   time.Time
 	queriedAt  time.Time
@@ -101,7 +103,7 @@ type tracker struct {
 }
 
 func newTracker() *tracker {
-	return &tracker{changed: make(chan struct{}, 1), unknown: map[string]int{}}
+	return &tracker{changed: make(chan struct{}, 1), unknown: map[string]int{}, echoSteps: map[minihs.Kind]time.Time{}}
 }
 
 func (t *tracker) sampleLocked(ev minihs.Event) sample {
@@ -125,6 +127,11 @@ func (t *tracker) observe(ev minihs.Event) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	defer t.signal()
+	if !t.echoAt.IsZero() && t.echoSent.IsZero() && ev.At.After(t.echoAt) && (ev.Kind != minihs.KindSyncResponse || ev.Rooms > 0) {
+		if _, seen := t.echoSteps[ev.Kind]; !seen {
+			t.echoSteps[ev.Kind] = ev.At
+		}
+	}
 	switch ev.Kind {
 	case minihs.KindKeysUpload:
 		if ev.DeviceKeys && !t.keysUploaded {
@@ -185,6 +192,19 @@ func (t *tracker) observe(ev minihs.Event) {
 			t.unknown[ev.Path]++
 		}
 	}
+}
+
+// echoBreakdown says when the first of each step of the echo happened after the peer's message.
+func (t *tracker) echoBreakdown() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var parts []string
+	for _, k := range []minihs.Kind{minihs.KindSyncResponse, minihs.KindKeysQuery, minihs.KindKeysClaim, minihs.KindSendToDevice, minihs.KindRoomSend} {
+		if at, ok := t.echoSteps[k]; ok {
+			parts = append(parts, fmt.Sprintf("%s +%.1f ms", k, ms(at.Sub(t.echoAt))))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // waitFor waits until cond holds (checked under the tracker's lock), the bot exits or limit
@@ -299,6 +319,7 @@ func runBot(ctx context.Context, spec botSpec, acct *minihs.Account, rc runConfi
 		srv.PeerMessage(0, peer.UserID, "hello from "+peer.UserID.String())
 		if phase("encrypted echo", func() bool { return !tr.echoSent.IsZero() }) {
 			res.echoLatency = tr.echoSent.Sub(tr.echoAt)
+			note("echo steps: %s", tr.echoBreakdown())
 			_ = tr.waitFor(ctx, exited, rc.phaseLimit, func() bool { return tr.idleRun >= 1 })
 			users := []id.UserID{peer.UserID}
 			for i := range min(rc.churn, len(acct.Users)) {
