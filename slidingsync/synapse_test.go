@@ -293,13 +293,13 @@ func (s *slowFirst) RoundTrip(req *http.Request) (*http.Response, error) {
 func TestRepeatedServerErrorIsReportedAndLoggedOncePerStreak(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Synapse answers an unsupported filter with the same 500 every time.
-		var reports []slidingsync.SyncError
+		var reports []slidingsync.Failure
 		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 		cli := srv.NewClient()
 		var logs strings.Builder
 		var mu sync.Mutex
 		cli.Log = zerolog.New(zerolog.SyncWriter(&lockedWriter{w: &logs, mu: &mu})).Level(zerolog.DebugLevel)
-		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{OnSyncError: func(_ context.Context, se slidingsync.SyncError) {
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{OnFailure: func(_ context.Context, se slidingsync.Failure) {
 			reports = append(reports, se)
 		}})
 		srv.Push(roomResp("p1", "!a:x"))
