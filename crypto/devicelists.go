@@ -180,13 +180,24 @@ func (m *Machine) queryInChunks(ctx context.Context, users []id.UserID, gens map
 
 // discardSessionsWith discards the outbound megolm sessions of the encrypted rooms shared with
 // user, so that the next message in each goes out under a session shared with their current
-// devices.
+// devices. A bot shares thousands of rooms with some users but holds outbound sessions in
+// few: only those rooms get a statement, not one per shared room.
 func (m *Machine) discardSessionsWith(ctx context.Context, user id.UserID) error {
 	rooms, err := m.olm.StateStore.FindSharedRooms(ctx, user)
 	if err != nil {
 		return fmt.Errorf("find rooms shared with %s: %w", user, err)
+	} else if len(rooms) == 0 {
+		return nil
 	}
-	for _, roomID := range rooms {
+	rows, err := m.store.DB.Query(ctx, "SELECT room_id FROM crypto_megolm_outbound_session WHERE account_id=$1", m.store.AccountID)
+	held, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
+	if err != nil {
+		return fmt.Errorf("list the outbound sessions: %w", err)
+	}
+	for _, roomID := range held {
+		if !slices.Contains(rooms, roomID) {
+			continue
+		}
 		if err := m.store.RemoveOutboundGroupSession(ctx, roomID); err != nil {
 			return fmt.Errorf("discard the outbound session of %s: %w", roomID, err)
 		}

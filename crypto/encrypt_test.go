@@ -130,16 +130,28 @@ func TestSettledChangeDiscardsSharedSessions(t *testing.T) {
 	// alice's devices are already stored as the server will answer them (none): the query
 	// after the "crash" finds no change.
 	bot.track(alice)
-	sess, err := mcrypto.NewOutboundGroupSession(room, nil, nil)
-	require.NoError(t, err)
-	sess.Shared = true
-	require.NoError(t, bot.store.AddOutboundGroupSession(ctx, sess))
+	// Another encrypted room with alice but no session, and one without alice with a session.
+	const sessionless, elsewhere id.RoomID = "!quiet:example.org", "!elsewhere:example.org"
+	for _, r := range []id.RoomID{sessionless, elsewhere} {
+		require.NoError(t, ss.SetEncryptionEvent(ctx, r, &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}))
+		require.NoError(t, ss.SetMembership(ctx, r, testUser, event.MembershipJoin))
+	}
+	require.NoError(t, ss.SetMembership(ctx, sessionless, alice, event.MembershipJoin))
+	for _, r := range []id.RoomID{room, elsewhere} {
+		sess, err := mcrypto.NewOutboundGroupSession(r, nil, nil)
+		require.NoError(t, err)
+		sess.Shared = true
+		require.NoError(t, bot.store.AddOutboundGroupSession(ctx, sess))
+	}
 
 	require.NoError(t, bot.m.record(ctx, &e2ee.Delta{Changed: []id.UserID{alice}}))
-	_, err = bot.m.refreshOutdated(ctx)
+	_, err := bot.m.refreshOutdated(ctx)
 	require.NoError(t, err)
 	got, err := bot.store.GetOutboundGroupSession(ctx, room)
 	require.NoError(t, err)
 	assert.Nil(t, got, "the session shared with alice is discarded")
+	got, err = bot.store.GetOutboundGroupSession(ctx, elsewhere)
+	require.NoError(t, err)
+	assert.NotNil(t, got, "a session in a room without alice stays")
 	assert.Empty(t, bot.outdated())
 }

@@ -4,8 +4,9 @@
 //
 //   - "sqlite3-fk-wal" (and "litestream"): mattn/go-sqlite3 through
 //     go.mau.fi/util/dbutil/litestream, registered only when built with cgo, and then the
-//     default for paths: the same file format as mautrix's cryptohelper writes, and about a
-//     quarter less CPU than the pure-Go driver to learn a 10 000-room account (BENCHMARKS.md).
+//     default for paths, as in mautrix's cryptohelper: in a cgo build it took less CPU than
+//     the pure-Go driver both to learn a 10 000-room account and per idle long-poll
+//     (BENCHMARKS.md, "Side by side").
 //   - "sqlite": modernc.org/sqlite, pure Go, the default for paths when built without cgo
 //     (CGO_ENABLED=0, or no C compiler). A binary that uses it and goolm cross-compiles to a
 //     static binary.
