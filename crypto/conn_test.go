@@ -42,7 +42,7 @@ func TestMachineOnConnection(t *testing.T) {
 		e := newEnv(t, Config{})
 		defer e.db.Close()
 		srv := slidingsynctest.NewServer(slidingsynctest.Options{UserID: testUser, DeviceID: testDevice, AccessToken: e.cli.AccessToken})
-		e.cli.Client.Transport = routeTransport{keys: slidingsynctest.HandlerTransport(e.hs), rest: srv.Transport()}
+		e.cli.Client.Transport = routeTransport{keys: slidingsynctest.HandlerTransport(e.hs), rest: slidingsynctest.HandlerTransport(srv)}
 		e.cli.Log = zerolog.New(zerolog.NewTestWriter(t))
 		e.track(alice, bob)
 

@@ -4,7 +4,13 @@
 //
 // A [Machine] is built from the mautrix client, an OlmMachine on a SQLCryptoStore and a
 // [Config]. It is the [e2ee.Consumer] of the e2ee extension, and [Machine.HandleToDevice] is
-// the [e2ee.ToDeviceHandler] of the to_device extension. [Machine.Run] owns the network work.
+// the [e2ee.Config.ToDevice] handler of the to_device extension. [Machine.Run] owns the
+// network work.
+//
+// A bot on package bot (crypto/bot) needs neither this package nor mautrix's crypto: its
+// Config names this package's Config as bot.CryptoConfig. Code that uses both packages here
+// imports mautrix's as mcrypto, as below, since both are called crypto.
+//
 // Keep the crypto store, this package's tables and the sliding sync store (sqlstore) in one
 // database, so that what the Step of HandleE2EE records commits or rolls back with pos:
 //
@@ -94,7 +100,7 @@
 // the OlmMachine discard a room's outbound session when the timeline shows a membership or
 // history visibility change. Call it from the Step.Commit that slidingsync.Config.OnResponse
 // returns, so that the state commits or rolls back with pos in one transaction (as package
-// bot does), or from OnResponse itself. [BotRequiredState] is the required state a bot should
+// bot does), or from OnResponse itself. [RequiredState] is the required state a bot should
 // ask for.
 //
 // To send, [Machine.EncryptRoomEvent] makes sure of the recipients before sharing the room key:

@@ -58,7 +58,7 @@ func runBot(ctx context.Context, cli *mautrix.Client, dbPath string, pickleKey [
 			Window: slidingsync.Grow(500),
 			ListConfig: slidingsync.ListConfig{
 				TimelineLimit: 10,
-				RequiredState: crypto.BotRequiredState(true),
+				RequiredState: crypto.RequiredState(true),
 			},
 		}},
 		OnResponse: func(ctx context.Context, res *slidingsync.Result) (slidingsync.Step, error) {
@@ -90,9 +90,9 @@ func Example() {
 
 // A bot that sends encrypted messages asks for every member; one that only decrypts can load
 // members lazily.
-func ExampleBotRequiredState() {
+func ExampleRequiredState() {
 	for _, all := range []bool{true, false} {
-		rs := crypto.BotRequiredState(all)
+		rs := crypto.RequiredState(all)
 		fmt.Printf("all members=%v: lazy members=%v, state:", all, rs.LazyMembers)
 		for _, f := range rs.Include {
 			fmt.Printf(" %s/%q", f.Type, f.StateKey)

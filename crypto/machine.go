@@ -49,8 +49,9 @@ type Config struct {
 }
 
 // Machine feeds what the sliding sync e2ee and to_device extensions deliver into mautrix's
-// OlmMachine. It is the [e2ee.Consumer] of the e2ee extension; [Machine.HandleToDevice] is an
-// [e2ee.ToDeviceHandler]. Its network work (key queries, key uploads) runs in [Machine.Run].
+// OlmMachine. It is the [e2ee.Consumer] of the e2ee extension; [Machine.HandleToDevice] is
+// the [e2ee.Config.ToDevice] handler. Its network work (key queries, key uploads) runs in
+// [Machine.Run].
 // See the package documentation for its guarantees.
 type Machine struct {
 	cli   *mautrix.Client
@@ -140,7 +141,7 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		cli:        cli,
 		olm:        olm,
 		store:      store,
-		db:         store.DB.Child(VersionTableName, UpgradeTable, nil),
+		db:         store.DB.Child(versionTableName, upgradeTable, nil),
 		cfg:        cfg,
 		goolm:      gacc,
 		accountKey: cli.UserID.String() + "|" + cli.DeviceID.String(),

@@ -10,14 +10,14 @@ import (
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
-// BotRequiredState returns the required state a bot needs for encryption, and no more (every
+// RequiredState returns the required state a bot needs for encryption, and no more (every
 // request repeats it, and every room's entry carries it): m.room.encryption (whether and how a
 // room is encrypted) and m.room.history_visibility (which devices receive keys); the room's
 // name comes in the entry's own name field. With allMembers, every m.room.member event is asked
 // for, which a bot that sends encrypted messages needs: mautrix shares the room key with the
 // members its state store knows. Without it, only the members that sent timeline events are
 // sent ($LAZY), which is enough to decrypt but not to encrypt for everyone.
-func BotRequiredState(allMembers bool) slidingsync.RequiredState {
+func RequiredState(allMembers bool) slidingsync.RequiredState {
 	rs := slidingsync.RequiredState{Include: []slidingsync.StateFilter{
 		{Type: event.StateEncryption.Type, StateKey: ""},
 		{Type: event.StateHistoryVisibility.Type, StateKey: ""},

@@ -67,12 +67,12 @@ func TestUpdateStateStore(t *testing.T) {
 	assert.Empty(t, resp.Rooms[room].RequiredState[0].RoomID)
 }
 
-func TestBotRequiredState(t *testing.T) {
-	all := BotRequiredState(true)
+func TestRequiredState(t *testing.T) {
+	all := RequiredState(true)
 	assert.False(t, all.LazyMembers)
 	assert.Contains(t, all.Include, slidingsync.StateFilter{Type: "m.room.member", StateKey: "*"})
 	assert.Contains(t, all.Include, slidingsync.StateFilter{Type: "m.room.encryption", StateKey: ""})
-	lazy := BotRequiredState(false)
+	lazy := RequiredState(false)
 	assert.True(t, lazy.LazyMembers)
 	assert.NotContains(t, lazy.Include, slidingsync.StateFilter{Type: "m.room.member", StateKey: "*"})
 }

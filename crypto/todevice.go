@@ -22,7 +22,7 @@ var ErrRoomKeyNotStored = errors.New("crypto: a decrypted room key was not store
 // errPeek rolls back the transaction of the first decryption of an Olm message.
 var errPeek = errors.New("crypto: peek only")
 
-// HandleToDevice is an e2ee.ToDeviceHandler. An Olm-encrypted event is decrypted and handled
+// HandleToDevice is the handler for e2ee.Config.ToDevice. An Olm-encrypted event is decrypted and handled
 // by the OlmMachine inside one database transaction, which commits only if every room key it
 // carried (m.room_key, m.forwarded_room_key) is in the crypto store afterwards; otherwise the
 // transaction rolls back, together with the message hash that marks the message as seen and

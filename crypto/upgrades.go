@@ -6,13 +6,13 @@ import (
 	"go.mau.fi/util/dbutil"
 )
 
-// VersionTableName is the table that records the schema version of this package's own tables,
+// versionTableName is the table that records the schema version of this package's own tables,
 // so that they share a database with the sliding sync store and mautrix's stores.
-const VersionTableName = "sdkcrypto_version"
+const versionTableName = "sdkcrypto_version"
 
 //go:embed upgrades/*.sql
 var upgrades embed.FS
 
-// UpgradeTable holds the schema upgrades of this package's tables, read from the embedded
-// upgrades/*.sql files.
-var UpgradeTable = dbutil.BuildUpgradeTable().WithFSPath(upgrades, "upgrades").Finish()
+// upgradeTable holds the schema upgrades of this package's tables, read from the embedded
+// upgrades/*.sql files. Machine.Upgrade applies it.
+var upgradeTable = dbutil.BuildUpgradeTable().WithFSPath(upgrades, "upgrades").Finish()

@@ -55,7 +55,10 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-var crashKey = slidingsync.ConnKey{UserID: slidingsynctest.DefaultUserID, DeviceID: slidingsynctest.DefaultDeviceID}
+// The crash test's identity, given to the fake server and used by the child process.
+var crashKey = slidingsync.ConnKey{UserID: "@bot:example.org", DeviceID: "CRASHBOT"}
+
+const crashToken = "crash_token"
 
 // Tables of the crash test's consumer, in the store's database: the users it was told
 // changed, and the gaps (every user changed up to stream upto is outdated).
@@ -136,7 +139,7 @@ func crashChild() int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	cli, err := mautrix.NewClient(os.Getenv(envURL), crashKey.UserID, slidingsynctest.DefaultAccessToken)
+	cli, err := mautrix.NewClient(os.Getenv(envURL), crashKey.UserID, crashToken)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -274,7 +277,8 @@ func TestCrashLosesNoDeviceListChange(t *testing.T) {
 	require.NoError(t, db.Close())
 
 	fake := &fakeSynapse{delivered: map[id.UserID]bool{}}
-	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: slidingsync.ProtocolMSC4186})
+	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: slidingsync.ProtocolMSC4186,
+		UserID: crashKey.UserID, DeviceID: crashKey.DeviceID, AccessToken: crashToken})
 	srv.SetResponder(fake.respond)
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
@@ -292,7 +296,7 @@ func TestCrashLosesNoDeviceListChange(t *testing.T) {
 	for kill := range kills {
 		if rng.IntN(10) == 0 {
 			// The server forgets the connection: the next request gets M_UNKNOWN_POS.
-			srv.PushUnknownPos()
+			srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 			resets++
 		}
 		cmd, lines := child(0)

@@ -2,7 +2,7 @@
 // (MSC3884, MSC4543 on v4: one-time key counts, fallback key types, device-list changes) and
 // to_device (MSC3885, MSC4538: to-device messages with an acknowledgement token). [New] returns
 // them for a [slidingsync.Conn]; they know nothing of the crypto layer, which receives their
-// data through [Consumer] and [ToDeviceHandler].
+// data through [Consumer] and [Config.ToDevice].
 //
 // # Wire keys
 //
@@ -82,7 +82,7 @@
 // # to_device
 //
 // The request is {"enabled": true, "limit": N, "since": S}, S being the next_batch of the last
-// committed batch (left out before the first). Events are handed to the [ToDeviceHandler]
+// committed batch (left out before the first). Events are handed to [Config.ToDevice]
 // during Process, before rooms are merged, and the handler must store room keys durably before
 // it returns; next_batch is staged and committed with pos, so the server is told to delete a
 // batch only after it was handled. Delivery is at least once. limit is never below 1 (limit 0

@@ -8,6 +8,7 @@ import (
 	"fmt"
 
 	"github.com/rs/zerolog"
+	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -43,8 +44,15 @@ type Consumer interface {
 type Config struct {
 	// Consumer receives the e2ee extension's deltas. Nil leaves the e2ee extension out.
 	Consumer Consumer
-	// ToDevice receives every to-device batch. Nil leaves the to_device extension out.
-	ToDevice ToDeviceHandler
+	// ToDevice handles every to-device batch, in the order the server sent the events. Nil
+	// leaves the to_device extension out. It must store what it must keep (room keys, Olm
+	// sessions) durably before it returns: the batch is acknowledged to the server by the
+	// commit that follows. It may be called again with the same events (after a failed
+	// commit, a crash or a server that re-sends), so handling must be idempotent; mautrix's
+	// Olm message hashes make decryption so. An error aborts the cycle: nothing is committed
+	// and the batch is requested again after a backoff. Machine.HandleToDevice of package
+	// crypto is one.
+	ToDevice func(ctx context.Context, evts []*event.Event) error
 	// ToDeviceLimit is how many to-device events one response may carry. Zero means 100,
 	// which is also the maximum (Synapse's cap); values are clamped to [1, 100], as limit 0
 	// makes Synapse acknowledge everything.
@@ -120,7 +128,7 @@ func (e *keysExt) Request(context.Context, slidingsync.RequestInfo) (any, error)
 // and lets the consumer say what the response makes it do; the new state is the Step's
 // checkpoint.
 func (e *keysExt) Process(ctx context.Context, info slidingsync.RequestInfo, raw json.RawMessage) (slidingsync.Step, error) {
-	resp, err := DecodeResponse(ctx, raw)
+	resp, err := decodeResponse(ctx, raw)
 	if err != nil {
 		return slidingsync.Step{}, err
 	}

@@ -30,7 +30,7 @@ func FuzzMerge(f *testing.F) {
 		if json.Unmarshal(prior, &old) != nil {
 			old = State{}
 		}
-		resp, err := DecodeResponse(ctx, section)
+		resp, err := decodeResponse(ctx, section)
 		if err != nil {
 			require.True(t, errors.Is(err, slidingsync.ErrInvalidResponse), "%v", err)
 			return
@@ -38,9 +38,9 @@ func FuzzMerge(f *testing.F) {
 		info := initial
 		before := old.clone()
 		once, d1 := Merge(old, resp, info)
-		require.True(t, before.Equal(old), "Merge modified its input")
+		require.True(t, before.equal(old), "Merge modified its input")
 		twice, d2 := Merge(once, resp, info)
-		require.True(t, once.Equal(twice), "not idempotent: %+v then %+v", once, twice)
+		require.True(t, once.equal(twice), "not idempotent: %+v then %+v", once, twice)
 		require.Equal(t, d1.Changed, d2.Changed)
 		require.Equal(t, d1.Left, d2.Left)
 		require.Equal(t, d1.OTKCounts, d2.OTKCounts)
@@ -79,6 +79,6 @@ func FuzzMerge(f *testing.F) {
 		require.NoError(t, err)
 		var back State
 		require.NoError(t, json.Unmarshal(raw, &back))
-		require.True(t, normalize(once).Equal(normalize(back)), "checkpoint round trip: %s", raw)
+		require.True(t, normalize(once).equal(normalize(back)), "checkpoint round trip: %s", raw)
 	})
 }

@@ -117,10 +117,8 @@ type harnessOpts struct {
 // synctest bubble. Queue answers, then call run.
 func newHarness(t *testing.T, o harnessOpts) *harness {
 	t.Helper()
-	if o.deviceID == "" {
-		o.deviceID = slidingsynctest.DefaultDeviceID
-	}
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{Protocol: o.proto, DeviceID: o.deviceID})
+	o.deviceID = srv.Options().DeviceID
 	h := &harness{t: t, srv: srv, consumer: &recConsumer{}, handler: &recHandler{}, logs: &testlog.Buffer{}, done: make(chan error, 1)}
 	cfg := e2ee.Config{ToDeviceLimit: o.limit}
 	if !o.noE2EE {

@@ -107,7 +107,7 @@ func TestWrongShapeLeavesCommittedState(t *testing.T) {
 			require.NoError(t, err)
 			var st e2ee.State
 			require.NoError(t, json.Unmarshal(step.Checkpoint, &st))
-			assert.True(t, committed.Equal(st), "committed state untouched: %+v", st)
+			assert.Equal(t, committed, st, "committed state untouched")
 			assert.JSONEq(t, string(raw), string(step.Checkpoint), "nothing was staged")
 		})
 	}

@@ -47,13 +47,6 @@ func (s State) NeedsFallbackKey(alg id.KeyAlgorithm) bool {
 	return s.FallbackKeyTypesKnown && !slices.Contains(s.FallbackKeyTypes, alg)
 }
 
-// Equal reports whether two states hold the same knowledge.
-func (s State) Equal(o State) bool {
-	return s.Active == o.Active &&
-		s.OTKCountsKnown == o.OTKCountsKnown && maps.Equal(s.OTKCounts, o.OTKCounts) &&
-		s.FallbackKeyTypesKnown == o.FallbackKeyTypesKnown && slices.Equal(s.FallbackKeyTypes, o.FallbackKeyTypes)
-}
-
 func (s State) clone() State {
 	s.OTKCounts = maps.Clone(s.OTKCounts)
 	s.FallbackKeyTypes = slices.Clone(s.FallbackKeyTypes)
@@ -94,15 +87,16 @@ func (d *Delta) FallbackKeyUsed(alg id.KeyAlgorithm) bool {
 
 // Merge applies one response's e2ee section (nil when the server left it out) to the state of
 // the previous commit and returns the new state and what changed. initial is true when the
-// request carried no pos: the first request of a connection or the first after M_UNKNOWN_POS. It is pure: old and resp are
-// not modified and the results share no memory with them.
+// request carried no pos: the first request of a connection or the first after
+// M_UNKNOWN_POS. It is pure: old and resp are not modified and the results share no memory
+// with them.
 //
 // Rules (MSC3884 as every known server implements it): a section or field that is absent or
 // null leaves the state unchanged; a present count map replaces the old one; present fallback
 // key types replace the old ones, [] included; device_lists are deltas passed through to the
-// consumer, never stored. Invalid entries are dropped and absurd counts capped, as
-// DecodeResponse does: a malformed algorithm, a negative count or a malformed user ID is
-// dropped, a count above 10 000 is capped, algorithms beyond 32 are
+// consumer, never stored. Invalid entries are dropped and absurd counts capped, as the
+// extension does when it decodes a section: a malformed algorithm, a negative count or a
+// malformed user ID is dropped, a count above 10 000 is capped, algorithms beyond 32 are
 // dropped.
 //
 // Merge is idempotent on the state: merging the same response twice gives the state of

@@ -1,6 +1,7 @@
 package e2ee_test
 
 import (
+	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
@@ -58,7 +59,7 @@ func runScenario(t *testing.T, proto slidingsync.Protocol, e2eeKey string, steps
 		h := newHarness(t, harnessOpts{proto: proto, noToDev: true})
 		for _, s := range steps {
 			if s.unknownPos {
-				h.srv.PushUnknownPos()
+				h.srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 			} else {
 				h.srv.PushJSON(http.StatusOK, s.body)
 			}
@@ -85,7 +86,11 @@ func runScenario(t *testing.T, proto slidingsync.Protocol, e2eeKey string, steps
 		assert.Len(t, deltas, i, "commits")
 		require.NotEmpty(t, states)
 		res.final = states[len(states)-1]
-		assert.True(t, res.final.Equal(h.e2eeState()))
+		final, err := json.Marshal(res.final)
+		require.NoError(t, err)
+		committed, err := json.Marshal(h.e2eeState())
+		require.NoError(t, err)
+		assert.JSONEq(t, string(committed), string(final), "the consumer saw the committed state")
 	})
 	return res
 }

@@ -27,18 +27,10 @@ const (
 	maxToDeviceLimit = 100
 )
 
-// ToDeviceHandler handles one batch of to-device events, in the order the server sent them.
-// It must store what it must keep (room keys, Olm sessions) durably before it returns: the
-// batch is acknowledged to the server by the commit that follows. It may be called again with
-// the same events (after a failed commit, a crash or a server that re-sends), so handling must
-// be idempotent; mautrix's Olm message hashes make decryption so. An error aborts the cycle:
-// nothing is committed and the batch is requested again after a backoff.
-type ToDeviceHandler func(ctx context.Context, evts []*event.Event) error
-
 // toDevice is the to_device extension (MSC3885; MSC4538). Its cursor (since) is its
 // checkpoint, which the Conn keeps.
 type toDevice struct {
-	handler ToDeviceHandler
+	handler func(ctx context.Context, evts []*event.Event) error // Config.ToDevice
 	limit   int
 	v4Key   string
 	stalled bool // warned about a token that does not advance

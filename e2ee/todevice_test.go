@@ -129,7 +129,7 @@ func TestToDeviceSinceSurvivesUnknownPos(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := newHarness(t, harnessOpts{proto: slidingsync.ProtocolMSC4186, noE2EE: true})
 		h.srv.PushJSON(http.StatusOK, toDeviceBody("1", "9", 1))
-		h.srv.PushUnknownPos()
+		h.srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 		h.srv.PushJSON(http.StatusOK, toDeviceBody("2", "9", 0))
 		h.run()
 		reqs := h.waitRequests(4)

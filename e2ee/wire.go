@@ -52,12 +52,12 @@ type e2eeRequest struct {
 	Enabled bool `json:"enabled"`
 }
 
-// DecodeResponse decodes the e2ee section of a response. raw nil (the section is absent)
+// decodeResponse decodes the e2ee section of a response. raw nil (the section is absent)
 // returns nil and no error. A body of the wrong JSON shape returns an error wrapping
 // slidingsync.ErrInvalidResponse, so the connection retries without committing anything.
 // Entries that are well-formed JSON but invalid are dropped or capped as [Merge] describes,
 // with one warning per response, not one per entry, logged to the zerolog logger of ctx.
-func DecodeResponse(ctx context.Context, raw json.RawMessage) (*Response, error) {
+func decodeResponse(ctx context.Context, raw json.RawMessage) (*Response, error) {
 	if raw == nil {
 		return nil, nil
 	}

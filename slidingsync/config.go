@@ -54,10 +54,10 @@ type Config struct {
 	// loaded server can take long, and Synapse keeps computing after the client gives up.
 	// Zero means 2 min.
 	NoPollTimeout time.Duration
-	// OnSyncError, if set, is called from Run for every failed cycle that Run retries, before
+	// OnFailure, if set, is called from Run for every failed cycle that Run retries, before
 	// the wait: the application learns that syncing is failing (and how long it has been
 	// failing the same way) while Run keeps retrying. It must not block.
-	OnSyncError func(ctx context.Context, se SyncError)
+	OnFailure func(ctx context.Context, f Failure)
 	// MinBackoff and MaxBackoff bound the exponential backoff after retryable errors (5xx,
 	// network, undecodable responses). Zero means 1 s and 30 s.
 	MinBackoff, MaxBackoff time.Duration

@@ -194,7 +194,7 @@ func TestRunSendsCompleteRequestsAndTimeouts(t *testing.T) {
 					assert.Equal(t, allList.TimelineLimit, rr.Parsed.Lists["all"].TimelineLimit)
 					assert.Equal(t, allList.RequiredState.Include, rr.Parsed.Lists["all"].RequiredState.Include)
 					assert.Contains(t, rr.Parsed.Extensions, "test_ext", "request %d", i)
-					if proto.PosInQuery() {
+					if proto != slidingsync.ProtocolV4 {
 						assert.Equal(t, wantPos[i], rr.Query.Get("pos"))
 					} else {
 						assert.Empty(t, rr.Query.Get("pos"))
@@ -313,7 +313,7 @@ func TestUnknownPosResetsConnection(t *testing.T) {
 		ext := &recordingExt{}
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{Extensions: []slidingsync.Extension{ext}})
 		h.srv.Push(roomResp("p1", "!a:x"))
-		h.srv.PushUnknownPos()
+		h.srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 		h.srv.Push(roomResp("fresh1"))
 		h.run()
 		reqs, err := h.srv.WaitRequests(context.Background(), 4)
@@ -350,7 +350,7 @@ func TestBadRequestWithoutUnknownPosIsFatal(t *testing.T) {
 func TestUnknownTokenIsFatal(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
-		h.srv.PushError(http.StatusUnauthorized, "M_UNKNOWN_TOKEN", "Invalid access token", nil)
+		h.srv.PushError(mautrix.MUnknownToken.WithMessage("Invalid access token"))
 		h.run()
 		err := <-h.done
 		require.ErrorIs(t, err, mautrix.MUnknownToken)
@@ -362,7 +362,7 @@ func TestUnknownTokenIsFatal(t *testing.T) {
 func TestRateLimitWaitsRetryAfter(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
-		h.srv.PushError(http.StatusTooManyRequests, "M_LIMIT_EXCEEDED", "slow down", map[string]any{"retry_after_ms": 1500})
+		h.srv.PushError(mautrix.MLimitExceeded.WithMessage("slow down").WithExtraField("retry_after_ms", 1500))
 		h.srv.Push(roomResp("p1"))
 		h.run()
 		reqs, err := h.srv.WaitRequests(context.Background(), 2)
@@ -379,7 +379,7 @@ func TestBackoffScheduleOnServerErrors(t *testing.T) {
 		const failures = 9
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
 		for range failures {
-			h.srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "bad gateway", nil)
+			h.srv.PushError(mautrix.MUnknown.WithStatus(http.StatusBadGateway).WithMessage("bad gateway"))
 		}
 		h.srv.Push(roomResp("p1"))
 		h.run()
@@ -777,8 +777,8 @@ func TestAccessTokenNeverLogged(t *testing.T) {
 		cli.Log = zerolog.New(zerolog.SyncWriter(&lockedWriter{w: &logs, mu: &mu})).Level(zerolog.TraceLevel)
 		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{})
 		srv.Push(roomResp("p1", "!a:x"))
-		srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "bad gateway", nil)
-		srv.PushUnknownPos()
+		srv.PushError(mautrix.MUnknown.WithStatus(http.StatusBadGateway).WithMessage("bad gateway"))
+		srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 		srv.PushJSON(http.StatusOK, `{"pos":`)
 		srv.Push(roomResp("p2"))
 		h.run()
@@ -811,7 +811,7 @@ func TestUnknownPosStormDoesNotSpin(t *testing.T) {
 		h := start(t, slidingsync.ProtocolMSC4186, slidingsync.Config{})
 		h.srv.Push(roomResp("p1"))
 		for range 6 {
-			h.srv.PushUnknownPos()
+			h.srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 		}
 		h.srv.Push(roomResp("p2"))
 		h.run()

@@ -48,7 +48,7 @@
 // (extensions see a request without pos); M_UNKNOWN_TOKEN makes Run return; 429 waits retry_after_ms; 5xx, network errors and
 // undecodable responses back off exponentially with jitter up to Config.MaxBackoff (30 s), so
 // an outage costs a few requests a minute; other 4xx make Run return with an error naming the
-// dialect and its URL. Every failure Run retries reaches Config.OnSyncError with the length of
+// dialect and its URL. Every failure Run retries reaches Config.OnFailure with the length of
 // its streak of identical failures, and is logged at error level once per streak.
 //
 // # Processing and delivery

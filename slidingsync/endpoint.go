@@ -129,7 +129,7 @@ func hasTransientCause(err error) bool {
 		return false
 	}
 	for _, e := range joined.Unwrap() {
-		if errors.Is(e, ErrNoSlidingSync) {
+		if errors.Is(e, ErrNotAdvertised) {
 			continue
 		}
 		var httpErr mautrix.HTTPError

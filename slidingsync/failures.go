@@ -13,9 +13,10 @@ import (
 	"maunium.net/go/mautrix"
 )
 
-// SyncError describes a failed sync cycle that Run retries: a request that failed (network,
-// 5xx, 429, an undecodable body) or a response whose processing failed.
-type SyncError struct {
+// Failure describes a failed sync cycle that Run retries: a request that failed (network,
+// 5xx, 429, an undecodable body) or a response whose processing failed. It is a report for
+// Config.OnFailure, not an error: Err is the error.
+type Failure struct {
 	// Err is the failure.
 	Err error
 	// Repeats counts the consecutive failures identical to this one, this one included: 1 for
@@ -36,7 +37,7 @@ type failures struct {
 }
 
 // retryLater records a failure, logs it (at error level once per streak of identical
-// failures, at debug level for the repeats), reports it to Config.OnSyncError and waits.
+// failures, at debug level for the repeats), reports it to Config.OnFailure and waits.
 func (c *Conn) retryLater(ctx context.Context, f *failures, err error, wait time.Duration) error {
 	f.n++
 	if key := failureKey(err); key != f.key || f.repeats == 0 {
@@ -49,8 +50,8 @@ func (c *Conn) retryLater(ctx context.Context, f *failures, err error, wait time
 		evt = log.Error()
 	}
 	evt.Err(err).Dur("retry_in", wait).Int("repeats", f.repeats).Msg("Sync failed, retrying")
-	if c.cfg.OnSyncError != nil {
-		c.cfg.OnSyncError(ctx, SyncError{Err: err, Repeats: f.repeats, Since: f.since, RetryIn: wait})
+	if c.cfg.OnFailure != nil {
+		c.cfg.OnFailure(ctx, Failure{Err: err, Repeats: f.repeats, Since: f.since, RetryIn: wait})
 	}
 	return sleep(ctx, wait)
 }

@@ -279,7 +279,7 @@ func TestFaultFigures(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 				cli := srv.NewClient()
-				ft := &faultTransport{next: srv.Transport(), fault: tt.fault}
+				ft := &faultTransport{next: slidingsynctest.HandlerTransport(srv), fault: tt.fault}
 				cli.Client = &http.Client{Transport: ft}
 				store := slidingsync.NewMemoryStore()
 				h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{Store: store})
@@ -408,9 +408,9 @@ func TestFaultRatesOverRealSockets(t *testing.T) {
 				srv.ServeHTTP(w, r)
 			}))
 
-			cli, err := mautrix.NewClient(hs.URL, slidingsynctest.DefaultUserID, slidingsynctest.DefaultAccessToken)
+			cli, err := mautrix.NewClient(hs.URL, srv.Options().UserID, srv.Options().AccessToken)
 			require.NoError(t, err)
-			cli.DeviceID = slidingsynctest.DefaultDeviceID
+			cli.DeviceID = srv.Options().DeviceID
 			store := slidingsync.NewMemoryStore()
 			conn, err := slidingsync.New(cli, slidingsync.Config{
 				Protocol:      slidingsync.ProtocolMSC4186,

@@ -56,9 +56,9 @@ func TestTransportFaultsOverRealSockets(t *testing.T) {
 	defer hs.Close()
 	srv.Push(roomResp("good", "!good:x"))
 
-	cli, err := mautrix.NewClient(hs.URL, slidingsynctest.DefaultUserID, slidingsynctest.DefaultAccessToken)
+	cli, err := mautrix.NewClient(hs.URL, srv.Options().UserID, srv.Options().AccessToken)
 	require.NoError(t, err)
-	cli.DeviceID = slidingsynctest.DefaultDeviceID
+	cli.DeviceID = srv.Options().DeviceID
 	conn, err := slidingsync.New(cli, slidingsync.Config{
 		Protocol:      slidingsync.ProtocolMSC4186,
 		MinBackoff:    10 * time.Millisecond,

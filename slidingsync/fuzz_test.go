@@ -84,7 +84,7 @@ func checkMergedRoom(t *testing.T, old, got *RoomState, roomID id.RoomID, r *Roo
 		require.True(t, got.MembersStale)
 	}
 	if old != nil && old.MembersStale {
-		require.True(t, got.MembersStale, "only WithMembersFresh clears stale members")
+		require.True(t, got.MembersStale, "a merge never clears stale members")
 	}
 
 	// Merging the same entry again changes nothing but the timeline (which a non-initial,

@@ -70,9 +70,9 @@ func (p Protocol) valid() bool {
 	return p == ProtocolMSC3575 || p == ProtocolMSC4186 || p == ProtocolV4
 }
 
-// PosInQuery reports whether pos and timeout travel as query parameters (MSC3575 and
+// posInQuery reports whether pos and timeout travel as query parameters (MSC3575 and
 // Synapse) rather than in the request body (v4).
-func (p Protocol) PosInQuery() bool { return p != ProtocolV4 }
+func (p Protocol) posInQuery() bool { return p != ProtocolV4 }
 
 // Endpoint is where and how a connection talks sliding sync.
 type Endpoint struct {
@@ -103,21 +103,22 @@ func (e Endpoint) requestURL(homeserver *url.URL, query url.Values) (string, err
 	return u.String(), nil
 }
 
-// FeatureSimplifiedSlidingSync is the /versions unstable feature by which a homeserver says it
-// serves the MSC4186 dialect natively (Synapse and the conduwuit family).
-var FeatureSimplifiedSlidingSync = mautrix.UnstableFeature{UnstableFlag: "org.matrix.simplified_msc3575"}
+// featureSimplified is the /versions unstable feature by which a homeserver says it serves
+// the MSC4186 dialect natively (Synapse and the conduwuit family).
+var featureSimplified = mautrix.UnstableFeature{UnstableFlag: "org.matrix.simplified_msc3575"}
 
-// WellKnownProxyKey is the .well-known/matrix/client key that names an MSC3575 proxy.
-const WellKnownProxyKey = "org.matrix.msc3575.proxy"
+// wellKnownProxyKey is the .well-known/matrix/client key that names an MSC3575 proxy.
+const wellKnownProxyKey = "org.matrix.msc3575.proxy"
 
-// ErrNoSlidingSync is returned by Discover when the homeserver offers no sliding sync.
-var ErrNoSlidingSync = errors.New("slidingsync: the homeserver advertises no sliding sync (no org.matrix.simplified_msc3575 in /versions, no org.matrix.msc3575.proxy in .well-known); set Config.Protocol to force one")
+// ErrNotAdvertised is returned by Discover (and Run, with discovery) when the homeserver
+// advertises no sliding sync: a bot can fall back to /sync, or force a Protocol.
+var ErrNotAdvertised = errors.New("slidingsync: the homeserver advertises no sliding sync (no org.matrix.simplified_msc3575 in /versions, no org.matrix.msc3575.proxy in .well-known); set Config.Protocol to force one")
 
 // Discover finds how to talk sliding sync to the client's homeserver. An explicit protocol
 // (anything but ProtocolAuto) always wins and is returned without a network call, based at
 // the homeserver. Otherwise /versions is asked for the simplified dialect, then
 // .well-known/matrix/client for an MSC3575 proxy. When neither is found the error wraps
-// ErrNoSlidingSync.
+// ErrNotAdvertised.
 func Discover(ctx context.Context, cli *mautrix.Client, override Protocol) (Endpoint, error) {
 	if override != ProtocolAuto {
 		if !override.valid() {
@@ -132,7 +133,7 @@ func Discover(ctx context.Context, cli *mautrix.Client, override Protocol) (Endp
 	versions, err := cli.Versions(ctx)
 	if err != nil {
 		errs = append(errs, fmt.Errorf("/versions: %w", err))
-	} else if versions.Supports(FeatureSimplifiedSlidingSync) {
+	} else if versions.Supports(featureSimplified) {
 		return Endpoint{Protocol: ProtocolMSC4186}, nil
 	}
 	if ctx.Err() != nil {
@@ -148,7 +149,7 @@ func Discover(ctx context.Context, cli *mautrix.Client, override Protocol) (Endp
 		// Neither question got an answer: nothing is known about sliding sync yet.
 		return Endpoint{}, fmt.Errorf("slidingsync: cannot reach the homeserver %s: %w", cli.HomeserverURL.Redacted(), errors.Join(errs...))
 	}
-	return Endpoint{}, errors.Join(append([]error{ErrNoSlidingSync}, errs...)...)
+	return Endpoint{}, errors.Join(append([]error{ErrNotAdvertised}, errs...)...)
 }
 
 // allUnreachable reports whether every error is a failure to get an answer at all (no HTTP
@@ -194,14 +195,14 @@ func wellKnownProxy(ctx context.Context, cli *mautrix.Client) (*url.URL, error) 
 		}
 		return nil, err
 	}
-	entry, _ := body[WellKnownProxyKey].(map[string]any)
+	entry, _ := body[wellKnownProxyKey].(map[string]any)
 	raw, _ := entry["url"].(string)
 	if raw == "" {
 		return nil, nil
 	}
 	proxy, err := url.Parse(raw)
 	if err != nil || proxy.Scheme == "" || proxy.Host == "" {
-		return nil, fmt.Errorf("invalid proxy URL %q in %s", raw, WellKnownProxyKey)
+		return nil, fmt.Errorf("invalid proxy URL %q in %s", raw, wellKnownProxyKey)
 	}
 	return proxy, nil
 }

@@ -31,8 +31,8 @@ func (r *Range) UnmarshalJSON(data []byte) error {
 	return nil
 }
 
-// Valid reports whether the range is non-empty and non-negative.
-func (r Range) Valid() bool { return r.Start >= 0 && r.End >= r.Start }
+// valid reports whether the range is non-empty and non-negative.
+func (r Range) valid() bool { return r.Start >= 0 && r.End >= r.Start }
 
 // StateFilter selects state events by type and state key. "*" matches anything and "" is the
 // empty state key, as in the tuple dialects; the state key "$ME" means the user's own ID.
@@ -131,27 +131,6 @@ type ListConfig struct {
 	BumpEventTypes []string
 	// SlowGetAllRooms is sent on MSC3575 and MSC4186 only.
 	SlowGetAllRooms bool
-	// GrowBatch, when positive, makes the Conn manage the window: it starts as
-	// [0, GrowBatch-1] and grows by GrowBatch after every processed response, without
-	// long-polling in between, until it covers every room of the list; then it follows the
-	// count. With a ShrinkTo below GrowBatch and a dialect that takes several ranges (MSC3575,
-	// MSC4186), the Conn scans instead of growing: it asks for [0, ShrinkTo-1] plus a range
-	// of GrowBatch rooms that moves down the list (reaching back GrowBatch/20 rooms, as rooms
-	// with activity push the others down), so that a server repeating the window's room IDs
-	// sends each about once instead of a quadratic number of times. Ranges is ignored. It is a
-	// client setting and is never sent.
-	GrowBatch int
-	// ShrinkTo, when positive with GrowBatch, shrinks the window to [0, ShrinkTo-1] once it
-	// has seen every room: every room is then known (and stored), and servers that repeat
-	// the window's room IDs in every response (Synapse) no longer send them all on every
-	// long-poll. With an activity order, a room with anything new moves to the top of the list
-	// and so into the window. When the window's last room has new activity (a bump stamp
-	// beyond the known one), more rooms than the window holds may have had some: the Conn
-	// then probes at once, doubling the window (by GrowBatch at most) each time, until a
-	// window ends with a room without news, and shrinks back. State changes that do not bump a room (a name, a
-	// member) in rooms past the window arrive when the room next moves up. Positions past the
-	// window are dropped from ListState.Rooms. It is a client setting and is never sent.
-	ShrinkTo int
 }
 
 // RoomSubscription asks for one room regardless of lists.
@@ -329,7 +308,7 @@ func EncodeRequest(p Protocol, req *Request) (url.Values, []byte, error) {
 	}
 	query := url.Values{}
 	w := wireRequest{ConnID: req.ConnID, Extensions: req.Extensions}
-	if p.PosInQuery() {
+	if p.posInQuery() {
 		if req.Pos != "" {
 			query.Set("pos", req.Pos)
 		}
@@ -384,7 +363,7 @@ func EncodeRequest(p Protocol, req *Request) (url.Values, []byte, error) {
 func encodeList(p Protocol, lc ListConfig) (wireList, error) {
 	var wl wireList
 	for _, r := range lc.Ranges {
-		if !r.Valid() {
+		if !r.valid() {
 			return wl, fmt.Errorf("invalid range [%d, %d]", r.Start, r.End)
 		}
 	}

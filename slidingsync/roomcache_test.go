@@ -102,7 +102,8 @@ func TestRoomCacheMergesLikeAFullModel(t *testing.T) {
 				conn := runResponses(t, cached, slidingsync.Config{RoomCache: 3}, resps[20:])
 				assert.LessOrEqual(t, len(conn.Rooms()), 3, "rooms kept in memory")
 
-				key := slidingsync.ConnKey{UserID: slidingsynctest.DefaultUserID, DeviceID: slidingsynctest.DefaultDeviceID}
+				def := slidingsynctest.NewServer(slidingsynctest.Options{}).Options() // the identity runResponses uses
+				key := slidingsync.ConnKey{UserID: def.UserID, DeviceID: def.DeviceID}
 				want, err := full.Load(context.Background(), key)
 				require.NoError(t, err)
 				got, err := cached.Load(context.Background(), key)

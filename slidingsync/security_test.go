@@ -116,7 +116,7 @@ func TestDiscoveryOfAnUnreachableHomeserverSaysSo(t *testing.T) {
 	_, err = slidingsync.Discover(context.Background(), cli, slidingsync.ProtocolAuto)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "cannot reach the homeserver")
-	assert.NotErrorIs(t, err, slidingsync.ErrNoSlidingSync, "nothing is known about sliding sync")
+	assert.NotErrorIs(t, err, slidingsync.ErrNotAdvertised, "nothing is known about sliding sync")
 }
 
 func TestForcedDialectTheServerLacksNamesItselfAndItsURL(t *testing.T) {
@@ -128,6 +128,6 @@ func TestForcedDialectTheServerLacksNamesItselfAndItsURL(t *testing.T) {
 		h.cancel()
 		require.ErrorIs(t, err, mautrix.MUnrecognized)
 		assert.Contains(t, err.Error(), "msc4186")
-		assert.Contains(t, err.Error(), slidingsynctest.DefaultHomeserverURL)
+		assert.Contains(t, err.Error(), srv.Options().HomeserverURL)
 	})
 }

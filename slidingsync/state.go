@@ -48,8 +48,8 @@ type RoomState struct {
 	// Limited is the limited flag of the last response that carried this room's timeline.
 	Limited bool `json:"limited,omitempty"`
 	// MembersStale is set when a response was limited: lazily loaded membership may be
-	// missing changes and must be refreshed before encrypting to the room. Only
-	// WithMembersFresh clears it.
+	// missing changes and must be refreshed before encrypting to the room. It stays set;
+	// the crypto layer keeps its own record of the rooms whose members it refreshed.
 	MembersStale      bool           `json:"members_stale,omitempty"`
 	NumLive           int            `json:"num_live,omitempty"`           // as in the last response that carried it
 	JoinedCount       int            `json:"joined_count,omitempty"`       // joined members
@@ -66,14 +66,6 @@ func (rs *RoomState) StateEvent(evtType event.Type, stateKey string) *event.Even
 		return nil
 	}
 	return rs.State[StateKey{Type: evtType.Type, StateKey: stateKey}]
-}
-
-// WithMembersFresh returns a copy with MembersStale cleared, for the crypto layer to record
-// that membership was refreshed.
-func (rs *RoomState) WithMembersFresh() *RoomState {
-	cp := *rs
-	cp.MembersStale = false
-	return &cp
 }
 
 func applyOpt[T any](dst *T, o Opt[T], initial bool) {
@@ -288,7 +280,7 @@ func (op ListOp) validate() error {
 		}
 		// The end may lie past maxWindowIndex: Synapse echoes the range a client asked for,
 		// however wide. Only the positions the op fills are bounded.
-		if !op.Range.Valid() || op.Range.Start >= maxWindowIndex {
+		if !op.Range.valid() || op.Range.Start >= maxWindowIndex {
 			return fmt.Errorf("%s with invalid range [%d, %d]", op.Op, op.Range.Start, op.Range.End)
 		}
 		if op.Op == ListOpSync && len(op.RoomIDs)-1 > op.Range.End-op.Range.Start {

@@ -34,7 +34,7 @@ func applyEntries(t testing.TB, timelineCap int, entries ...string) *RoomState {
 	for _, e := range entries {
 		if e == membersRefreshed {
 			require.NotNil(t, rs)
-			rs = rs.WithMembersFresh()
+			rs = rs.withMembersFresh()
 			continue
 		}
 		rs = MergeRoom(rs, storyRoom, decodeRoomEntry(t, e), timelineCap)
@@ -436,7 +436,7 @@ func TestMergeRoom(t *testing.T) {
 			},
 		},
 		{
-			name: "only WithMembersFresh clears stale members, and the next gap marks them again",
+			name: "a merge never clears stale members, and the next gap marks them again",
 			entries: []string{`{"initial":true,"limited":true,"timeline":` + msgs(1, 1) + `}`, membersRefreshed,
 				`{"timeline":` + msgs(2, 2) + `}`},
 			check: func(t *testing.T, rs *RoomState) {
@@ -959,4 +959,12 @@ func TestMergeListLeavesOldWindowUntouched(t *testing.T) {
 			assert.Equal(t, roomIDs("!a", "!b", "!c", "!d", "!e"), backing[:5])
 		})
 	}
+}
+
+// withMembersFresh returns a copy with MembersStale cleared, as a layer that refreshed the
+// members would record it.
+func (rs *RoomState) withMembersFresh() *RoomState {
+	cp := *rs
+	cp.MembersStale = false
+	return &cp
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -292,20 +293,20 @@ func (s *slowFirst) RoundTrip(req *http.Request) (*http.Response, error) {
 func TestRepeatedServerErrorIsReportedAndLoggedOncePerStreak(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		// Synapse answers an unsupported filter with the same 500 every time.
-		var reports []slidingsync.SyncError
+		var reports []slidingsync.Failure
 		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 		cli := srv.NewClient()
 		var logs strings.Builder
 		var mu sync.Mutex
 		cli.Log = zerolog.New(zerolog.SyncWriter(&lockedWriter{w: &logs, mu: &mu})).Level(zerolog.DebugLevel)
-		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{OnSyncError: func(_ context.Context, se slidingsync.SyncError) {
+		h := startWith(t, srv, cli, slidingsync.ProtocolMSC4186, slidingsync.Config{OnFailure: func(_ context.Context, se slidingsync.Failure) {
 			reports = append(reports, se)
 		}})
 		srv.Push(roomResp("p1", "!a:x"))
 		for range 4 {
-			srv.PushError(http.StatusInternalServerError, "M_UNKNOWN", "Internal server error", nil)
+			srv.PushError(mautrix.MUnknown.WithMessage("Internal server error"))
 		}
-		srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "bad gateway", nil)
+		srv.PushError(mautrix.MUnknown.WithStatus(http.StatusBadGateway).WithMessage("bad gateway"))
 		srv.Push(roomResp("p2"))
 		h.run()
 		_, err := srv.WaitRequests(context.Background(), 7)

@@ -41,9 +41,9 @@ func TestSelfSignedHomeserverIsRefused(t *testing.T) {
 			defer hs.Close()
 			require.True(t, strings.HasPrefix(hs.URL, "https://127.0.0.1:"))
 
-			cli, err := mautrix.NewClient(hs.URL, slidingsynctest.DefaultUserID, slidingsynctest.DefaultAccessToken)
+			cli, err := mautrix.NewClient(hs.URL, srv.Options().UserID, srv.Options().AccessToken)
 			require.NoError(t, err)
-			cli.DeviceID = slidingsynctest.DefaultDeviceID
+			cli.DeviceID = srv.Options().DeviceID
 			var logs strings.Builder
 			var mu sync.Mutex
 			cli.Log = zerolog.New(&lockedWriter{w: &logs, mu: &mu}).Level(zerolog.WarnLevel)

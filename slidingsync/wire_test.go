@@ -637,7 +637,7 @@ func TestRequestFixturesRoundTrip(t *testing.T) {
 				fn(want, got)
 			}
 			assert.Equal(t, want, got, "re-encoded body differs; got %s", gotBody)
-			if proto.PosInQuery() {
+			if proto.posInQuery() {
 				assert.Equal(t, query, gotQuery)
 			} else {
 				assert.Empty(t, gotQuery, "v4 sends nothing in the query")
@@ -1169,9 +1169,9 @@ func TestProtocolPath(t *testing.T) {
 	assert.Equal(t, "/_matrix/client/v4/sync", ProtocolV4.Path())
 	assert.Empty(t, ProtocolAuto.Path())
 	assert.Equal(t, "auto", ProtocolAuto.String())
-	assert.True(t, ProtocolMSC3575.PosInQuery())
-	assert.True(t, ProtocolMSC4186.PosInQuery())
-	assert.False(t, ProtocolV4.PosInQuery())
+	assert.True(t, ProtocolMSC3575.posInQuery())
+	assert.True(t, ProtocolMSC4186.posInQuery())
+	assert.False(t, ProtocolV4.posInQuery())
 	assert.Equal(t, []Protocol{ProtocolMSC4186, ProtocolMSC3575, ProtocolV4}, protocols)
 }
 

@@ -51,7 +51,7 @@ type Config struct {
 	LoginAs *mautrix.ReqLogin
 	// Syncer receives the decrypted events (DefaultSyncer.Dispatch), so handlers registered
 	// on it work unchanged. Nil means the client's Syncer when it is a *mautrix.DefaultSyncer,
-	// else a new one.
+	// else a new one, which OnEvent and OnEventType register on.
 	Syncer *mautrix.DefaultSyncer
 	// AutoJoin joins the rooms the bot is invited to, once its device keys are on the server
 	// (so the first message sent to it is encrypted for it too). False: invites are only
@@ -85,10 +85,19 @@ type Config struct {
 	// Lease configures the lease that keeps a second process of the same device in standby.
 	// The zero value is usable: with no Holder, a process restarted on the same host after a
 	// crash takes the lease over at once.
-	Lease sqlstore.LeaseConfig
-	// Crypto configures the crypto Machine (fallback key rotation, retry delays).
-	Crypto crypto.Config
+	Lease LeaseConfig
+	// Crypto configures the crypto Machine (fallback key rotation, retry delays). The zero
+	// value is usable.
+	Crypto CryptoConfig
 }
+
+// LeaseConfig is sqlstore.LeaseConfig, named here so that a bot configures the Helper
+// without importing the store package.
+type LeaseConfig = sqlstore.LeaseConfig
+
+// CryptoConfig is the Config of this module's crypto package, named here so that a bot's
+// imports need no package called crypto (mautrix's and Go's have the same name).
+type CryptoConfig = crypto.Config
 
 // Helper runs an end-to-end encrypted bot on sliding sync: see the package documentation.
 // It implements mautrix.CryptoHelper, so setting the client's Crypto to it makes the client's
@@ -160,9 +169,6 @@ func (h *Helper) OnEventType(eventType event.Type, fn mautrix.EventHandler) {
 
 // OnEvent registers a handler for every dispatched event.
 func (h *Helper) OnEvent(fn mautrix.EventHandler) { h.syncer.OnEvent(fn) }
-
-// Syncer returns the syncer the Helper dispatches to.
-func (h *Helper) Syncer() *mautrix.DefaultSyncer { return h.syncer }
 
 // Conn returns the sliding sync connection of the current or last Run, nil before Run built
 // it.
@@ -329,7 +335,7 @@ func (h *Helper) newConn(store slidingsync.Store, in *inbox, exts []slidingsync.
 			Window: slidingsync.Scan(500, 5),
 			ListConfig: slidingsync.ListConfig{
 				TimelineLimit: 5, // limited timelines are filled from /messages
-				RequiredState: crypto.BotRequiredState(false),
+				RequiredState: crypto.RequiredState(false),
 			},
 		}},
 		AllowInsecureHTTP: h.cfg.AllowInsecureHTTP,

@@ -143,7 +143,7 @@ func TestFastFailureStartsNoKeyWork(t *testing.T) {
 	h, err := New(cli, Config{DB: t.TempDir() + "/bot.db"})
 	require.NoError(t, err)
 	err = h.Run(ctx)
-	require.ErrorIs(t, err, slidingsync.ErrNoSlidingSync)
+	require.ErrorIs(t, err, slidingsync.ErrNotAdvertised)
 	assert.False(t, strings.Contains(logs.String(), "Failed to save account"), "an account save was cut short")
 	assert.False(t, strings.Contains(logs.String(), "keys/upload"), "a key upload was attempted")
 }

@@ -14,7 +14,6 @@ import (
 
 	"github.com/sliding-e2ee/sdk/crypto/bot"
 	"github.com/sliding-e2ee/sdk/slidingsync"
-	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
 )
 
 // pickleKeyEnv names the environment variable that, when set, gives the key the Olm account
@@ -72,7 +71,7 @@ func config(ctx context.Context, o options) (*mautrix.Client, bot.Config, error)
 		ConnID:            o.connID,
 		PollTimeout:       o.pollTimeout,
 		AllowInsecureHTTP: o.insecure,
-		Lease:             sqlstore.LeaseConfig{Duration: o.leaseDuration, Holder: o.leaseHolder},
+		Lease:             bot.LeaseConfig{Duration: o.leaseDuration, Holder: o.leaseHolder},
 	}
 	if o.password != "" && !o.logout {
 		cfg.LoginAs = bot.PasswordLogin(user, o.password)

@@ -14,7 +14,7 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
-	"github.com/sliding-e2ee/sdk/crypto"
+	"github.com/sliding-e2ee/sdk/crypto/bot"
 	"github.com/sliding-e2ee/sdk/internal/minihs"
 	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore"
@@ -151,7 +151,7 @@ func runDemoTo(ctx context.Context, o options, out io.Writer) (err error) {
 		return slidingsync.Step{}, nil
 	}
 	// A short rotation interval makes the replacement of a used fallback key visible.
-	cfg.Crypto = crypto.Config{FallbackKeyRotation: time.Second}
+	cfg.Crypto = bot.CryptoConfig{FallbackKeyRotation: time.Second}
 	h, err := newEcho(cli, cfg)
 	if err != nil {
 		return err

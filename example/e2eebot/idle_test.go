@@ -172,8 +172,8 @@ type idleServer struct {
 	held    atomic.Int64 // nanoseconds spent holding long-polls until their timeout
 }
 
-// idleRooms are the account's rooms: as many as the bot's window holds once shrunk
-// (ShrinkTo), so that every idle response lists the window's room IDs, as Synapse's do.
+// idleRooms are the account's rooms: as many as the bot's window holds once the scan is over
+// (slidingsync.Scan's head), so that every idle response lists the window's room IDs, as Synapse's do.
 var idleRooms = func() []string {
 	rooms := make([]string, 5)
 	for i := range rooms {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"maunium.net/go/mautrix"
 	mcrypto "maunium.net/go/mautrix/crypto"
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
@@ -79,7 +80,14 @@ func TestInspectPrintsCryptoState(t *testing.T) {
 	require.NoError(t, store.Commit(ctx, slidingsync.ConnKey{UserID: "@bot:example.org", DeviceID: "BOT"}, &slidingsync.Update{Pos: "1"}))
 	cs := mcrypto.NewSQLCryptoStore(db, nil, "", "BOT", []byte("key"))
 	require.NoError(t, cs.DB.Upgrade(ctx))
-	require.NoError(t, db.Child(crypto.VersionTableName, crypto.UpgradeTable, nil).Upgrade(ctx))
+	cli, err := mautrix.NewClient("https://example.org", "@bot:example.org", "")
+	require.NoError(t, err)
+	cli.DeviceID = "BOT"
+	olm := mcrypto.NewOlmMachine(cli, nil, cs, nil)
+	require.NoError(t, olm.Load(ctx))
+	mach, err := crypto.New(cli, olm, crypto.Config{})
+	require.NoError(t, err)
+	require.NoError(t, mach.Upgrade(ctx))
 	for _, q := range []string{
 		`INSERT INTO crypto_tracked_user (user_id, devices_outdated) VALUES ('@alice:x', true), ('@bob:x', false)`,
 		`INSERT INTO sdkcrypto_outdated_user (user_id, gen) VALUES ('@alice:x', 3)`,

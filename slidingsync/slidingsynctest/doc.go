@@ -6,19 +6,19 @@
 // dialect's sync path, /_matrix/client/versions (advertising org.matrix.simplified_msc3575 for
 // MSC4186) and /.well-known/matrix/client (naming Options.ProxyURL as an MSC3575 proxy), so
 // [slidingsync.Discover] works against it. Everything else is 404 M_UNRECOGNIZED. It is an
-// http.Handler, so it can also sit behind httptest.NewServer, but [Server.Transport] and
-// [Server.NewClient] call it in-process, without sockets, which makes it usable inside
+// http.Handler, so it can also sit behind httptest.NewServer, but [Server.NewClient] and
+// [HandlerTransport](srv) call it in-process, without sockets, which makes it usable inside
 // testing/synctest bubbles: a long-poll of 30 s then takes no real time.
 //
 // # Scripting
 //
 // A test queues answers with [Server.Push] (a 200 response, given a pos if it has none),
-// [Server.PushKeepPos] (a 200 response with the pos of the request it answers),
-// [Server.PushIdle] (the answer to a long-poll that ran out), [Server.PushError] and
-// [Server.PushUnknownPos] (Matrix errors) and [Server.PushJSON] (any status and any bytes,
-// served verbatim). Each sync request is answered with the next one. What a request gets is
-// what was queued, which lets a test serve expired positions, replays or malformed bodies at
-// will. With nothing queued, a [Responder] may compute the answer.
+// [Server.PushIdle] (the answer to a long-poll that ran out, or a 200 response with the pos
+// of the request it answers), [Server.PushError] (a Matrix error, such as
+// slidingsync.MUnknownPos) and [Server.PushJSON] (any status and any bytes, served
+// verbatim). Each sync request is answered with the next one. What a request gets is what was
+// queued, which lets a test serve expired positions, replays or malformed bodies at will.
+// With nothing queued, a responder ([Server.SetResponder]) may compute the answer.
 //
 // Before the script is consulted a request is checked like a real server would: a wrong HTTP
 // method gets 405 M_UNRECOGNIZED, a missing or wrong access token 401 M_UNKNOWN_TOKEN, a body
@@ -39,7 +39,7 @@
 // a client's tests hold it to what most of its users' servers do:
 //
 //   - Positions. An answer the server computes because nothing happened (a long-poll that
-//     ran out, a timeout=0 request with nothing queued and no Responder answer, PushIdle)
+//     ran out, a timeout=0 request with nothing queued and no responder answer, PushIdle(nil))
 //     carries exactly the pos the request sent; only a request without pos gets a fresh one.
 //     Such an answer is a normal response, with the e2ee section of the request.
 //   - Pos checks. A pos the server never served (nor was given by [Server.IssuePos]) gets
@@ -57,10 +57,10 @@
 //     and covers the whole list, Synapse does not sort; the fake then lists the rooms in room
 //     ID order, which is not activity order. A list without ranges gets its count only, no
 //     ops. The server learns each list's count and rooms from the answers it serves (pushed
-//     or computed by a Responder) and repeats them; a list it never served has count 0.
-//     [SynapseListResponse] builds lists the same way for a Responder.
+//     or computed by a responder) and repeats them; a list it never served has count 0.
+//     [SynapseListResponse] builds lists the same way for a responder.
 //   - Shape. A computed answer always has rooms and extensions, and lists only when the
-//     request has lists. In a Responder's rooms a null name or avatar is left out, and is_dm
+//     request has lists. In a responder's rooms a null name or avatar is left out, and is_dm
 //     is sent only when true, as Synapse never sends them otherwise.
 //   - Extensions. An answer carries e2ee, to_device, account_data, receipts or typing only if
 //     the request enabled it. The e2ee section always has device_one_time_keys_count (with
@@ -76,22 +76,22 @@
 //   - Every request, whatever is queued: the pos checks, the request model and the filters.
 //     A request they refuse consumes nothing.
 //   - Answers the server computes (long-poll timeouts, timeout=0 with nothing to serve,
-//     PushIdle): every rule.
+//     PushIdle(nil)): every rule.
 //   - Responder answers: the shape and extension rules, and no ops on a list without ranges.
-//     The pos is the one the Responder set, else a fresh one: a Responder with nothing new
-//     sets resp.Pos to the request's pos, as Synapse would. Ranges are the Responder's to
+//     The pos is the one the responder set, else a fresh one: a responder with nothing new
+//     sets resp.Pos to the request's pos, as Synapse would. Ranges are the responder's to
 //     echo (SynapseListResponse does).
-//   - Pushed answers (Push, PushKeepPos, PushError, PushJSON) are served as scripted, so a
-//     test can still serve any shape; a pushed response without pos gets a fresh one (Push)
-//     or the request's (PushKeepPos). Their positions become valid and their lists and e2ee
+//   - Pushed answers (Push, PushIdle with a response, PushError, PushJSON) are served as
+//     scripted, so a test can still serve any shape; a pushed response without pos gets a
+//     fresh one (Push) or the request's (PushIdle). Their positions become valid and their lists and e2ee
 //     values are learned.
 //
 // # Building a fuller fake
 //
 // A test that needs more endpoints than sync (keys, sends, joins) can route the sync path
-// to a Server, or compute answers with a [Responder] from its own room model, and serve the
+// to a Server, or compute answers with a responder from its own room model, and serve the
 // rest with its own handlers: [HandlerTransport] calls any http.Handler in-process, as
-// [Server.Transport] does, [WantsState] selects required_state as Synapse does, and
+// [Server.NewClient]'s client does, [WantsState] selects required_state as Synapse does, and
 // [SynapseListResponse] builds a list's ops.
 //
 // # Guarantees

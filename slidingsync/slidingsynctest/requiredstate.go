@@ -12,7 +12,7 @@ import (
 // "*" or evtType and its state key is "*", stateKey, or "$ME" for me's own state. Exclude
 // (the v4 dialect) removes what Include selected. With LazyMembers (or a "$LAZY" state key
 // on m.room.member), the membership of every sender in timelineSenders is selected too. A
-// Responder uses it to fill RoomResponse.RequiredState.
+// responder uses it to fill RoomResponse.RequiredState.
 func WantsState(rs slidingsync.RequiredState, me id.UserID, evtType, stateKey string, timelineSenders map[id.UserID]bool) bool {
 	member := evtType == event.StateMember.Type && timelineSenders[id.UserID(stateKey)]
 	if member && rs.LazyMembers {

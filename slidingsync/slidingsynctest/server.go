@@ -14,27 +14,30 @@ import (
 	"sync"
 	"time"
 
+	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/slidingsync"
 )
 
-// Defaults for the zero values of Options.
+// Defaults for the zero values of Options (documented there; Server.Options returns them).
 const (
-	DefaultUserID        id.UserID   = "@bot:example.org"
-	DefaultDeviceID      id.DeviceID = "BOTDEVICE"
-	DefaultAccessToken               = "token"
-	DefaultHomeserverURL             = "https://slidingsynctest.invalid"
+	defaultUserID        id.UserID   = "@bot:example.org"
+	defaultDeviceID      id.DeviceID = "BOTDEVICE"
+	defaultAccessToken               = "token"
+	defaultHomeserverURL             = "https://slidingsynctest.invalid"
 )
 
-// DefaultMSC3575Timeout is the long-poll time of an MSC3575 request without a timeout
-// parameter: the proxy waits 10 s even on a connection's first request.
-const DefaultMSC3575Timeout = 10 * time.Second
+// msc3575Timeout is the long-poll time of an MSC3575 request without a timeout parameter:
+// the proxy waits 10 s even on a connection's first request.
+const msc3575Timeout = 10 * time.Second
 
-// Paths of the discovery endpoints the server answers.
+// Paths of the discovery endpoints the server answers, and what they advertise.
 const (
-	VersionsPath  = "/_matrix/client/versions"
-	WellKnownPath = "/.well-known/matrix/client"
+	versionsPath      = "/_matrix/client/versions"
+	wellKnownPath     = "/.well-known/matrix/client"
+	simplifiedFeature = "org.matrix.simplified_msc3575" // in /versions' unstable_features
+	wellKnownProxyKey = "org.matrix.msc3575.proxy"      // in .well-known, names an MSC3575 proxy
 )
 
 // Options configures a Server. Zero values are usable.
@@ -42,11 +45,11 @@ type Options struct {
 	// Protocol is the dialect served; zero means slidingsync.ProtocolMSC4186. Only its sync
 	// path is served.
 	Protocol slidingsync.Protocol
-	// UserID is who NewClient logs in as; default DefaultUserID.
+	// UserID is who NewClient logs in as; default "@bot:example.org".
 	UserID id.UserID
-	// DeviceID is the device NewClient logs in as; default DefaultDeviceID.
+	// DeviceID is the device NewClient logs in as; default "BOTDEVICE".
 	DeviceID id.DeviceID
-	// AccessToken is the only token accepted; default DefaultAccessToken. A sync request
+	// AccessToken is the only token accepted; default "token". A sync request
 	// without "Authorization: Bearer <token>" gets 401 M_UNKNOWN_TOKEN, as does a /versions
 	// request carrying a different token (Synapse checks a token when one is sent).
 	AccessToken string
@@ -57,7 +60,8 @@ type Options struct {
 	// org.matrix.simplified_msc3575. Nil means true iff Protocol is MSC4186.
 	AdvertiseSimplified *bool
 	// HomeserverURL is the base URL NewClient uses and .well-known names as m.homeserver;
-	// default DefaultHomeserverURL. Transport ignores hosts, so any URL reaches the server.
+	// default "https://slidingsynctest.invalid". The server ignores hosts, so any URL
+	// reaches it.
 	HomeserverURL string
 	// Personality is how the server behaves beyond the dialect; zero means PersonalityAuto:
 	// PersonalitySynapse on MSC4186, PersonalityPolite on MSC3575 and v4. Set
@@ -117,7 +121,7 @@ type Server struct {
 	watchers    []chan struct{} // WaitRequests calls to wake on the next arrival
 	inFlight    int
 	maxInFlight int
-	responder   Responder
+	responder   func(req *slidingsync.Request) *slidingsync.Response // SetResponder
 
 	// State of the Synapse personality.
 	issued       map[string]map[string]bool // pos → conn_ids it was served on
@@ -136,7 +140,7 @@ type item struct {
 	fields map[string]json.RawMessage
 	// pos is the explicit pos of a pushed response, kept so assigned ones never repeat it.
 	pos string
-	// keepPos serves fields with the pos of the request answered (PushKeepPos).
+	// keepPos serves fields with the pos of the request answered (PushIdle with a response).
 	keepPos bool
 	// idle is computed when served: the answer to a long-poll that ran out (PushIdle).
 	idle bool
@@ -175,16 +179,16 @@ func NewServer(opts Options) *Server {
 		panic(fmt.Sprintf("slidingsynctest: unknown personality %q", opts.Personality))
 	}
 	if opts.UserID == "" {
-		opts.UserID = DefaultUserID
+		opts.UserID = defaultUserID
 	}
 	if opts.DeviceID == "" {
-		opts.DeviceID = DefaultDeviceID
+		opts.DeviceID = defaultDeviceID
 	}
 	if opts.AccessToken == "" {
-		opts.AccessToken = DefaultAccessToken
+		opts.AccessToken = defaultAccessToken
 	}
 	if opts.HomeserverURL == "" {
-		opts.HomeserverURL = DefaultHomeserverURL
+		opts.HomeserverURL = defaultHomeserverURL
 	}
 	if u, err := url.Parse(opts.HomeserverURL); err != nil || u.Scheme == "" || u.Host == "" {
 		panic(fmt.Sprintf("slidingsynctest: invalid HomeserverURL %q", opts.HomeserverURL))
@@ -202,9 +206,6 @@ func NewServer(opts Options) *Server {
 		lists:     map[string]knownList{},
 	}
 }
-
-// Protocol returns the dialect the server speaks.
-func (s *Server) Protocol() slidingsync.Protocol { return s.opts.Protocol }
 
 // Options returns the options in effect, with defaults filled in.
 func (s *Server) Options() Options { return s.opts }
@@ -237,17 +238,15 @@ func itemFor(resp *slidingsync.Response) *item {
 	return it
 }
 
-// Responder computes an answer from a request when nothing is queued, which turns the
-// scripted server into a small dynamic one (the demo homeserver honours ranges this way). It
-// returns nil to fall back to the long-poll. It is called with the server's lock held, so it
-// must not call the Server's methods; Push from another goroutine to wake a long-poll. A
-// response without pos gets a fresh one. Under the Synapse personality the answer is shaped
-// as Synapse's encoder would send it (see the package documentation), and a Responder with
+// SetResponder installs a responder, fn (nil removes it): it computes an answer from a
+// request when nothing is queued (queued answers still go first), which turns the scripted
+// server into a small dynamic one (the demo homeserver honours ranges this way). It returns
+// nil to fall back to the long-poll. It is called with the server's lock held, so it must not
+// call the Server's methods; Push from another goroutine to wake a long-poll. A response
+// without pos gets a fresh one. Under the Synapse personality the answer is shaped as
+// Synapse's encoder would send it (see the package documentation), and a responder with
 // nothing new sets Pos to req.Pos, as Synapse keeps the pos then.
-type Responder func(req *slidingsync.Request) *slidingsync.Response
-
-// SetResponder installs a Responder (nil removes it). Queued answers still go first.
-func (s *Server) SetResponder(fn Responder) {
+func (s *Server) SetResponder(fn func(req *slidingsync.Request) *slidingsync.Response) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.responder = fn
@@ -259,17 +258,18 @@ func (s *Server) PushJSON(status int, body string) {
 	s.enqueue(&item{status: status, body: []byte(body)})
 }
 
-// PushError queues a Matrix error: {"errcode": errcode, "error": msg} plus the extra fields,
-// e.g. 429 with extra {"retry_after_ms": 1500}. An empty errcode is left out, as some servers
-// do. errcode and msg win over the same keys in extra. It panics if extra cannot be encoded.
-func (s *Server) PushError(status int, errcode, msg string, extra map[string]any) {
-	s.enqueue(&item{status: status, body: errorBody(errcode, msg, extra)})
-}
-
-// PushUnknownPos queues 400 {"errcode":"M_UNKNOWN_POS","error":"Unknown position"}, the
-// answer to a pos the server has forgotten.
-func (s *Server) PushUnknownPos() {
-	s.PushError(http.StatusBadRequest, "M_UNKNOWN_POS", "Unknown position", nil)
+// PushError queues a Matrix error with e.StatusCode (zero means 500) and the body
+// {"errcode": e.ErrCode, "error": e.Err} plus e.ExtraData, as mautrix's sentinels build it:
+// for example slidingsync.MUnknownPos.WithMessage("Unknown position") for a pos the server
+// has forgotten, or mautrix.MLimitExceeded.WithExtraField("retry_after_ms", 1500). An empty
+// ErrCode is left out, as some servers do. ErrCode and Err win over the same keys in
+// ExtraData. It panics if ExtraData cannot be encoded.
+func (s *Server) PushError(e mautrix.RespError) {
+	status := e.StatusCode
+	if status == 0 {
+		status = http.StatusInternalServerError
+	}
+	s.enqueue(&item{status: status, body: errorBody(e.ErrCode, e.Err, e.ExtraData)})
 }
 
 // Pending returns how many scripted answers are queued and not yet served.
@@ -378,9 +378,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case s.opts.Protocol.Path():
 		s.serveSync(w, r)
-	case VersionsPath:
+	case versionsPath:
 		s.serveVersions(w, r)
-	case WellKnownPath:
+	case wellKnownPath:
 		s.serveWellKnown(w, r)
 	default:
 		writeJSON(w, http.StatusNotFound, errorBody("M_UNRECOGNIZED", "Unrecognized request", nil))
@@ -398,7 +398,7 @@ func (s *Server) serveVersions(w http.ResponseWriter, r *http.Request) {
 	}
 	features := map[string]bool{}
 	if s.advertise {
-		features[slidingsync.FeatureSimplifiedSlidingSync.UnstableFlag] = true
+		features[simplifiedFeature] = true
 	}
 	writeJSON(w, http.StatusOK, mustJSON(map[string]any{
 		"versions":          []string{"v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"},
@@ -413,7 +413,7 @@ func (s *Server) serveWellKnown(w http.ResponseWriter, r *http.Request) {
 	}
 	body := map[string]any{"m.homeserver": map[string]string{"base_url": s.opts.HomeserverURL}}
 	if s.opts.ProxyURL != "" {
-		body[slidingsync.WellKnownProxyKey] = map[string]string{"url": s.opts.ProxyURL}
+		body[wellKnownProxyKey] = map[string]string{"url": s.opts.ProxyURL}
 	}
 	writeJSON(w, http.StatusOK, mustJSON(body))
 }
@@ -636,7 +636,7 @@ func (s *Server) emptyResponse(idx int) []byte {
 // s.mu.
 func (s *Server) requestPos(idx int) string {
 	rec := &s.reqs[idx]
-	if s.opts.Protocol.PosInQuery() {
+	if s.opts.Protocol != slidingsync.ProtocolV4 {
 		return rec.Query.Get("pos")
 	}
 	if rec.Parsed != nil {
@@ -662,11 +662,11 @@ func (s *Server) notePos(pos string) {
 // except on MSC3575 where the proxy defaults to 10 s.
 func (s *Server) requestTimeout(query url.Values, body []byte) (time.Duration, error) {
 	var ms int64
-	if s.opts.Protocol.PosInQuery() {
+	if s.opts.Protocol != slidingsync.ProtocolV4 {
 		raw := query.Get("timeout")
 		if raw == "" {
 			if s.opts.Protocol == slidingsync.ProtocolMSC3575 {
-				return DefaultMSC3575Timeout, nil
+				return msc3575Timeout, nil
 			}
 			return 0, nil
 		}

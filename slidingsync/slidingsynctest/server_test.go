@@ -34,11 +34,11 @@ type reply struct {
 
 // send makes one request through the server's Transport with the default token.
 func send(ctx context.Context, srv *slidingsynctest.Server, method, path string, query url.Values, body string) reply {
-	return sendAuth(ctx, srv, method, path, query, body, "Bearer "+slidingsynctest.DefaultAccessToken)
+	return sendAuth(ctx, srv, method, path, query, body, "Bearer "+srv.Options().AccessToken)
 }
 
 func sendAuth(ctx context.Context, srv *slidingsynctest.Server, method, path string, query url.Values, body, auth string) reply {
-	u := slidingsynctest.DefaultHomeserverURL + path
+	u := srv.Options().HomeserverURL + path
 	if len(query) > 0 {
 		u += "?" + query.Encode()
 	}
@@ -49,7 +49,7 @@ func sendAuth(ctx context.Context, srv *slidingsynctest.Server, method, path str
 	if auth != "" {
 		req.Header.Set("Authorization", auth)
 	}
-	res, err := (&http.Client{Transport: srv.Transport()}).Do(req)
+	res, err := (&http.Client{Transport: slidingsynctest.HandlerTransport(srv)}).Do(req)
 	if err != nil {
 		return reply{err: err}
 	}
@@ -65,7 +65,7 @@ func syncReq(ctx context.Context, srv *slidingsynctest.Server, timeout string) r
 	if timeout != "" {
 		q.Set("timeout", timeout)
 	}
-	return send(ctx, srv, http.MethodPost, srv.Protocol().Path(), q, `{"lists":{}}`)
+	return send(ctx, srv, http.MethodPost, srv.Options().Protocol.Path(), q, `{"lists":{}}`)
 }
 
 func posOf(t *testing.T, r reply) string {
@@ -90,9 +90,9 @@ func TestFIFO(t *testing.T) {
 	ctx := context.Background()
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 	srv.Push(&slidingsync.Response{Pos: "a"})
-	srv.PushError(http.StatusInternalServerError, "M_UNKNOWN", "boom", nil)
+	srv.PushError(mautrix.MUnknown.WithMessage("boom"))
 	srv.PushJSON(http.StatusOK, `{"pos":"c"}`)
-	srv.PushUnknownPos()
+	srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 	srv.Push(&slidingsync.Response{Pos: "e"})
 	require.Equal(t, 5, srv.Pending())
 
@@ -346,7 +346,7 @@ func TestAuth(t *testing.T) {
 	ctx := context.Background()
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{AccessToken: "secret"})
 	srv.Push(&slidingsync.Response{Pos: "A"})
-	path := srv.Protocol().Path()
+	path := srv.Options().Protocol.Path()
 
 	for _, auth := range []string{"", "Bearer token", "Bearer secret2", "secret"} {
 		r := sendAuth(ctx, srv, http.MethodPost, path, nil, `{}`, auth)
@@ -357,12 +357,12 @@ func TestAuth(t *testing.T) {
 
 	cli := srv.NewClient()
 	cli.AccessToken = "wrong"
-	_, err := cli.MakeFullRequest(ctx, mautrix.FullRequest{Method: http.MethodPost, URL: slidingsynctest.DefaultHomeserverURL + path, RequestJSON: map[string]any{}})
+	_, err := cli.MakeFullRequest(ctx, mautrix.FullRequest{Method: http.MethodPost, URL: srv.Options().HomeserverURL + path, RequestJSON: map[string]any{}})
 	require.ErrorIs(t, err, mautrix.MUnknownToken)
 	// /versions checks a token only when one is sent.
 	_, err = cli.Versions(ctx)
 	require.ErrorIs(t, err, mautrix.MUnknownToken)
-	assert.Equal(t, http.StatusOK, sendAuth(ctx, srv, http.MethodGet, slidingsynctest.VersionsPath, nil, "", "").status)
+	assert.Equal(t, http.StatusOK, sendAuth(ctx, srv, http.MethodGet, "/_matrix/client/versions", nil, "", "").status)
 
 	r := sendAuth(ctx, srv, http.MethodPost, path, nil, `{}`, "Bearer secret")
 	assert.Equal(t, "A", posOf(t, r))
@@ -376,10 +376,10 @@ func TestAuth(t *testing.T) {
 func TestErrorShapes(t *testing.T) {
 	ctx := context.Background()
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
-	srv.PushError(http.StatusTooManyRequests, "M_LIMIT_EXCEEDED", "Too many requests", map[string]any{"retry_after_ms": 1500})
-	srv.PushUnknownPos()
-	srv.PushError(http.StatusBadRequest, "", "HTTP 400 : invalid pos: abc", nil)
-	srv.PushError(http.StatusBadGateway, "M_UNKNOWN", "upstream", map[string]any{"errcode": "ignored", "extra": true})
+	srv.PushError(mautrix.MLimitExceeded.WithMessage("Too many requests").WithExtraField("retry_after_ms", 1500))
+	srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
+	srv.PushError(mautrix.RespError{StatusCode: http.StatusBadRequest, Err: "HTTP 400 : invalid pos: abc"})
+	srv.PushError(mautrix.MUnknown.WithStatus(http.StatusBadGateway).WithMessage("upstream").WithExtraData(map[string]any{"errcode": "ignored", "extra": true}))
 
 	r := syncReq(ctx, srv, "")
 	assert.Equal(t, http.StatusTooManyRequests, r.status)
@@ -395,10 +395,10 @@ func TestErrorShapes(t *testing.T) {
 	assert.JSONEq(t, `{"errcode":"M_UNKNOWN","error":"upstream","extra":true}`, string(r.body))
 
 	// The same shapes as the SDK sees them through mautrix.
-	srv.PushError(http.StatusTooManyRequests, "M_LIMIT_EXCEEDED", "Too many requests", map[string]any{"retry_after_ms": 1500})
-	srv.PushUnknownPos()
+	srv.PushError(mautrix.MLimitExceeded.WithMessage("Too many requests").WithExtraField("retry_after_ms", 1500))
+	srv.PushError(slidingsync.MUnknownPos.WithMessage("Unknown position"))
 	cli := srv.NewClient()
-	syncURL := slidingsynctest.DefaultHomeserverURL + srv.Protocol().Path()
+	syncURL := srv.Options().HomeserverURL + srv.Options().Protocol.Path()
 	_, err := cli.MakeFullRequest(ctx, mautrix.FullRequest{Method: http.MethodPost, URL: syncURL, RequestJSON: map[string]any{}})
 	var httpErr mautrix.HTTPError
 	require.ErrorAs(t, err, &httpErr)
@@ -457,7 +457,7 @@ func TestDiscover(t *testing.T) {
 			srv := slidingsynctest.NewServer(tc.opts)
 			ep, err := slidingsync.Discover(context.Background(), srv.NewClient(), slidingsync.ProtocolAuto)
 			if tc.wantErr {
-				require.ErrorIs(t, err, slidingsync.ErrNoSlidingSync)
+				require.ErrorIs(t, err, slidingsync.ErrNotAdvertised)
 				return
 			}
 			require.NoError(t, err)
@@ -500,7 +500,7 @@ func TestQueryDialectsIgnoreBodyTimeout(t *testing.T) {
 		srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 		srv.IssuePos("", "3")
 		start := time.Now()
-		r := send(t.Context(), srv, http.MethodPost, srv.Protocol().Path(), url.Values{"pos": {"3"}}, `{"timeout":5000}`)
+		r := send(t.Context(), srv, http.MethodPost, srv.Options().Protocol.Path(), url.Values{"pos": {"3"}}, `{"timeout":5000}`)
 		assert.Zero(t, time.Since(start))
 		assert.Equal(t, "3", posOf(t, r), "Synapse keeps the pos of a timeout=0 request with nothing new")
 		assert.Zero(t, srv.Requests()[0].Timeout)
@@ -513,7 +513,7 @@ func TestMethodsAndPaths(t *testing.T) {
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 	srv.Push(&slidingsync.Response{Pos: "A"})
 
-	r := send(ctx, srv, http.MethodGet, srv.Protocol().Path(), nil, "")
+	r := send(ctx, srv, http.MethodGet, srv.Options().Protocol.Path(), nil, "")
 	assert.Equal(t, http.StatusMethodNotAllowed, r.status)
 	assert.Equal(t, "M_UNRECOGNIZED", errcodeOf(t, r))
 	for _, path := range []string{slidingsync.ProtocolV4.Path(), slidingsync.ProtocolMSC3575.Path(), "/_matrix/client/v3/sync", "/"} {
@@ -521,7 +521,7 @@ func TestMethodsAndPaths(t *testing.T) {
 		assert.Equal(t, http.StatusNotFound, r.status, path)
 		assert.Equal(t, "M_UNRECOGNIZED", errcodeOf(t, r), path)
 	}
-	for _, path := range []string{slidingsynctest.VersionsPath, slidingsynctest.WellKnownPath} {
+	for _, path := range []string{"/_matrix/client/versions", "/.well-known/matrix/client"} {
 		r = send(ctx, srv, http.MethodPost, path, nil, "{}")
 		assert.Equal(t, http.StatusMethodNotAllowed, r.status, path)
 		assert.Equal(t, "M_UNRECOGNIZED", errcodeOf(t, r), path)
@@ -538,7 +538,7 @@ func TestRejectsBadRequests(t *testing.T) {
 	ctx := context.Background()
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 	srv.Push(&slidingsync.Response{Pos: "A"})
-	path := srv.Protocol().Path()
+	path := srv.Options().Protocol.Path()
 
 	r := send(ctx, srv, http.MethodPost, path, nil, `{"lists":5}`)
 	assert.Equal(t, http.StatusBadRequest, r.status)
@@ -668,7 +668,7 @@ func TestBehindRealHTTPServer(t *testing.T) {
 	defer ts.Close()
 	srv.Push(&slidingsync.Response{Pos: "A"})
 
-	cli, err := mautrix.NewClient(ts.URL, slidingsynctest.DefaultUserID, slidingsynctest.DefaultAccessToken)
+	cli, err := mautrix.NewClient(ts.URL, srv.Options().UserID, srv.Options().AccessToken)
 	require.NoError(t, err)
 	ep, err := slidingsync.Discover(t.Context(), cli, slidingsync.ProtocolAuto)
 	require.NoError(t, err)
@@ -730,10 +730,10 @@ func TestNewClient(t *testing.T) {
 	assert.Equal(t, slidingsync.ProtocolMSC4186, srv.Options().Protocol)
 
 	def := slidingsynctest.NewServer(slidingsynctest.Options{}).NewClient()
-	assert.Equal(t, slidingsynctest.DefaultUserID, def.UserID)
-	assert.Equal(t, slidingsynctest.DefaultDeviceID, def.DeviceID)
-	assert.Equal(t, slidingsynctest.DefaultAccessToken, def.AccessToken)
-	assert.Equal(t, slidingsynctest.DefaultHomeserverURL, def.HomeserverURL.String())
+	assert.Equal(t, id.UserID("@bot:example.org"), def.UserID)
+	assert.Equal(t, id.DeviceID("BOTDEVICE"), def.DeviceID)
+	assert.Equal(t, "token", def.AccessToken)
+	assert.Equal(t, "https://slidingsynctest.invalid", def.HomeserverURL.String())
 }
 
 func TestNewServerRejectsUnknownProtocol(t *testing.T) {
@@ -748,8 +748,8 @@ func TestServeHTTPDirectly(t *testing.T) {
 	srv.Push(&slidingsync.Response{Pos: "A"})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	req := httptest.NewRequestWithContext(ctx, http.MethodPost, srv.Protocol().Path(), strings.NewReader("{}"))
-	req.Header.Set("Authorization", "Bearer "+slidingsynctest.DefaultAccessToken)
+	req := httptest.NewRequestWithContext(ctx, http.MethodPost, srv.Options().Protocol.Path(), strings.NewReader("{}"))
+	req.Header.Set("Authorization", "Bearer "+srv.Options().AccessToken)
 	w := httptest.NewRecorder()
 	srv.ServeHTTP(w, req)
 	assert.Empty(t, w.Body.Bytes())
@@ -759,8 +759,8 @@ func TestServeHTTPDirectly(t *testing.T) {
 	assert.False(t, reqs[0].Answered)
 	assert.Zero(t, srv.InFlight())
 
-	req = httptest.NewRequest(http.MethodPost, srv.Protocol().Path(), strings.NewReader("{}"))
-	req.Header.Set("Authorization", "Bearer "+slidingsynctest.DefaultAccessToken)
+	req = httptest.NewRequest(http.MethodPost, srv.Options().Protocol.Path(), strings.NewReader("{}"))
+	req.Header.Set("Authorization", "Bearer "+srv.Options().AccessToken)
 	w = httptest.NewRecorder()
 	srv.ServeHTTP(w, req)
 	assert.Equal(t, http.StatusOK, w.Code)
@@ -816,7 +816,7 @@ func TestResponderAnswersWhenQueueIsEmpty(t *testing.T) {
 			req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(
 				`{"lists":{"a":{"ranges":[[0,1]],"required_state":[],"timeline_limit":0},"b":{"ranges":[[0,1]],"required_state":[],"timeline_limit":0}}}`))
 			require.NoError(t, err)
-			req.Header.Set("Authorization", "Bearer "+slidingsynctest.DefaultAccessToken)
+			req.Header.Set("Authorization", "Bearer "+srv.Options().AccessToken)
 			resp, err := cli.Client.Do(req)
 			require.NoError(t, err)
 			defer resp.Body.Close()

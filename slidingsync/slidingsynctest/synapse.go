@@ -37,9 +37,9 @@ const (
 // Synapse's limits on a request (its request model). The Synapse personality refuses a
 // request over them with 400 M_BAD_JSON.
 const (
-	MaxListNameLength = 64   // longest list name
-	MaxLists          = 100  // most lists in one request
-	MaxTimelineLimit  = 1000 // largest timeline_limit
+	maxListNameLength = 64   // longest list name
+	maxLists          = 100  // most lists in one request
+	maxTimelineLimit  = 1000 // largest timeline_limit
 )
 
 // Wire keys of the extensions Synapse knows. It computes one only when the request enabled
@@ -94,13 +94,6 @@ func (s *Server) SetE2EE(st E2EEState) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.e2ee = st.clone()
-}
-
-// E2EE returns what computed answers report about the device's keys now.
-func (s *Server) E2EE() E2EEState {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.e2ee.clone()
 }
 
 // ExpirePositions makes the server forget every connection, as Synapse forgets one unused
@@ -163,20 +156,17 @@ func (s *Server) checkPos(pos, connID string) posStatus {
 	return posForeign
 }
 
-// PushIdle queues the answer the server computes when nothing happened: what a long-poll
-// that runs out gets, computed when it is served. Under the Synapse personality it keeps the
-// pos of the request it answers; under PersonalityPolite it is {"pos": "N"}.
-func (s *Server) PushIdle() {
-	s.enqueue(&item{status: http.StatusOK, idle: true})
-}
-
-// PushKeepPos queues a 200 response served with the pos of the request it answers (a fresh
-// one if that request has none), as Synapse answers when its streams did not move, for
-// instance with one-time key counts that changed meanwhile. resp.Pos is ignored; a nil resp
-// queues a response with only the pos. It panics if resp cannot be encoded.
-func (s *Server) PushKeepPos(resp *slidingsync.Response) {
+// PushIdle queues the answer of a server whose streams did not move. With resp nil it is
+// the answer the server computes when nothing happened, computed when it is served: what a
+// long-poll that runs out gets. Under the Synapse personality it keeps the pos of the
+// request it answers; under PersonalityPolite it is {"pos": "N"}. With resp, resp is served
+// as pushed with the pos of the request it answers (a fresh one if that request has none;
+// resp.Pos is ignored), as Synapse answers when only what its streams do not track changed,
+// for instance one-time key counts. It panics if resp cannot be encoded.
+func (s *Server) PushIdle(resp *slidingsync.Response) {
 	if resp == nil {
-		resp = &slidingsync.Response{}
+		s.enqueue(&item{status: http.StatusOK, idle: true})
+		return
 	}
 	cp := *resp
 	cp.Pos = ""
@@ -190,7 +180,7 @@ func (s *Server) PushKeepPos(resp *slidingsync.Response) {
 // requested range that echoes the range as requested (wider than the list is fine) with the
 // room IDs inside it. When the only range starts at 0 and covers the whole list Synapse does
 // not sort the rooms; this function then lists them in room ID order, an order that has
-// nothing to do with activity. A list without ranges gets the count only. A Responder can
+// nothing to do with activity. A list without ranges gets the count only. A responder can
 // use it to answer lists the way the Synapse personality does.
 func SynapseListResponse(lc slidingsync.ListConfig, rooms []id.RoomID) slidingsync.ListResponse {
 	return knownList{count: len(rooms), rooms: rooms}.response(lc.Ranges)
@@ -241,7 +231,7 @@ func (l *knownList) learn(lr slidingsync.ListResponse) {
 		l.count = lr.Count.Val
 	}
 	for _, op := range lr.Ops {
-		if op.Op != slidingsync.ListOpSync || op.Range == nil || !op.Range.Valid() {
+		if op.Op != slidingsync.ListOpSync || op.Range == nil || op.Range.Start < 0 || op.Range.End < op.Range.Start {
 			continue
 		}
 		for i := op.Range.Start; i <= op.Range.End && i < l.count; i++ {
@@ -362,18 +352,18 @@ func validateSynapseBody(raw map[string]json.RawMessage) (int, []byte) {
 		if p.TimelineLimit == nil || string(p.TimelineLimit) == "null" {
 			problems = append(problems, where+".timeline_limit: field required")
 			missing++
-		} else if n, err := strconv.ParseInt(string(p.TimelineLimit), 10, 64); err == nil && n > MaxTimelineLimit {
-			problems = append(problems, fmt.Sprintf("%s.timeline_limit: must be at most %d", where, MaxTimelineLimit))
+		} else if n, err := strconv.ParseInt(string(p.TimelineLimit), 10, 64); err == nil && n > maxTimelineLimit {
+			problems = append(problems, fmt.Sprintf("%s.timeline_limit: must be at most %d", where, maxTimelineLimit))
 		}
 	}
 	var lists map[string]wireCommonParams
 	_ = json.Unmarshal(raw["lists"], &lists)
-	if len(lists) > MaxLists {
-		problems = append(problems, fmt.Sprintf("lists: at most %d lists", MaxLists))
+	if len(lists) > maxLists {
+		problems = append(problems, fmt.Sprintf("lists: at most %d lists", maxLists))
 	}
 	for _, name := range slices.Sorted(maps.Keys(lists)) {
-		if len(name) > MaxListNameLength {
-			problems = append(problems, fmt.Sprintf("lists.%.16s...: name longer than %d characters", name, MaxListNameLength))
+		if len(name) > maxListNameLength {
+			problems = append(problems, fmt.Sprintf("lists.%.16s...: name longer than %d characters", name, maxListNameLength))
 		}
 		check("lists."+name, lists[name])
 	}
@@ -480,7 +470,7 @@ func (s *Server) e2eeSection(incremental bool, given map[string]json.RawMessage)
 	return out
 }
 
-// shapeResponse turns a Responder's answer into what Synapse's encoder would send: no null
+// shapeResponse turns a responder's answer into what Synapse's encoder would send: no null
 // name or avatar, is_dm only when true, no ops on a list without ranges, only the extensions
 // the request enabled, the e2ee section complete, and rooms and extensions always present. It
 // returns the top-level fields without pos. resp is not modified. Caller holds s.mu.

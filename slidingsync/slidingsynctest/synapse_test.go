@@ -31,7 +31,7 @@ func ssync(ctx context.Context, srv *slidingsynctest.Server, pos, timeout, body 
 	if timeout != "" {
 		q.Set("timeout", timeout)
 	}
-	return send(ctx, srv, http.MethodPost, srv.Protocol().Path(), q, body)
+	return send(ctx, srv, http.MethodPost, srv.Options().Protocol.Path(), q, body)
 }
 
 // decoded returns the JSON object of an answer.
@@ -111,23 +111,23 @@ func TestSynapseTimeoutZeroKeepsPos(t *testing.T) {
 }
 
 // TestSynapsePushedAnswersGetFreshPos: a pushed response is news, so it gets a fresh pos, and
-// PushKeepPos and PushIdle keep the request's.
+// PushIdle, with or without a response, keeps the request's.
 func TestSynapsePushedAnswersGetFreshPos(t *testing.T) {
 	srv := slidingsynctest.NewServer(slidingsynctest.Options{})
 	ctx := context.Background()
 	srv.Push(nil)
 	srv.Push(&slidingsync.Response{})
-	srv.PushKeepPos(&slidingsync.Response{Pos: "ignored", Extensions: map[string]json.RawMessage{"x": json.RawMessage(`{}`)}})
-	srv.PushIdle()
-	srv.PushKeepPos(nil)
+	srv.PushIdle(&slidingsync.Response{Pos: "ignored", Extensions: map[string]json.RawMessage{"x": json.RawMessage(`{}`)}})
+	srv.PushIdle(nil)
+	srv.PushIdle(nil)
 	assert.Equal(t, "1", posOf(t, ssync(ctx, srv, "", "", `{}`)))
 	assert.Equal(t, "2", posOf(t, ssync(ctx, srv, "1", "", `{}`)))
 	r := ssync(ctx, srv, "2", "", `{}`)
-	assert.JSONEq(t, `{"pos":"2","extensions":{"x":{}}}`, string(r.body), "PushKeepPos: served as pushed, with the request's pos")
+	assert.JSONEq(t, `{"pos":"2","extensions":{"x":{}}}`, string(r.body), "PushIdle(resp): served as pushed, with the request's pos")
 	r = ssync(ctx, srv, "2", "", e2eeOn)
 	assert.Equal(t, "2", posOf(t, r))
-	assert.NotNil(t, e2eeOf(t, r), "PushIdle is the computed idle answer")
-	assert.Equal(t, "3", posOf(t, ssync(ctx, srv, "", "", `{}`)), "PushKeepPos without a request pos: a fresh one")
+	assert.NotNil(t, e2eeOf(t, r), "PushIdle(nil) is the computed idle answer")
+	assert.Equal(t, "3", posOf(t, ssync(ctx, srv, "", "", `{}`)), "PushIdle without a request pos: a fresh one")
 }
 
 // TestSynapseForeignPosIsInvalidStreamToken: a pos this server never issued (another
@@ -396,7 +396,6 @@ func TestSynapseE2EESection(t *testing.T) {
 	assert.Equal(t, map[string]any{"signed_curve25519": float64(7)}, sec["device_one_time_keys_count"])
 	assert.Equal(t, []any{"signed_curve25519"}, sec["device_unused_fallback_key_types"], "absent in the served answer: unchanged")
 	assert.Equal(t, map[string]any{"changed": []any{}, "left": []any{}}, sec["device_lists"])
-	assert.Equal(t, 7, srv.E2EE().OneTimeKeyCounts[id.KeyAlgorithmSignedCurve25519])
 
 	// A Responder's section is completed, and dropped when the request did not enable it.
 	srv.SetResponder(func(req *slidingsync.Request) *slidingsync.Response {
@@ -420,7 +419,7 @@ func TestPoliteOptOut(t *testing.T) {
 		r := ssync(t.Context(), srv, "from-a-proxy", "1000", `{"lists":{"a":{"ranges":[[0,1]],"filters":{"spaces":["!s:x"]}}},"extensions":{"e2ee":{"enabled":true}}}`)
 		assert.Equal(t, time.Second, time.Since(start))
 		assert.JSONEq(t, `{"pos":"1"}`, string(r.body))
-		srv.PushIdle()
+		srv.PushIdle(nil)
 		assert.JSONEq(t, `{"pos":"2"}`, string(ssync(t.Context(), srv, "1", "", `{}`).body))
 		srv.ExpirePositions()
 		assert.Equal(t, "3", posOf(t, ssync(t.Context(), srv, "2", "", `{}`)), "nothing expires on a polite server")

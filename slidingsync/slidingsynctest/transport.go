@@ -11,11 +11,6 @@ import (
 	"maunium.net/go/mautrix"
 )
 
-// Transport returns HandlerTransport(s): the server called in-process, without sockets. When
-// a request's context is cancelled while it long-polls, RoundTrip returns the context's error
-// at once and no scripted answer is consumed.
-func (s *Server) Transport() http.RoundTripper { return HandlerTransport(s) }
-
 // HandlerTransport returns an http.RoundTripper that serves every request with h, in the
 // caller's goroutine, whatever the URL's host: a client of a fake homeserver built as an
 // http.Handler needs no listener. It opens no sockets and starts no goroutines, so it works
@@ -102,7 +97,7 @@ func (r *recorder) Write(p []byte) (int, error) {
 }
 
 // NewClient returns a client logged in as Options.UserID and DeviceID with the access token,
-// based at Options.HomeserverURL, sending through Transport. It logs nothing and never
+// based at Options.HomeserverURL, sending through HandlerTransport(s). It logs nothing and never
 // retries by itself (DefaultHTTPRetries 0), so every attempt shows in Requests.
 func (s *Server) NewClient() *mautrix.Client {
 	cli, err := mautrix.NewClient(s.opts.HomeserverURL, s.opts.UserID, s.opts.AccessToken)
@@ -112,7 +107,7 @@ func (s *Server) NewClient() *mautrix.Client {
 	cli.DeviceID = s.opts.DeviceID
 	// No Client.Timeout: callers bound requests with contexts, and a timeout would start a
 	// timer goroutine per request.
-	cli.Client = &http.Client{Transport: s.Transport()}
+	cli.Client = &http.Client{Transport: HandlerTransport(s)}
 	cli.Log = zerolog.Nop()
 	cli.DefaultHTTPRetries = 0
 	return cli

@@ -29,7 +29,7 @@
 // is seen whole or not at all.
 //
 // An update that writes nothing but pos (an idle long-poll, once the extensions have said
-// they have nothing to write: slidingsync.TxnSkipper) is one statement, atomic on its own, with
+// they have nothing to write: their slidingsync.Step carries no Commit) is one statement, atomic on its own, with
 // no transaction; through a lease's guard on SQLite that statement also checks the lease.
 //
 // On SQLite a commit that has begun runs to its end even if its context is cancelled: it is

@@ -40,12 +40,9 @@ type Side interface {
 // Opener opens a new handle on one database; every call sees what earlier handles committed.
 type Opener func(t *testing.T) Opened
 
-// Factory creates an empty database for one test and returns the Opener for it. It may
-// register cleanups on t.
-type Factory func(t *testing.T) Opener
-
-// Run runs the suite as subtests of t.
-func Run(t *testing.T, newDB Factory) {
+// Run runs the suite as subtests of t. newDB creates an empty database for one test and
+// returns the Opener for it; it may register cleanups on t.
+func Run(t *testing.T, newDB func(t *testing.T) Opener) {
 	tests := []struct {
 		name string
 		fn   func(t *testing.T, h *harness)

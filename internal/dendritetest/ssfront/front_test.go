@@ -141,7 +141,7 @@ func TestFront(t *testing.T) {
 	bobFront := frontClient(t, front, bob)
 	versions, err := bobFront.Versions(ctx)
 	require.NoError(t, err)
-	assert.True(t, versions.Supports(slidingsync.FeatureSimplifiedSlidingSync))
+	assert.True(t, versions.Supports(mautrix.UnstableFeature{UnstableFlag: "org.matrix.simplified_msc3575"}))
 
 	// The e2ee section on raw requests: counts always there (0 for bob, who has no keys),
 	// device_lists only on a request with pos; an unknown pos is M_UNKNOWN_POS.
