@@ -894,7 +894,9 @@ func (c *countingConn) Read(p []byte) (int, error) {
 }
 
 func (c *countingConn) Write(p []byte) (int, error) {
+	// Counted before the write: a client that has read an answer finds it counted.
+	c.s.bytesOut.Add(int64(len(p)))
 	n, err := c.Conn.Write(p)
-	c.s.bytesOut.Add(int64(n))
+	c.s.bytesOut.Add(int64(n - len(p)))
 	return n, err
 }
