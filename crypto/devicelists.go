@@ -183,16 +183,16 @@ func (m *Machine) queryInChunks(ctx context.Context, users []id.UserID, gens map
 // devices. A bot shares thousands of rooms with some users but holds outbound sessions in
 // few: only those rooms get a statement, not one per shared room.
 func (m *Machine) discardSessionsWith(ctx context.Context, user id.UserID) error {
-	rooms, err := m.olm.StateStore.FindSharedRooms(ctx, user)
-	if err != nil {
-		return fmt.Errorf("find rooms shared with %s: %w", user, err)
-	} else if len(rooms) == 0 {
-		return nil
-	}
 	rows, err := m.store.DB.Query(ctx, "SELECT room_id FROM crypto_megolm_outbound_session WHERE account_id=$1", m.store.AccountID)
 	held, err := dbutil.NewRowIterWithError(rows, dbutil.ScanSingleColumn[id.RoomID], err).AsList()
 	if err != nil {
 		return fmt.Errorf("list the outbound sessions: %w", err)
+	} else if len(held) == 0 {
+		return nil
+	}
+	rooms, err := m.olm.StateStore.FindSharedRooms(ctx, user)
+	if err != nil {
+		return fmt.Errorf("find rooms shared with %s: %w", user, err)
 	}
 	for _, roomID := range held {
 		if !slices.Contains(rooms, roomID) {
