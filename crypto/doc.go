@@ -55,7 +55,12 @@
 //     keeps private keys for. A count is acted on once: a stale repetition of the same counts
 //     after an upload does not upload again, and a count that a negative report would push
 //     below 0 is taken as 0. When the last upload came less than a minute before a low count,
-//     ShareKeys first asks the server for its real count with an empty /keys/upload. A new
+//     ShareKeys first asks the server for its real count with an empty /keys/upload. Servers
+//     that send counts only when they change cannot report a count the homeserver left out
+//     (the MSC3575 proxy over Dendrite never reports 0): once responses come without counts
+//     and the last count is Config.KeyCountCheck old (1 min), Run asks the server the same
+//     way and tops up from its answer, at most once per period and only while responses
+//     arrive. A server that sends counts in every response (Synapse) is never asked. A new
 //     device uploads its device keys (and one-time keys) on the first Run, whatever the server
 //     reported. An upload that failed (a timeout after which the server may have stored it) is
 //     retried with exactly the same keys before any new key is generated, so the server never

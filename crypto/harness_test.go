@@ -56,6 +56,7 @@ type fakeHS struct {
 
 	mu            sync.Mutex
 	uploads       []json.RawMessage       // every non-empty /keys/upload body
+	countChecks   int                     // empty /keys/upload requests (asking for the counts)
 	queries       [][]id.UserID           // the users of every /keys/query, sorted
 	sent          []json.RawMessage       // /sendToDevice bodies
 	memberFetches int                     // /rooms/{id}/members requests
@@ -85,6 +86,8 @@ func (hs *fakeHS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if hs.failUploads > 0 {
 			hs.failUploads, fail = hs.failUploads-1, http.StatusGatewayTimeout
 		}
+	case strings.HasSuffix(r.URL.Path, "/keys/upload"):
+		hs.countChecks++
 	case strings.HasSuffix(r.URL.Path, "/keys/query"):
 		var q struct {
 			DeviceKeys map[id.UserID][]id.DeviceID `json:"device_keys"`

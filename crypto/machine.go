@@ -25,6 +25,7 @@ import (
 const (
 	defaultMinRetryDelay = time.Second
 	defaultMaxRetryDelay = 5 * time.Minute
+	defaultKeyCountCheck = time.Minute
 )
 
 // Config configures a Machine. The zero value is ready to use.
@@ -46,6 +47,14 @@ type Config struct {
 	// rotation, so that pre-key messages made with it while the new key propagates still
 	// decrypt. Zero means 1 h.
 	FallbackKeyGrace time.Duration
+	// KeyCountCheck is how long Run trusts the last one-time key count while responses come
+	// without one. Servers that send counts only when they change cannot tell an unchanged
+	// count from one the homeserver stopped reporting (the MSC3575 proxy over Dendrite never
+	// reports 0), so once responses without counts arrive and the last count is this old,
+	// Run asks the server with an empty /keys/upload and tops up from its answer. Servers
+	// that send counts in every response (Synapse) never cause a check. Zero means 1 min;
+	// a negative value turns the check off.
+	KeyCountCheck time.Duration
 }
 
 // Machine feeds what the sliding sync e2ee and to_device extensions deliver into mautrix's
@@ -82,6 +91,8 @@ type Machine struct {
 	otkLast    map[id.KeyAlgorithm]int // last counts committed
 	otkPending bool                    // otkLast still has to be acted on
 	otkSeq     uint64                  // bumped whenever otkLast changes
+	countNews  time.Time               // when a response last carried counts, or Run last asked
+	countQuiet bool                    // a response without counts was committed since countNews
 
 	// marksStaged is set by HandleE2EE when it marked users outdated, and turned into
 	// outdatedDirty once the commit is done: Run reads the outdated users only then (and on
@@ -131,6 +142,9 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 	if cfg.FallbackKeyGrace <= 0 {
 		cfg.FallbackKeyGrace = defaultFallbackKeyGrace
 	}
+	if cfg.KeyCountCheck == 0 {
+		cfg.KeyCountCheck = defaultKeyCountCheck
+	}
 	var gacc *goolmaccount.Account
 	if !cfg.DisableFallbackKeys {
 		if gacc = goolmAccount(olm.GetAccount().Internal); gacc == nil {
@@ -150,6 +164,7 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		membersFresh: make(map[id.RoomID]struct{}),
 		keysUp:       make(chan struct{}),
 		keyNext:      make(chan struct{}),
+		countNews:    time.Now(),
 	}
 	m.outdatedDirty.Store(true) // rows left by an earlier run are queried on the first pass
 	m.fallbackDirty.Store(true)
@@ -178,7 +193,10 @@ func (m *Machine) OlmMachine() *mcrypto.OlmMachine { return m.olm }
 // of Run when the commit gave it something to do; it never blocks.
 func (m *Machine) HandleE2EE(_ context.Context, st e2ee.State, d *e2ee.Delta) slidingsync.Step {
 	var written *e2ee.Delta // d, once the Step's Commit wrote it
-	step := slidingsync.Step{After: func(context.Context) { m.committed(st, written) }}
+	step := slidingsync.Step{After: func(context.Context) {
+		m.noteCounts(d.OTKCounts.Set)
+		m.committed(st, written)
+	}}
 	if m.needsRecord(d) {
 		step.Commit = func(ctx context.Context) error {
 			if err := m.record(ctx, d); err != nil {
@@ -254,6 +272,36 @@ func (m *Machine) committed(st e2ee.State, d *e2ee.Delta) {
 	if work {
 		m.wake()
 	}
+}
+
+// noteCounts is told whether a committed response carried one-time key counts. The first
+// response without counts after some with them wakes Run, which then times the count check.
+func (m *Machine) noteCounts(carried bool) {
+	if m.cfg.KeyCountCheck < 0 {
+		return
+	}
+	m.mu.Lock()
+	wake := false
+	if carried {
+		m.countNews, m.countQuiet = time.Now(), false
+	} else if !m.countQuiet {
+		m.countQuiet, wake = true, true
+	}
+	m.mu.Unlock()
+	if wake {
+		m.wake()
+	}
+}
+
+// countCheckAt returns when Run should ask the server for the one-time key count; zero when
+// no check is pending.
+func (m *Machine) countCheckAt() time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.countQuiet {
+		return time.Time{}
+	}
+	return m.countNews.Add(m.cfg.KeyCountCheck)
 }
 
 // lookForWork wakes the goroutine of Run so that it looks for work (outdated device lists, keys to
@@ -341,6 +389,9 @@ func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err err
 		m.fallbackDue = due
 	}
 	next = m.fallbackDue
+	if checkAt := m.countCheckAt(); !checkAt.IsZero() && (next.IsZero() || checkAt.Before(next)) {
+		next = checkAt
+	}
 	if m.outdatedDirty.Swap(false) {
 		again, err = m.refreshOutdated(ctx)
 		if err != nil || again {
@@ -356,8 +407,11 @@ func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err err
 // shareKeys uploads the device keys if they were never uploaded, and one-time keys when the
 // last committed count of signed_curve25519 keys is below half of what the account keeps.
 // Counts that no response carried are never taken for 0, except on the first upload of a new
-// device, which uploads whatever the server reports (nothing reported: assume none).
+// device, which uploads whatever the server reports (nothing reported: assume none). When the
+// count check is due (see Config.KeyCountCheck), it asks the server for its count first.
 func (m *Machine) shareKeys(ctx context.Context) error {
+	checkAt := m.countCheckAt()
+	check := !checkAt.IsZero() && !time.Now().Before(checkAt)
 	m.mu.Lock()
 	seen, pending, seq := m.otkSeen, m.otkPending, m.otkSeq
 	// A negative count from a broken server must not make ShareKeys generate more keys than
@@ -403,6 +457,10 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 			Msg("Uploading the device keys of a new device")
 	case pending && count < half:
 		zerolog.Ctx(ctx).Debug().Int("server_count", count).Msg("Topping up one-time keys")
+	case check:
+		// ShareKeys asks the server for a negative count and tops up from its answer.
+		zerolog.Ctx(ctx).Debug().Int("last_count", count).Msg("Asking the server for the one-time key count that responses left out")
+		count = -1
 	default:
 		m.donePending(seq)
 		return nil
@@ -412,6 +470,11 @@ func (m *Machine) shareKeys(ctx context.Context) error {
 	}
 	m.keysUpOnce.Do(func() { close(m.keysUp) })
 	m.donePending(seq)
+	if check {
+		m.mu.Lock()
+		m.countNews, m.countQuiet = time.Now(), false
+		m.mu.Unlock()
+	}
 	return nil
 }
 

@@ -217,3 +217,113 @@ func TestKeysUploaded(t *testing.T) {
 		t.Fatal("a Machine for a device set up earlier waits for nothing")
 	}
 }
+
+// respond hands the Machine one committed response: the e2ee state st, and a delta that
+// carries st's counts when carried is set.
+func (e *env) respond(st e2ee.State, carried bool) {
+	e.t.Helper()
+	ctx := context.Background()
+	d := &e2ee.Delta{}
+	if carried {
+		d.OTKCounts = slidingsync.Some(st.OTKCounts)
+	}
+	step := e.m.HandleE2EE(ctx, st, d)
+	if step.Commit != nil {
+		require.NoError(e.t, step.Commit(ctx))
+	}
+	step.After(ctx)
+}
+
+func (e *env) countChecks() int {
+	e.hs.mu.Lock()
+	defer e.hs.mu.Unlock()
+	return e.hs.countChecks
+}
+
+// The MSC3575 proxy over Dendrite sends counts only when they change and never a count of 0
+// (Dendrite leaves the map out once no key is left), so after every key was claimed the
+// responses keep coming without counts. Run asks the server once the last count is
+// Config.KeyCountCheck old, tops up from the answer, and asks again one period later only.
+func TestCountCheckTopsUpKeysThatRanOutUnreportedLikeProxyOverDendrite(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		e := newEnv(t, Config{DisableFallbackKeys: true})
+		done := make(chan error, 1)
+		go func() { done <- e.m.Run(ctx) }()
+		synctest.Wait() // the first upload of the device
+		e.respond(counts(50), true)
+		synctest.Wait()
+		e.claimAll()
+
+		// Idle long-polls without counts, 30 s apart: the last count (50) is trusted for a
+		// minute after it came.
+		e.respond(counts(50), false)
+		synctest.Wait()
+		time.Sleep(30 * time.Second)
+		e.respond(counts(50), false)
+		synctest.Wait()
+		held, _, _ := e.hs.srv.KeyCounts(testUser, testDevice)
+		assert.Zero(t, held, "no check before the last count is a minute old")
+		assert.Zero(t, e.countChecks())
+
+		time.Sleep(30 * time.Second)
+		synctest.Wait()
+		assert.Equal(t, 1, e.countChecks(), "one empty /keys/upload once the count is a minute old")
+		held, _, _ = e.hs.srv.KeyCounts(testUser, testDevice)
+		assert.Equal(t, 50, held, "topped up from the server's answer")
+		uploads, _ := e.hs.snapshot()
+		require.Len(t, uploads, 2)
+		assert.Len(t, decodeUpload(t, uploads[1]).OneTimeKeys, 50)
+
+		// Still no counts: the next check comes a minute after this one, not at once.
+		e.respond(counts(50), false)
+		synctest.Wait()
+		time.Sleep(59 * time.Second)
+		synctest.Wait()
+		assert.Equal(t, 1, e.countChecks())
+		time.Sleep(time.Second)
+		synctest.Wait()
+		assert.Equal(t, 2, e.countChecks())
+		uploads, _ = e.hs.snapshot()
+		assert.Len(t, uploads, 2, "the server holds 50: nothing to upload")
+
+		// No responses (a connection that is down): no more checks.
+		time.Sleep(10 * time.Minute)
+		synctest.Wait()
+		assert.Equal(t, 2, e.countChecks())
+		cancel()
+		require.ErrorIs(t, <-done, context.Canceled)
+	})
+}
+
+// Synapse sends the counts in every response, so they are never checked; nor are they with
+// the check turned off.
+func TestCountCheckNeverRunsWhenCountsComeInEveryResponseLikeSynapse(t *testing.T) {
+	for name, tc := range map[string]struct {
+		cfg     Config
+		carried bool
+	}{
+		"counts in every response": {Config{DisableFallbackKeys: true}, true},
+		"check turned off":         {Config{DisableFallbackKeys: true, KeyCountCheck: -1}, false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				ctx, cancel := context.WithCancel(context.Background())
+				e := newEnv(t, tc.cfg)
+				done := make(chan error, 1)
+				go func() { done <- e.m.Run(ctx) }()
+				synctest.Wait() // the first upload of the device
+				for range 20 {
+					e.respond(counts(50), tc.carried)
+					time.Sleep(30 * time.Second)
+					synctest.Wait()
+				}
+				assert.Zero(t, e.countChecks())
+				uploads, _ := e.hs.snapshot()
+				assert.Len(t, uploads, 1, "the device's first upload only")
+				cancel()
+				require.ErrorIs(t, <-done, context.Canceled)
+			})
+		})
+	}
+}
