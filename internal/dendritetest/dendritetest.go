@@ -203,9 +203,6 @@ func launch(bin, dir string, port int) (*Server, error) {
 	return &Server{URL: "http://" + addr, Dir: dir, proc: proc}, nil
 }
 
-// Log returns the tail of the server's log.
-func (s *Server) Log() string { return s.proc.Log() }
-
 // Client returns a mautrix client for this server with no user set.
 func (s *Server) Client(t testing.TB) *mautrix.Client {
 	t.Helper()
