@@ -528,19 +528,25 @@ func timelineHas(conn *slidingsync.Conn, room id.RoomID, evt id.EventID) bool {
 	return false
 }
 
+// startAliceAndBob starts Dendrite and the proxy and registers alice and bob; ctx ends
+// after 3 minutes or with the test.
+func startAliceAndBob(t *testing.T) (ctx context.Context, proxy *proxytest.Proxy, alice, bob *mautrix.Client) {
+	t.Helper()
+	srv, proxy := proxytest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	return ctx, proxy, srv.Register(t, "alice"), srv.Register(t, "bob")
+}
+
 // A Conn configured with the proxy's URL follows a room from invite to join: the proxy sends
 // the invite as invite_state (it has no membership field, unlike MSC4186), then, after the
 // join, the room with its full required state and a timeline that starts at the join. The
 // proxy shows no event from before a user's join: a message sent between the invite and the
-// join is left out, and limited does not say so. Messages after the join come.
-// The e2ee extension then gets the one-time key count of an upload (3), which the proxy passes
-// on from Dendrite's v2 /sync.
+// join is left out, and limited does not say so. Messages after the join come. The e2ee
+// extension then gets the one-time key count of an upload (3), which the proxy passes on from
+// Dendrite's v2 /sync.
 func TestConnThroughProxySeesInviteThenRoomFromItsJoinAndUploadedKeyCount(t *testing.T) {
-	srv, proxy := proxytest.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	alice := srv.Register(t, "alice")
-	bob := srv.Register(t, "bob")
+	ctx, proxy, alice, bob := startAliceAndBob(t)
 
 	conn, rec, _, _ := runConn(t, ctx, bob, proxy, map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
 		Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
@@ -602,11 +608,7 @@ func TestConnThroughProxySeesInviteThenRoomFromItsJoinAndUploadedKeyCount(t *tes
 // one asking from the start of the device's to-device stream, because the proxy deletes
 // what a since acknowledges.
 func TestProxyDeliversToDeviceOnceAndDropsWhatTheCommittedSinceAcknowledges(t *testing.T) {
-	srv, proxy := proxytest.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	alice := srv.Register(t, "alice")
-	bob := srv.Register(t, "bob")
+	ctx, proxy, alice, bob := startAliceAndBob(t)
 
 	conn, rec, store, stop := runConn(t, ctx, bob, proxy, nil)
 	eventually(t, "the first response", func() bool { return conn.Pos() != "" })
@@ -645,11 +647,7 @@ func TestProxyDeliversToDeviceOnceAndDropsWhatTheCommittedSinceAcknowledges(t *t
 // acknowledged it, although pos has moved on; the next_batch that came with it acknowledges
 // it. A client may therefore keep since until it has handled a batch, whatever pos does.
 func TestProxyServesUnacknowledgedToDeviceAgainAfterPosMovedOn(t *testing.T) {
-	srv, proxy := proxytest.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	alice := srv.Register(t, "alice")
-	bob := srv.Register(t, "bob")
+	ctx, proxy, alice, bob := startAliceAndBob(t)
 
 	c := &ssClient{t: t, proxy: proxy.URL, token: bob.AccessToken, http: &http.Client{Timeout: time.Minute}}
 	first := c.mustSync(ctx, "", 0)
