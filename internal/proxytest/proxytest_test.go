@@ -24,7 +24,9 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/crypto"
 	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/internal/dendritetest"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
 	"github.com/sliding-e2ee/sdk/internal/proxytest"
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -530,12 +532,12 @@ func timelineHas(conn *slidingsync.Conn, room id.RoomID, evt id.EventID) bool {
 
 // startAliceAndBob starts Dendrite and the proxy and registers alice and bob; ctx ends
 // after 3 minutes or with the test.
-func startAliceAndBob(t *testing.T) (ctx context.Context, proxy *proxytest.Proxy, alice, bob *mautrix.Client) {
+func startAliceAndBob(t *testing.T) (ctx context.Context, srv *dendritetest.Server, proxy *proxytest.Proxy, alice, bob *mautrix.Client) {
 	t.Helper()
-	srv, proxy := proxytest.Start(t)
+	srv, proxy = proxytest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
-	return ctx, proxy, srv.Register(t, "alice"), srv.Register(t, "bob")
+	return ctx, srv, proxy, srv.Register(t, "alice"), srv.Register(t, "bob")
 }
 
 // A Conn configured with the proxy's URL follows a room from invite to join: the proxy sends
@@ -546,7 +548,7 @@ func startAliceAndBob(t *testing.T) (ctx context.Context, proxy *proxytest.Proxy
 // extension then gets the one-time key count of an upload (3), which the proxy passes on from
 // Dendrite's v2 /sync.
 func TestConnThroughProxySeesInviteThenRoomFromItsJoinAndUploadedKeyCount(t *testing.T) {
-	ctx, proxy, alice, bob := startAliceAndBob(t)
+	ctx, _, proxy, alice, bob := startAliceAndBob(t)
 
 	conn, rec, _, _ := runConn(t, ctx, bob, proxy, map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
 		Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
@@ -603,12 +605,53 @@ func TestConnThroughProxySeesInviteThenRoomFromItsJoinAndUploadedKeyCount(t *tes
 	})
 }
 
+// A Conn asking for the required state a bot asks for by default (crypto.RequiredState
+// without every member: m.room.encryption, m.room.history_visibility and the members of the
+// timeline's senders, $LAZY) gets, for a room it has joined, those state events, the room's
+// name in its own field, and the membership of alice, who writes after bob joined; not that
+// of carol, who joined before bob and has sent nothing since.
+func TestConnThroughProxyGetsEncryptionStateAndLazyMembersOfTimelineSenders(t *testing.T) {
+	ctx, srv, proxy, alice, bob := startAliceAndBob(t)
+	carol := srv.Register(t, "carol")
+	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{
+		Preset: "private_chat",
+		Name:   "lazy members",
+		Invite: []id.UserID{bob.UserID, carol.UserID},
+		InitialState: []*event.Event{{
+			Type:    event.StateEncryption,
+			Content: event.Content{Parsed: &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}},
+		}},
+	})
+	require.NoError(t, err)
+	_, err = carol.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+	_, err = bob.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+
+	conn, _, _, _ := runConn(t, ctx, bob, proxy, map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
+		Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
+		RequiredState: crypto.RequiredState(false),
+		TimelineLimit: 10,
+	}}})
+	sent, err := alice.SendText(ctx, room.RoomID, "after bob joined")
+	require.NoError(t, err)
+	eventually(t, "alice's message", func() bool { return timelineHas(conn, room.RoomID, sent.EventID) })
+
+	rs, _ := conn.Room(room.RoomID)
+	assert.Equal(t, "lazy members", rs.Name)
+	assert.NotNil(t, rs.StateEvent(event.StateEncryption, ""), "m.room.encryption")
+	assert.NotNil(t, rs.StateEvent(event.StateHistoryVisibility, ""), "m.room.history_visibility")
+	assert.NotNil(t, rs.StateEvent(event.StateMember, alice.UserID.String()), "the member who sent a timeline event")
+	assert.Nil(t, rs.StateEvent(event.StateMember, carol.UserID.String()), "not a member who sent none")
+	assert.Nil(t, rs.StateEvent(event.StateCreate, ""), "no state that was not asked for")
+}
+
 // A to-device message reaches the to_device extension once, and the since the Conn commits
 // acknowledges it: a new connection asking from that since gets nothing, and neither does
 // one asking from the start of the device's to-device stream, because the proxy deletes
 // what a since acknowledges.
 func TestProxyDeliversToDeviceOnceAndDropsWhatTheCommittedSinceAcknowledges(t *testing.T) {
-	ctx, proxy, alice, bob := startAliceAndBob(t)
+	ctx, _, proxy, alice, bob := startAliceAndBob(t)
 
 	conn, rec, store, stop := runConn(t, ctx, bob, proxy, nil)
 	eventually(t, "the first response", func() bool { return conn.Pos() != "" })
@@ -647,7 +690,7 @@ func TestProxyDeliversToDeviceOnceAndDropsWhatTheCommittedSinceAcknowledges(t *t
 // acknowledged it, although pos has moved on; the next_batch that came with it acknowledges
 // it. A client may therefore keep since until it has handled a batch, whatever pos does.
 func TestProxyServesUnacknowledgedToDeviceAgainAfterPosMovedOn(t *testing.T) {
-	ctx, proxy, alice, bob := startAliceAndBob(t)
+	ctx, _, proxy, alice, bob := startAliceAndBob(t)
 
 	c := &ssClient{t: t, proxy: proxy.URL, token: bob.AccessToken, http: &http.Client{Timeout: time.Minute}}
 	first := c.mustSync(ctx, "", 0)
