@@ -26,7 +26,7 @@
 // downloading and compiling the proxy's dependencies; with a warm Go build cache it takes
 // about 5 s. The proxy answers about 0.1 to
 // 0.5 s after it starts (its database migrations included). The tests of this package take
-// 20 to 35 s together.
+// about 15 s together.
 //
 // # Observed behaviour of the proxy over Dendrite v0.13.8
 //
