@@ -389,8 +389,9 @@ func requireSyncedOnlyAt(t *testing.T, syncs *syncRecorder, proxy *proxytest.Pro
 // proxyRestart checks that the bot used the proxy, then kills the proxy (SIGKILL) and starts
 // it again on the same port and database. While it is down, alice adds a device, which sends
 // a message under a new megolm session (its room key reaches the bot as a to-device message
-// the bot cannot fetch yet); right after the restart the first device sends another. The bot must get M_UNKNOWN_POS for its old pos, start a new connection, and answer
-// both messages so that every device of alice, the new one included, decrypts the answers.
+// the bot cannot fetch yet); right after the restart the first device sends another. The
+// bot must get M_UNKNOWN_POS for its old pos, start a new connection, and answer both
+// messages so that every device of alice, the new one included, decrypts the answers.
 func proxyRestart(t *testing.T, r *acceptanceRun) {
 	proxy := r.env.proxy
 	requireSyncedOnlyAt(t, r.syncs, proxy)
