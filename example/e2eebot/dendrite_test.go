@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
-	"net/url"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -26,9 +24,9 @@ import (
 	"maunium.net/go/mautrix/id"
 
 	"github.com/sliding-e2ee/sdk/internal/dendritetest"
-	"github.com/sliding-e2ee/sdk/internal/dendritetest/ssfront"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
 	"github.com/sliding-e2ee/sdk/internal/proxytest"
+	"github.com/sliding-e2ee/sdk/slidingsync"
 	"github.com/sliding-e2ee/sdk/slidingsync/sqlstore/dbopen"
 )
 
@@ -89,38 +87,41 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// The acceptance run of the crypto layer against a real homeserver: Dendrite behind a
-// translating sliding sync front, the bot run through the command's own code path (runBot
-// with the options of its flags), and a peer on mautrix's v2 sync with its own OlmMachine.
-// Keys, Olm and megolm sessions and messages are real.
-// It runs once with the bot on SQLite and once on PostgreSQL (-db postgres://...).
-func TestEncryptedEchoAgainstDendrite(t *testing.T) {
-	srv := dendritetest.Start(t)
-	upstream, err := url.Parse(srv.URL)
-	require.NoError(t, err)
-	front := httptest.NewServer(ssfront.New(upstream))
-	t.Cleanup(front.Close)
+// The acceptance run of the crypto layer against real servers: the MSC3575 sliding sync
+// proxy (v0.99.19) in front of Dendrite, the bot run through the command's own code path
+// (runBot with the options of its flags), and a peer on mautrix's v2 sync with its own
+// OlmMachine. Keys, Olm and megolm sessions and messages are real.
+//
+// Here the bot is given the proxy with -sliding-sync-url (which implies -protocol msc3575)
+// and Dendrite advertises no sliding sync at all, so nothing but the option can lead the bot
+// there; every sync request must go to that URL. It runs once with the bot on SQLite and once
+// on PostgreSQL (-db postgres://...), both against one proxy. The proxy never reports a
+// one-time key count of 0 over Dendrite (see internal/proxytest), so for now the run does not
+// wait for a top-up after the keys ran out (zeroCountUnreported).
+func TestEncryptedEchoThroughExplicitProxyOnSQLiteAndPostgres(t *testing.T) {
+	srv, proxy := proxytest.Start(t, dendritetest.WithSlidingSyncProxy(""))
+	_, err := slidingsync.Discover(context.Background(), srv.Client(t), slidingsync.ProtocolAuto)
+	require.ErrorIs(t, err, slidingsync.ErrNotAdvertised, "Dendrite advertises no sliding sync here")
+	env := acceptanceEnv{srv: srv, homeserver: srv.URL, syncURL: proxy.URL, protocol: "auto", proxy: proxy, zeroCountUnreported: true}
 
 	t.Run("sqlite", func(t *testing.T) {
-		acceptance(t, acceptanceEnv{srv: srv, homeserver: front.URL, protocol: "msc4186"}, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
+		acceptance(t, env, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
 	})
 	t.Run("postgres", func(t *testing.T) {
-		acceptance(t, acceptanceEnv{srv: srv, homeserver: front.URL, protocol: "msc4186"}, "pg", pgtest.NewDatabase(t))
+		acceptance(t, env, "pg", pgtest.NewDatabase(t))
 	})
 }
 
-// The same acceptance run through the real MSC3575 sliding sync proxy (v0.99.19) in front of
-// Dendrite, found the way the bot finds it by default: -protocol auto against Dendrite's own
-// URL, whose /versions does not advertise sliding sync and whose .well-known names the proxy.
-// The proxy never reports a one-time key count of 0 over Dendrite and forgets every pos when
-// it restarts (M_UNKNOWN_POS). After the echo and second-device steps (and before the
-// one-time key steps, since a new peer device needs one of the bot's keys) it is killed with
-// SIGKILL and started again on the same port and database; a room key and a new peer device
-// that arrive while it is down, and a message sent right after the restart, must all still
-// be handled.
+// The same acceptance run through the proxy, found the way the bot finds it by default:
+// -protocol auto against Dendrite's own URL, whose /versions does not advertise sliding sync
+// and whose .well-known names the proxy. The proxy forgets every pos when it restarts
+// (M_UNKNOWN_POS). After the echo and second-device steps (and before the one-time key steps,
+// since a new peer device needs one of the bot's keys) it is killed with SIGKILL and started
+// again on the same port and database; a room key and a new peer device that arrive while it
+// is down, and a message sent right after the restart, must all still be handled.
 func TestEncryptedEchoThroughProxyFoundByWellKnownSurvivesProxyRestart(t *testing.T) {
 	srv, proxy := proxytest.Start(t)
-	env := acceptanceEnv{srv: srv, homeserver: srv.URL, protocol: "auto", proxy: proxy, zeroCountUnreported: true}
+	env := acceptanceEnv{srv: srv, homeserver: srv.URL, protocol: "auto", proxy: proxy, restartProxy: true, zeroCountUnreported: true}
 	t.Run("sqlite", func(t *testing.T) {
 		acceptance(t, env, "sqlite", filepath.Join(t.TempDir(), "bot.db"))
 	})
@@ -130,10 +131,13 @@ func TestEncryptedEchoThroughProxyFoundByWellKnownSurvivesProxyRestart(t *testin
 type acceptanceEnv struct {
 	srv        *dendritetest.Server
 	homeserver string // the bot's -homeserver
+	syncURL    string // the bot's -sliding-sync-url; empty: none
 	protocol   string // the bot's -protocol
-	// proxy, when set, is the MSC3575 proxy the bot should find and use; the run then also
-	// checks that the bot's sync requests went there and restarts the proxy (proxyRestart).
+	// proxy is the MSC3575 proxy in front of srv: every sliding sync request of the bot must
+	// go there.
 	proxy *proxytest.Proxy
+	// restartProxy kills and restarts the proxy in the middle of the run (proxyRestart).
+	restartProxy bool
 	// zeroCountUnreported says that the bot is never told that its one-time keys ran out.
 	zeroCountUnreported bool
 }
@@ -222,7 +226,7 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	room := resp.RoomID
 	run.room = room
 
-	opts := options{homeserver: env.homeserver, user: botReg.UserID.String(), password: botPassword, db: dbPath, protocol: env.protocol}
+	opts := options{homeserver: env.homeserver, syncURL: env.syncURL, user: botReg.UserID.String(), password: botPassword, db: dbPath, protocol: env.protocol}
 	startBot := func() (stop func()) {
 		botCtx, botCancel := context.WithCancel(zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).
 			With().Str("side", "bot").Logger().WithContext(context.Background()))
@@ -289,7 +293,7 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	// Each device decrypts on its own sync: the first may be a moment behind the second.
 	run.waitEchoEverywhere(t, "second message")
 
-	if env.proxy != nil {
+	if env.restartProxy {
 		proxyRestart(t, run)
 	}
 
@@ -337,6 +341,7 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	_, err = alice.SendText(ctx, room, "third message")
 	require.NoError(t, err)
 	waitFor(t, "the echo of the third message", func() bool { return peer1.received("echo: third message") })
+	requireSyncedOnlyAt(t, run.syncs, env.proxy)
 	if env.zeroCountUnreported {
 		// KNOWN GAP: the proxy never reports a count of 0 over Dendrite (see internal/proxytest)
 		// and the crypto Machine acts on reported counts only, so the bot does not top up
@@ -372,17 +377,25 @@ func serverOTKCount(t *testing.T, ctx context.Context, srv *dendritetest.Server,
 	return resp.OneTimeKeyCounts.SignedCurve25519
 }
 
-// proxyRestart checks that the bot used the proxy it discovered, then kills the proxy
-// (SIGKILL) and starts it again on the same port and database. While it is down, alice adds a
-// device, which sends a message under a new megolm session (its room key reaches the bot as a
-// to-device message the bot cannot fetch yet); right after the restart the first device sends
-// another. The bot must get M_UNKNOWN_POS for its old pos, start a new connection, and answer
-// both messages so that every device of alice, the new one included, decrypts the answers.
+// requireSyncedOnlyAt checks that the bot's sliding sync requests so far went to the proxy,
+// at least one of them successfully, and none elsewhere.
+func requireSyncedOnlyAt(t *testing.T, syncs *syncRecorder, proxy *proxytest.Proxy) {
+	t.Helper()
+	syncPath := proxy.URL + "/_matrix/client/unstable/org.matrix.msc3575/sync"
+	require.NotZero(t, syncs.count(syncPath, http.StatusOK), "the bot synced through the proxy")
+	require.Zero(t, syncs.otherSyncs(syncPath), "the bot sent no sync request elsewhere")
+}
+
+// proxyRestart checks that the bot used the proxy, then kills the proxy (SIGKILL) and starts
+// it again on the same port and database. While it is down, alice adds a device, which sends
+// a message under a new megolm session (its room key reaches the bot as a to-device message
+// the bot cannot fetch yet); right after the restart the first device sends another. The
+// bot must get M_UNKNOWN_POS for its old pos, start a new connection, and answer both
+// messages so that every device of alice, the new one included, decrypts the answers.
 func proxyRestart(t *testing.T, r *acceptanceRun) {
 	proxy := r.env.proxy
+	requireSyncedOnlyAt(t, r.syncs, proxy)
 	syncPath := proxy.URL + "/_matrix/client/unstable/org.matrix.msc3575/sync"
-	require.NotZero(t, r.syncs.count(syncPath, http.StatusOK), "the bot synced through the proxy named by .well-known")
-	require.Zero(t, r.syncs.otherSyncs(syncPath), "the bot sent no sync request elsewhere")
 
 	proxy.Kill(t)
 	down := r.newPeer(t)

@@ -112,9 +112,9 @@ type settings struct {
 // WithSlidingSyncProxy makes Dendrite advertise a sliding sync proxy at proxyURL: its
 // /.well-known/matrix/client then names the server itself as m.homeserver (its own loopback
 // URL) and proxyURL under "org.matrix.msc3575.proxy" (Dendrite's
-// global.well_known_client_name and global.well_known_sliding_sync_proxy). Without it Dendrite
-// serves no .well-known/matrix/client. The proxy need not run yet: Dendrite only passes the
-// URL on.
+// global.well_known_client_name and global.well_known_sliding_sync_proxy). Without it, or
+// with an empty proxyURL, Dendrite serves no .well-known/matrix/client. The proxy need not
+// run yet: Dendrite only passes the URL on.
 func WithSlidingSyncProxy(proxyURL string) Option {
 	return func(s *settings) { s.slidingSyncProxy = proxyURL }
 }
@@ -202,9 +202,6 @@ func launch(bin, dir string, port int) (*Server, error) {
 	}
 	return &Server{URL: "http://" + addr, Dir: dir, proc: proc}, nil
 }
-
-// Log returns the tail of the server's log.
-func (s *Server) Log() string { return s.proc.Log() }
 
 // Client returns a mautrix client for this server with no user set.
 func (s *Server) Client(t testing.TB) *mautrix.Client {

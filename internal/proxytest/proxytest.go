@@ -127,7 +127,9 @@ type Proxy struct {
 }
 
 // Start starts a fresh Dendrite (dendritetest.Start with opts) that advertises the proxy in
-// its /.well-known/matrix/client, then the proxy in front of it: on a free 127.0.0.1 port,
+// its /.well-known/matrix/client (opts come after that setting, so
+// dendritetest.WithSlidingSyncProxy("") among them leaves the proxy unadvertised, for clients
+// given its URL), then the proxy in front of it: on a free 127.0.0.1 port,
 // with its own fresh database on the PostgreSQL server of pgtest (the test binary must call
 // pgtest.Main from TestMain). It returns once both answer, and stops both when the test ends.
 // Without a proxy binary, a Dendrite binary or PostgreSQL the test is skipped with a message
@@ -151,7 +153,7 @@ func Start(t testing.TB, opts ...dendritetest.Option) (*dendritetest.Server, *Pr
 		t.Fatalf("proxytest: %v", err)
 	}
 	addr := l.Addr().String()
-	srv := dendritetest.Start(t, append(opts, dendritetest.WithSlidingSyncProxy("http://"+addr))...)
+	srv := dendritetest.Start(t, append([]dendritetest.Option{dendritetest.WithSlidingSyncProxy("http://" + addr)}, opts...)...)
 	db := pgtest.NewDatabase(t)
 	p := &Proxy{
 		URL:      "http://" + addr,

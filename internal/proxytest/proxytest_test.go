@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +24,9 @@ import (
 	"maunium.net/go/mautrix/event"
 	"maunium.net/go/mautrix/id"
 
+	"github.com/sliding-e2ee/sdk/crypto"
+	"github.com/sliding-e2ee/sdk/e2ee"
+	"github.com/sliding-e2ee/sdk/internal/dendritetest"
 	"github.com/sliding-e2ee/sdk/internal/pgtest"
 	"github.com/sliding-e2ee/sdk/internal/proxytest"
 	"github.com/sliding-e2ee/sdk/slidingsync"
@@ -394,4 +398,320 @@ func contains(users []id.UserID, u id.UserID) bool {
 		}
 	}
 	return false
+}
+
+// toDevice returns the to_device section of the response: its next_batch and its events.
+func (r *ssResponse) toDevice(t *testing.T) (nextBatch string, events []json.RawMessage) {
+	t.Helper()
+	raw := r.Extensions["to_device"]
+	if raw == nil {
+		return "", nil
+	}
+	var td struct {
+		NextBatch string            `json:"next_batch"`
+		Events    []json.RawMessage `json:"events"`
+	}
+	require.NoError(t, json.Unmarshal(raw, &td))
+	return td.NextBatch, td.Events
+}
+
+// sendToDevice sends one to-device message of a test type from `from` to dev of `to`.
+func sendToDevice(t *testing.T, ctx context.Context, from *mautrix.Client, to id.UserID, dev id.DeviceID, n int) {
+	t.Helper()
+	_, err := from.SendToDevice(ctx, event.Type{Type: "org.example.proxy_test", Class: event.ToDeviceEventType}, &mautrix.ReqSendToDevice{
+		Messages: map[id.UserID]map[id.DeviceID]*event.Content{to: {dev: {Raw: map[string]any{"n": n}}}},
+	})
+	require.NoError(t, err)
+}
+
+// eventually polls cond every 50 ms for up to 60 s (the proxy may take up to its 30 s v2
+// long-poll to pass something on).
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// recorder is the Consumer and to-device handler of a Conn under test: it keeps what the
+// extensions handed over and the e2ee state once committed.
+type recorder struct {
+	mu        sync.Mutex
+	toDevice  []*event.Event
+	responses int
+	state     e2ee.State // committed
+}
+
+func (r *recorder) HandleE2EE(_ context.Context, st e2ee.State, _ *e2ee.Delta) slidingsync.Step {
+	return slidingsync.Step{After: func(context.Context) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.state = st
+	}}
+}
+
+func (r *recorder) handleToDevice(_ context.Context, evts []*event.Event) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.toDevice = append(r.toDevice, evts...)
+	return nil
+}
+
+func (r *recorder) onResponse(context.Context, *slidingsync.Result) (slidingsync.Step, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.responses++
+	return slidingsync.Step{}, nil
+}
+
+func (r *recorder) committed() e2ee.State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.state
+}
+
+func (r *recorder) counts() (toDevice, responses int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.toDevice), r.responses
+}
+
+// runConn runs a slidingsync.Conn of cli's device against the proxy, configured explicitly
+// (msc3575 at the proxy's URL), with the e2ee and to_device extensions feeding a recorder
+// and the given lists. stop ends Run and waits for it; it is also called when the test ends.
+func runConn(t *testing.T, ctx context.Context, cli *mautrix.Client, proxy *proxytest.Proxy, lists map[string]slidingsync.List) (conn *slidingsync.Conn, rec *recorder, store slidingsync.Store, stop func()) {
+	t.Helper()
+	rec = &recorder{}
+	exts, release, err := e2ee.New(cli.UserID, cli.DeviceID, e2ee.Config{Consumer: rec, ToDevice: rec.handleToDevice})
+	require.NoError(t, err)
+	store = slidingsync.NewMemoryStore()
+	conn, err = slidingsync.New(cli, slidingsync.Config{
+		Protocol:    slidingsync.ProtocolMSC3575,
+		BaseURL:     proxy.URL,
+		Store:       store,
+		Lists:       lists,
+		Extensions:  exts,
+		OnResponse:  rec.onResponse,
+		PollTimeout: time.Second,
+		MinBackoff:  50 * time.Millisecond,
+		MaxBackoff:  time.Second,
+	})
+	require.NoError(t, err)
+	runCtx, cancel := context.WithCancel(ctx)
+	runErr := make(chan error, 1)
+	go func() { runErr <- conn.Run(runCtx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			assert.ErrorIs(t, <-runErr, context.Canceled)
+			release()
+		})
+	}
+	t.Cleanup(stop)
+	return conn, rec, store, stop
+}
+
+// timelineHas reports whether the Conn's timeline of room holds evt.
+func timelineHas(conn *slidingsync.Conn, room id.RoomID, evt id.EventID) bool {
+	rs, ok := conn.Room(room)
+	if !ok {
+		return false
+	}
+	for _, e := range rs.Timeline {
+		if e.ID == evt {
+			return true
+		}
+	}
+	return false
+}
+
+// startAliceAndBob starts Dendrite and the proxy and registers alice and bob; ctx ends
+// after 3 minutes or with the test.
+func startAliceAndBob(t *testing.T) (ctx context.Context, srv *dendritetest.Server, proxy *proxytest.Proxy, alice, bob *mautrix.Client) {
+	t.Helper()
+	srv, proxy = proxytest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	return ctx, srv, proxy, srv.Register(t, "alice"), srv.Register(t, "bob")
+}
+
+// A Conn configured with the proxy's URL follows a room from invite to join: the proxy sends
+// the invite as invite_state (it has no membership field, unlike MSC4186), then, after the
+// join, the room with its full required state and a timeline that starts at the join. The
+// proxy shows no event from before a user's join: a message sent between the invite and the
+// join is left out, and limited does not say so. Messages after the join come. The e2ee
+// extension then gets the one-time key count of an upload (3), which the proxy passes on from
+// Dendrite's v2 /sync.
+func TestConnThroughProxySeesInviteThenRoomFromItsJoinAndUploadedKeyCount(t *testing.T) {
+	ctx, _, proxy, alice, bob := startAliceAndBob(t)
+
+	conn, rec, _, _ := runConn(t, ctx, bob, proxy, map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
+		Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
+		RequiredState: slidingsync.RequiredState{Include: []slidingsync.StateFilter{{Type: "*", StateKey: "*"}}},
+		TimelineLimit: 20,
+	}}})
+	eventually(t, "the first response", func() bool { return conn.Pos() != "" })
+
+	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{Preset: "private_chat", Invite: []id.UserID{bob.UserID}, Name: "proxy test"})
+	require.NoError(t, err)
+	eventually(t, "the invite", func() bool {
+		rs, ok := conn.Room(room.RoomID)
+		return ok && len(rs.InviteState) > 0
+	})
+	rs, _ := conn.Room(room.RoomID)
+	assert.Equal(t, "proxy test", rs.Name)
+	assert.Empty(t, rs.Membership, "no membership field on MSC3575")
+
+	before, err := alice.SendText(ctx, room.RoomID, "before the join")
+	require.NoError(t, err)
+	_, err = bob.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+	after, err := alice.SendText(ctx, room.RoomID, "after the join")
+	require.NoError(t, err)
+	eventually(t, "the joined room with the message sent after the join", func() bool {
+		return timelineHas(conn, room.RoomID, after.EventID)
+	})
+	rs, _ = conn.Room(room.RoomID)
+	assert.Empty(t, rs.InviteState, "the join replaced the invite")
+	assert.NotNil(t, rs.StateEvent(event.StateCreate, ""), "full state after the join")
+	assert.NotNil(t, rs.StateEvent(event.StateMember, alice.UserID.String()))
+	own := rs.StateEvent(event.StateMember, bob.UserID.String())
+	require.NotNil(t, own)
+	c := own.Content // shared with the Conn's state: parse a copy
+	require.NoError(t, c.ParseRaw(event.StateMember))
+	assert.Equal(t, event.MembershipJoin, c.AsMember().Membership)
+	assert.Equal(t, "proxy test", rs.Name)
+	require.NotEmpty(t, rs.Timeline)
+	assert.Equal(t, own.ID, rs.Timeline[0].ID, "the timeline starts at the join event")
+	assert.False(t, timelineHas(conn, room.RoomID, before.EventID), "no event from before the join")
+	assert.False(t, rs.Limited, "the left-out message is not signalled")
+	ls, ok := conn.List("all")
+	require.True(t, ok)
+	assert.Equal(t, 1, ls.Count)
+	assert.Equal(t, []id.RoomID{room.RoomID}, ls.Rooms)
+
+	uploadKeys(t, ctx, bob, 3)
+	// An upload need not end the proxy's 30 s v2 long-poll of bob's device; a message does.
+	_, err = alice.SendText(ctx, room.RoomID, "wake")
+	require.NoError(t, err)
+	eventually(t, "a count of 3", func() bool {
+		n, known := rec.committed().OTKCount(id.KeyAlgorithmSignedCurve25519)
+		return known && n == 3
+	})
+}
+
+// A Conn asking for the required state a bot asks for by default (crypto.RequiredState
+// without every member: m.room.encryption, m.room.history_visibility and the members of the
+// timeline's senders, $LAZY) gets, for a room it has joined, those state events, the room's
+// name in its own field, and the membership of alice, who writes after bob joined; not that
+// of carol, who joined before bob and has sent nothing since.
+func TestConnThroughProxyGetsEncryptionStateAndLazyMembersOfTimelineSenders(t *testing.T) {
+	ctx, srv, proxy, alice, bob := startAliceAndBob(t)
+	carol := srv.Register(t, "carol")
+	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{
+		Preset: "private_chat",
+		Name:   "lazy members",
+		Invite: []id.UserID{bob.UserID, carol.UserID},
+		InitialState: []*event.Event{{
+			Type:    event.StateEncryption,
+			Content: event.Content{Parsed: &event.EncryptionEventContent{Algorithm: id.AlgorithmMegolmV1}},
+		}},
+	})
+	require.NoError(t, err)
+	_, err = carol.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+	_, err = bob.JoinRoomByID(ctx, room.RoomID)
+	require.NoError(t, err)
+
+	conn, _, _, _ := runConn(t, ctx, bob, proxy, map[string]slidingsync.List{"all": {ListConfig: slidingsync.ListConfig{
+		Ranges:        []slidingsync.Range{{Start: 0, End: 19}},
+		RequiredState: crypto.RequiredState(false),
+		TimelineLimit: 10,
+	}}})
+	sent, err := alice.SendText(ctx, room.RoomID, "after bob joined")
+	require.NoError(t, err)
+	eventually(t, "alice's message", func() bool { return timelineHas(conn, room.RoomID, sent.EventID) })
+
+	rs, _ := conn.Room(room.RoomID)
+	assert.Equal(t, "lazy members", rs.Name)
+	assert.NotNil(t, rs.StateEvent(event.StateEncryption, ""), "m.room.encryption")
+	assert.NotNil(t, rs.StateEvent(event.StateHistoryVisibility, ""), "m.room.history_visibility")
+	assert.NotNil(t, rs.StateEvent(event.StateMember, alice.UserID.String()), "the member who sent a timeline event")
+	assert.Nil(t, rs.StateEvent(event.StateMember, carol.UserID.String()), "not a member who sent none")
+	assert.Nil(t, rs.StateEvent(event.StateCreate, ""), "no state that was not asked for")
+}
+
+// A to-device message reaches the to_device extension once, and the since the Conn commits
+// acknowledges it: a new connection asking from that since gets nothing, and neither does
+// one asking from the start of the device's to-device stream, because the proxy deletes
+// what a since acknowledges.
+func TestProxyDeliversToDeviceOnceAndDropsWhatTheCommittedSinceAcknowledges(t *testing.T) {
+	ctx, _, proxy, alice, bob := startAliceAndBob(t)
+
+	conn, rec, store, stop := runConn(t, ctx, bob, proxy, nil)
+	eventually(t, "the first response", func() bool { return conn.Pos() != "" })
+	sendToDevice(t, ctx, alice, bob.UserID, bob.DeviceID, 1)
+	eventually(t, "the to-device message", func() bool { n, _ := rec.counts(); return n >= 1 })
+	_, atReceipt := rec.counts()
+	// Two more responses: the request after the one that carried the message sent its
+	// next_batch as since.
+	eventually(t, "two more responses", func() bool { _, r := rec.counts(); return r >= atReceipt+2 })
+	stop()
+	n, _ := rec.counts()
+	assert.Equal(t, 1, n, "the to-device message arrives once")
+	rec.mu.Lock()
+	assert.Equal(t, "org.example.proxy_test", rec.toDevice[0].Type.Type)
+	assert.Equal(t, alice.UserID, rec.toDevice[0].Sender)
+	rec.mu.Unlock()
+
+	cp, err := store.Load(ctx, conn.Key())
+	require.NoError(t, err)
+	var committed struct{ Since string }
+	require.NoError(t, json.Unmarshal(cp.Extensions["to_device"], &committed))
+	require.NotEmpty(t, committed.Since)
+	c := &ssClient{t: t, proxy: proxy.URL, token: bob.AccessToken, http: &http.Client{Timeout: time.Minute}, toSince: committed.Since}
+	fresh := c.mustSync(ctx, "", 0)
+	_, events := fresh.toDevice(t)
+	assert.Empty(t, events, "nothing after the committed since")
+	// From the start of the device's to-device stream ("0", the next_batch of its first
+	// response) too: the proxy deleted the message when the committed since came.
+	c.toSince = "0"
+	fresh = c.mustSync(ctx, "", 0)
+	_, events = fresh.toDevice(t)
+	assert.Empty(t, events, "the acknowledged message is gone")
+}
+
+// The proxy serves a to-device message again for the same since while the client has not
+// acknowledged it, although pos has moved on; the next_batch that came with it acknowledges
+// it. A client may therefore keep since until it has handled a batch, whatever pos does.
+func TestProxyServesUnacknowledgedToDeviceAgainAfterPosMovedOn(t *testing.T) {
+	ctx, _, proxy, alice, bob := startAliceAndBob(t)
+
+	c := &ssClient{t: t, proxy: proxy.URL, token: bob.AccessToken, http: &http.Client{Timeout: time.Minute}}
+	first := c.mustSync(ctx, "", 0)
+	since, _ := first.toDevice(t)
+	t.Logf("first to_device section: %s", first.Extensions["to_device"])
+	sendToDevice(t, ctx, alice, bob.UserID, bob.DeviceID, 1)
+	c.toSince = since
+	got, _ := c.pollUntil(ctx, first.Pos, "the to-device message", func(r *ssResponse) bool {
+		c.toSince = since // not acknowledged: every poll sends the first since again
+		_, evts := r.toDevice(t)
+		return len(evts) == 1
+	})
+	next, _ := got.toDevice(t)
+
+	c.toSince = since
+	again := c.mustSync(ctx, got.Pos, 0)
+	_, evts := again.toDevice(t)
+	assert.Len(t, evts, 1, "not acknowledged: served again after pos moved on")
+
+	c.toSince = next
+	acked := c.mustSync(ctx, again.Pos, 0)
+	_, evts = acked.toDevice(t)
+	assert.Empty(t, evts, "acknowledged: not served again")
 }
