@@ -52,7 +52,7 @@
 //     without a count after the last key is claimed. An empty /keys/upload to Dendrite does
 //     answer with the real count ({"one_time_key_counts":{}}, which means 0). A client that
 //     acts on reported counts only never tops up its keys through this pair after they ran
-//     out.
+//     out; crypto.Config.KeyCountCheck is the SDK's answer.
 //   - After a restart every pos issued before it gets 400
 //     {"error":"HTTP 400 : session expired","errcode":"M_UNKNOWN_POS"}. The first response of
 //     the new connection repeats the last count the proxy stored (2 in the test, although the
