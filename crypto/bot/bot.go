@@ -28,6 +28,10 @@ import (
 // defaultKeyWait is what a zero Config.KeyWait means.
 const defaultKeyWait = time.Hour
 
+// defaultKeyRequestDelay is what a zero Config.KeyRequestDelay means: mautrix's cryptohelper
+// on /sync asks after the same wait.
+const defaultKeyRequestDelay = 3 * time.Second
+
 // ErrNotRunning is returned by what needs the stores that Run opens (encryption, decryption,
 // sends under an idempotency key) when Run is not running.
 var ErrNotRunning = errors.New("bot: Helper is not running")
@@ -60,6 +64,13 @@ type Config struct {
 	// KeyWait is how long an encrypted event waits for its room key before it is given up
 	// (and passed to OnDecryptionError). Zero means 1 h.
 	KeyWait time.Duration
+	// KeyRequestDelay is how long an encrypted event waits for its room key before the bot
+	// asks the device that sent the event for it (m.room_key_request), once per room key and
+	// Run. A sender that shared the key with the bot answers with it, which recovers a room
+	// key whose to-device message was lost. The bot's own other devices are not asked: an
+	// unverified one would answer m.room_key.withheld, which gives the event up. Zero means
+	// 3 s; negative means never.
+	KeyRequestDelay time.Duration
 	// OnDecryptionError is called, from the dispatching goroutine, with an event that could
 	// not be decrypted and was given up. Nil means such events are only logged.
 	OnDecryptionError func(ctx context.Context, evt *event.Event, err error)
@@ -142,6 +153,9 @@ func New(cli *mautrix.Client, cfg Config) (*Helper, error) {
 	}
 	if cfg.KeyWait <= 0 {
 		cfg.KeyWait = defaultKeyWait
+	}
+	if cfg.KeyRequestDelay == 0 {
+		cfg.KeyRequestDelay = defaultKeyRequestDelay
 	}
 	h := &Helper{cli: cli, cfg: cfg, syncer: cfg.Syncer, ready: make(chan struct{})}
 	if h.syncer == nil {
@@ -272,7 +286,7 @@ func (h *Helper) run(ctx context.Context, db, botDB *dbutil.Database, store slid
 	}
 	defer release()
 	in := &inbox{h: h, db: botDB, mach: mach, account: accountKey(h.cli), created: sess.created,
-		wake: make(chan struct{}, 1), responded: make(chan struct{})}
+		wake: make(chan struct{}, 1), responded: make(chan struct{}), requested: map[id.SessionID]bool{}}
 	if err := in.start(ctx); err != nil {
 		return err
 	}

@@ -209,6 +209,46 @@ func TestEventWaitsForItsRoomKey(t *testing.T) {
 	assert.Equal(t, []string{"echo: before its key"}, f.replies(ctx, 1, 30*time.Second))
 }
 
+// A room key whose to-device message is lost (a server that dropped it, a wedged Olm session)
+// never arrives by itself: the bot asks the device that sent the events for it, once for the
+// session however many events wait on it, and the sender's mautrix OlmMachine, which shared
+// the key with the bot's device, forwards it. Without the request both messages would wait
+// for Config.KeyWait (an hour) and be given up.
+func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
+	ctx, logs := testCtx(t)
+	var mu sync.Mutex
+	var requests []minihs.Event
+	f := newFixture(t, minihs.Options{Observer: func(ev minihs.Event) {
+		if ev.Kind == minihs.KindSendToDevice && ev.EventType == event.ToDeviceRoomKeyRequest.Type {
+			mu.Lock()
+			requests = append(requests, ev)
+			mu.Unlock()
+		}
+	}})
+	r := f.start(ctx, f.client(), Config{KeyRequestDelay: 100 * time.Millisecond}, nil)
+	f.waitJoined(ctx, r)
+
+	release := f.srv.HoldToDevice()
+	for _, body := range []string{"first", "second"} {
+		_, err := f.alice.SendEncrypted(ctx, f.room, body)
+		require.NoError(t, err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	require.NoError(t, f.srv.WaitFor(wctx, func() bool {
+		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
+	}), "the bot saw a message without its key")
+	bot, dev, _ := f.srv.Bot()
+	require.Positive(t, f.srv.DropToDevice(bot, dev), "the room key was queued for the bot")
+	release()
+
+	assert.ElementsMatch(t, []string{"echo: first", "echo: second"}, f.replies(ctx, 2, 30*time.Second))
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, requests, 1, "one request for the one session both messages need")
+	assert.Equal(t, []id.UserID{f.alice.UserID}, requests[0].Users, "the sender is asked, not the bot's own devices")
+}
+
 // The server stores a reply and loses its answer, and does not deduplicate transaction IDs
 // (Dendrite after a lost answer): the bot looks for its own event by transaction ID before
 // sending again, so every message is answered exactly once.

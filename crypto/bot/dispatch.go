@@ -29,6 +29,10 @@ type item struct {
 	waiting bool         // waits for its room key
 	tries   int          // failed attempts (an invite's join)
 	nextTry time.Time    // not before, after a failed attempt
+
+	// The room key a waiting event needs, and when to ask its sender for it (zero: asked).
+	roomKey  *event.EncryptedEventContent
+	askAfter time.Time
 }
 
 // load reads the pending inbox rows after seq, in order.
@@ -141,8 +145,12 @@ func (in *inbox) pass(ctx context.Context, queue []*item, keys bool) (kept []*it
 		}
 		kept = append(kept, it)
 		if it.waiting {
+			in.requestKey(ctx, it, now)
 			waiting = true
 			next = earliest(next, it.queuedAt.Add(in.h.cfg.KeyWait))
+			if !it.askAfter.IsZero() {
+				next = earliest(next, it.askAfter)
+			}
 		} else if !it.nextTry.IsZero() {
 			next = earliest(next, it.nextTry)
 		}
@@ -220,8 +228,12 @@ func (in *inbox) handle(ctx context.Context, it *item) (done bool, err error) {
 		}
 		if !it.waiting {
 			log.Debug().Msg("Waiting for the room key of an encrypted event")
+			it.waiting = true
+			it.roomKey = cp.Content.AsEncrypted()
+			if in.h.cfg.KeyRequestDelay > 0 {
+				it.askAfter = it.queuedAt.Add(in.h.cfg.KeyRequestDelay)
+			}
 		}
-		it.waiting = true
 		return false, nil
 	}
 	if err != nil {
@@ -230,6 +242,34 @@ func (in *inbox) handle(ctx context.Context, it *item) (done bool, err error) {
 	it.waiting = false
 	dec.Mautrix.EventSource = cp.Mautrix.EventSource
 	return in.dispatch(ctx, it, dec)
+}
+
+// requestKey asks the device that sent a waiting event for its room key once the event has
+// waited Config.KeyRequestDelay, unless this Run already asked for that key. A failed request
+// is tried again after another delay.
+func (in *inbox) requestKey(ctx context.Context, it *item, now time.Time) {
+	if it.askAfter.IsZero() || now.Before(it.askAfter) {
+		return
+	}
+	it.askAfter = time.Time{}
+	if in.requested[it.roomKey.SessionID] {
+		return
+	}
+	device := it.roomKey.DeviceID
+	if device == "" {
+		device = "*" // recent clients leave device_id out of their Megolm events
+	}
+	log := zerolog.Ctx(ctx).With().Stringer("room_id", it.roomID).Stringer("session_id", it.roomKey.SessionID).
+		Stringer("sender", it.evt.Sender).Stringer("sender_device", device).Logger()
+	err := in.mach.OlmMachine().SendRoomKeyRequest(ctx, it.roomID, it.roomKey.SenderKey, it.roomKey.SessionID, "",
+		map[id.UserID][]id.DeviceID{it.evt.Sender: {device}})
+	if err != nil {
+		log.Warn().Err(err).Msg("Asking for the room key of a waiting event failed")
+		it.askAfter = now.Add(in.h.cfg.KeyRequestDelay)
+		return
+	}
+	log.Info().Msg("Asked the sender's device for the room key of a waiting event")
+	in.requested[it.roomKey.SessionID] = true
 }
 
 // undecryptable gives an event up.

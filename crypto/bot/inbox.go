@@ -53,6 +53,8 @@ type inbox struct {
 	invitedMu sync.Mutex
 	invited   map[id.RoomID]bool // rooms with an invite row
 
+	requested map[id.SessionID]bool // room keys asked for in this Run; the dispatcher's only
+
 	wake      chan struct{} // a commit queued events
 	responded chan struct{} // closed when the first response arrives
 	firstOnce sync.Once

@@ -325,7 +325,7 @@ func (s *Server) sendToDevice(w http.ResponseWriter, r *http.Request, who devRef
 	}
 	s.notifyLocked()
 	writeJSON(w, http.StatusOK, map[string]any{})
-	ev = &Event{Kind: KindSendToDevice, EventType: evtType}
+	ev = &Event{Kind: KindSendToDevice, EventType: evtType, Users: users}
 }
 
 // UploadRejections returns how many key uploads were rejected because a one-time key ID
@@ -407,6 +407,20 @@ func (s *Server) PendingToDevice(user id.UserID, dev id.DeviceID) int {
 		return len(d.toDevice)
 	}
 	return 0
+}
+
+// DropToDevice deletes the to-device messages queued for a device without delivering them, as
+// when a sender's room key is lost on its way, and returns how many there were.
+func (s *Server) DropToDevice(user id.UserID, dev id.DeviceID) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.devices[user][dev]
+	if d == nil {
+		return 0
+	}
+	n := len(d.toDevice)
+	d.toDevice = nil
+	return n
 }
 
 // peekToDevice returns the messages queued for a device without deleting them.

@@ -41,7 +41,8 @@ type Event struct {
 	AllKnown bool
 	// Rooms is how many room entries a sync response carried; BodyBytes its body size.
 	Rooms, BodyBytes int
-	// Users: device_lists.changed of a sync response, or the users of a key query.
+	// Users: device_lists.changed of a sync response, the users of a key query, or the
+	// recipients of a sendToDevice.
 	Users []id.UserID
 	// DeviceKeys, OTKs and Fallback describe a key upload.
 	DeviceKeys bool
