@@ -200,6 +200,8 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	drop := &keyDropper{}
+	alice.Client = &http.Client{Timeout: alice.Client.Timeout, Transport: drop}
 	peer1 := newPeerDevice(t, ctx, alice, botReg.UserID)
 	run := &acceptanceRun{env: env, ctx: ctx, bot: botReg.UserID, alice: alice, peerPassword: peerPassword,
 		peers: []*peerDevice{peer1}, syncs: &syncRecorder{}}
@@ -356,6 +358,73 @@ func acceptance(t *testing.T, env acceptanceEnv, name, dbPath string) {
 	ok, err := signatures.VerifySignatureJSON(topped, botReg.UserID, botDevice.String(), dev.SigningKey)
 	require.NoError(t, err)
 	require.True(t, ok, "the topped-up one-time key carries a valid signature")
+
+	// 5. The room key of a new session never reaches the bot: the peer's encrypted to-device
+	// message for the bot's device is dropped on its way to the server. The bot asks the
+	// peer's device for the key (Config.KeyRequestDelay); the peer's OlmMachine, which shared
+	// the session with the bot's device, forwards it over Dendrite and the proxy, and the bot
+	// answers the message.
+	require.NoError(t, peer1.helper.Machine().CryptoStore.RemoveOutboundGroupSession(ctx, room))
+	drop.arm(botReg.UserID, botDevice)
+	_, err = alice.SendText(ctx, room, "room key lost on its way")
+	require.NoError(t, err)
+	require.True(t, drop.dropped(), "the new session's room key was sent to the bot's device, and dropped")
+	run.waitEchoEverywhere(t, "room key lost on its way")
+}
+
+// keyDropper is a peer's transport that, once armed, removes one device's message from the
+// next encrypted sendToDevice (a room key share) and forwards the rest: a to-device message
+// lost on its way, which nothing on the server can replay.
+type keyDropper struct {
+	mu     sync.Mutex
+	user   id.UserID
+	device id.DeviceID
+	done   bool
+}
+
+func (d *keyDropper) arm(user id.UserID, device id.DeviceID) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.user, d.device, d.done = user, device, false
+}
+
+func (d *keyDropper) dropped() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.done
+}
+
+func (d *keyDropper) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.Method != http.MethodPut || !strings.Contains(req.URL.Path, "/sendToDevice/"+event.ToDeviceEncrypted.Type+"/") {
+		return http.DefaultTransport.RoundTrip(req) // the peer's long-polls pass unlocked
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.user == "" || d.done {
+		return http.DefaultTransport.RoundTrip(req)
+	}
+	var body struct {
+		Messages map[id.UserID]map[id.DeviceID]json.RawMessage `json:"messages"`
+	}
+	raw, err := io.ReadAll(req.Body)
+	req.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(raw, &body); err != nil {
+		return nil, err
+	}
+	if _, ok := body.Messages[d.user][d.device]; ok {
+		delete(body.Messages[d.user], d.device)
+		d.done = true
+		if raw, err = json.Marshal(body); err != nil {
+			return nil, err
+		}
+	}
+	req = req.Clone(req.Context())
+	req.Body = io.NopCloser(bytes.NewReader(raw))
+	req.ContentLength = int64(len(raw))
+	return http.DefaultTransport.RoundTrip(req)
 }
 
 // serverOTKCount asks the server how many signed_curve25519 one-time keys the device of token
