@@ -70,6 +70,7 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 	var queue []*item
 	after := int64(math.MinInt64)
 	load, keys := true, false
+	var pruned time.Time
 	for {
 		// Taken before any decryption is tried: a key committed from now on closes it.
 		keyCommitted := in.mach.RoomKeyCommitted()
@@ -89,6 +90,7 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 		if queue, next, waiting, err = in.pass(ctx, queue, keys); err != nil {
 			return err
 		}
+		pruned = in.pruneIfDue(ctx, pruned)
 		var timer <-chan time.Time
 		var t *time.Timer
 		if !next.IsZero() {
@@ -137,7 +139,7 @@ func (in *inbox) pass(ctx context.Context, queue []*item, keys bool) (kept []*it
 				log.Warn().Err(err).Stringer("room_id", it.roomID).Int("tries", it.tries).Msg("Dispatching an event failed; retrying")
 			}
 			if done {
-				if _, err := in.db.Exec(ctx, `UPDATE ssbot_inbox SET done=true WHERE account=$1 AND event_key=$2`, in.account, it.key); err != nil {
+				if _, err := in.db.Exec(ctx, `UPDATE ssbot_inbox SET done=true, event='' WHERE account=$1 AND event_key=$2`, in.account, it.key); err != nil {
 					return nil, time.Time{}, false, fmt.Errorf("bot: mark %s done: %w", it.key, err)
 				}
 				continue

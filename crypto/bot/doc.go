@@ -87,8 +87,16 @@
 // # What is persisted
 //
 // In the database of Config.DB: the session (ssbot_session), the inbox of events to
-// dispatch and the outbox of sends (ssbot_inbox, ssbot_outbox; handled rows are kept, so an
-// event the server sends again is recognised), the sliding sync connection (package sqlstore),
-// mautrix's state and crypto stores and package crypto's tables. The database driver
-// packages are registered by importing this package (it opens paths with dbopen).
+// dispatch and the outbox of sends (ssbot_inbox, ssbot_outbox), the sliding sync connection
+// (package sqlstore), mautrix's state and crypto stores and package crypto's tables. The
+// database driver packages are registered by importing this package (it opens paths with
+// dbopen).
+//
+// The inbox and outbox stay bounded. A handled event keeps only its key, and the dispatcher
+// (when Run starts, then at most hourly) deletes each room's handled events beyond its newest
+// 50: a server sends a room's newest events again only up to the bot's timeline limit of 5
+// (a connection that starts afresh, a room back in the window), and a limited timeline is
+// filled back to the newest event the inbox knows, so a deleted event is never dispatched
+// again. Outbox rows are deleted 7 days after their first attempt unless their event is
+// still pending; so WithIdempotencyKey's guarantee lasts 7 days.
 package bot

@@ -88,7 +88,7 @@ func IdempotencyKey(ctx context.Context) string {
 // WithIdempotencyKey returns a context under which the client's room sends are exactly once
 // as a handler's are (see the package documentation), keyed by key: code outside handlers
 // that repeats its sends after a crash with the same key gets the event IDs of the sends
-// that happened instead of sending again.
+// that happened instead of sending again, for 7 days after a send's first attempt.
 func WithIdempotencyKey(ctx context.Context, key string) context.Context {
 	sum := sha256.Sum256([]byte("user\x00" + key))
 	return withDispatch(ctx, newDispatch("ssu"+hex.EncodeToString(sum[:12])))
