@@ -142,3 +142,44 @@ func TestRunPrunesAndKeepsNoHandledContent(t *testing.T) {
 		return len(columnOf(t, db, `SELECT event_key FROM ssbot_inbox WHERE room_id=$1`, quiet)) == keepPerRoom
 	}), "the restarted bot pruned the room's oldest handled events")
 }
+
+// BenchmarkPrune prunes an inbox of 1 000 rooms with 60 handled events each (10 000 rows to
+// delete) and 1 000 old sends on SQLite: the dispatcher does this, at most hourly, between
+// two events.
+func BenchmarkPrune(b *testing.B) {
+	const rooms, perRoom = 1000, keepPerRoom + 10
+	db, err := dbopen.Open(filepath.Join(b.TempDir(), "bot.db"), dbopen.Config{})
+	require.NoError(b, err)
+	defer db.Close()
+	db = db.Child(versionTableName, upgradeTable, nil)
+	require.NoError(b, db.Upgrade(b.Context()))
+	const account = "@bot:example.org|BOT"
+	in := &inbox{db: db, account: account}
+	old := time.Now().Add(-2 * outboxRetention).UnixMilli()
+	for range b.N {
+		b.StopTimer()
+		require.NoError(b, db.DoTxn(b.Context(), nil, func(ctx context.Context) error {
+			seq := int64(0)
+			for r := range rooms {
+				room := fmt.Sprintf("!r%04d:example.org", r)
+				for i := range perRoom {
+					seq++
+					if _, err := db.Exec(ctx, `INSERT INTO ssbot_inbox (account, event_key, room_id, event, seq, queued_at, done)
+						VALUES ($1, $2, $3, '', $4, 0, true) ON CONFLICT DO NOTHING`, account, fmt.Sprintf("$%d-%d", r, i), room, seq); err != nil {
+						return err
+					}
+				}
+				if _, err := db.Exec(ctx, `INSERT INTO ssbot_outbox (account, txn_id, room_id, first_try) VALUES ($1, $2, $3, $4)
+					ON CONFLICT DO NOTHING`, account, eventKey(fmt.Sprintf("$%d-0", r))+".0", room, old); err != nil {
+					return err
+				}
+			}
+			return nil
+		}))
+		b.StartTimer()
+		events, sends, err := in.prune(b.Context(), time.Now())
+		require.NoError(b, err)
+		require.EqualValues(b, rooms*10, events)
+		require.EqualValues(b, rooms, sends)
+	}
+}
