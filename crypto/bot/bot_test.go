@@ -3,6 +3,8 @@ package bot
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -211,9 +213,10 @@ func TestEventWaitsForItsRoomKey(t *testing.T) {
 
 // A room key whose to-device message is lost (a server that dropped it, a wedged Olm session)
 // never arrives by itself: the bot asks the device that sent the events for it, once for the
-// session however many events wait on it, and the sender's mautrix OlmMachine, which shared
-// the key with the bot's device, forwards it. Without the request both messages would wait
-// for Config.KeyWait (an hour) and be given up.
+// session however many events wait on it (again after a 502 on the way, not after a refusal),
+// and the sender's mautrix OlmMachine, which shared the key with the bot's device, forwards
+// it. Without the request both messages would wait for Config.KeyWait (an hour) and be given
+// up.
 func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
 	ctx, logs := testCtx(t)
 	var mu sync.Mutex
@@ -225,7 +228,10 @@ func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
 			mu.Unlock()
 		}
 	}})
-	r := f.start(ctx, f.client(), Config{KeyRequestDelay: 100 * time.Millisecond}, nil)
+	cli := f.client()
+	gateway := &requestFaults{next: http.DefaultTransport, status: []int{http.StatusBadGateway}}
+	cli.Client = &http.Client{Transport: gateway}
+	r := f.start(ctx, cli, Config{KeyRequestDelay: 100 * time.Millisecond}, nil)
 	f.waitJoined(ctx, r)
 
 	release := f.srv.HoldToDevice()
@@ -247,6 +253,70 @@ func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
 	defer mu.Unlock()
 	require.Len(t, requests, 1, "one request for the one session both messages need")
 	assert.Equal(t, []id.UserID{f.alice.UserID}, requests[0].Users, "the sender is asked, not the bot's own devices")
+	assert.EqualValues(t, 2, gateway.attempts.Load(), "the request that met a 502 was made again")
+}
+
+// A refused request for a room key (a 4xx) is not made again: the server would refuse it
+// again.
+func TestRefusedRoomKeyRequestIsNotRepeated(t *testing.T) {
+	ctx, logs := testCtx(t)
+	f := newFixture(t, minihs.Options{})
+	cli := f.client()
+	refusing := &requestFaults{next: http.DefaultTransport, status: []int{http.StatusForbidden, http.StatusForbidden}}
+	cli.Client = &http.Client{Transport: refusing}
+	r := f.start(ctx, cli, Config{KeyRequestDelay: 50 * time.Millisecond}, nil)
+	f.waitJoined(ctx, r)
+
+	// Two sessions lose their keys, one after the other: the second request comes after the
+	// first was refused, late enough that a repeat of the first (100 ms after its refusal)
+	// would come before it.
+	bot, dev, _ := f.srv.Bot()
+	release := f.srv.HoldToDevice()
+	defer release()
+	for i, body := range []string{"first", "second"} {
+		require.NoError(t, f.alice.Olm.CryptoStore.RemoveOutboundGroupSession(ctx, f.room))
+		_, err := f.alice.SendEncrypted(ctx, f.room, body)
+		require.NoError(t, err)
+		require.Positive(t, f.srv.DropToDevice(bot, dev), "the room key was queued for the bot")
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		require.NoError(t, f.srv.WaitFor(wctx, func() bool { return refusing.attempts.Load() >= int32(i+1) }),
+			"the request for session %d", i+1)
+		cancel()
+		time.Sleep(300 * time.Millisecond) // past a repeat of the refused request
+	}
+	assert.EqualValues(t, 2, refusing.attempts.Load(), "each refused request was made once")
+	assert.Equal(t, 2, strings.Count(logs.String(), "The server refused the request for the room key"))
+}
+
+// requestFaults answers the bot's room key requests with the given statuses, in turn, and
+// passes them on once the statuses run out; every other request passes.
+type requestFaults struct {
+	next     http.RoundTripper
+	mu       sync.Mutex
+	status   []int
+	attempts atomic.Int32
+}
+
+func (f *requestFaults) RoundTrip(req *http.Request) (*http.Response, error) {
+	if !strings.Contains(req.URL.Path, "/sendToDevice/"+event.ToDeviceRoomKeyRequest.Type+"/") {
+		return f.next.RoundTrip(req)
+	}
+	f.attempts.Add(1)
+	f.mu.Lock()
+	var status int
+	if len(f.status) > 0 {
+		status, f.status = f.status[0], f.status[1:]
+	}
+	f.mu.Unlock()
+	if status == 0 {
+		return f.next.RoundTrip(req)
+	}
+	body := `{"errcode":"M_UNKNOWN","error":"scripted"}`
+	if status == http.StatusForbidden {
+		body = `{"errcode":"M_FORBIDDEN","error":"scripted"}`
+	}
+	return &http.Response{StatusCode: status, Header: http.Header{"Content-Type": {"application/json"}},
+		Body: io.NopCloser(strings.NewReader(body)), Request: req}, nil
 }
 
 // The server stores a reply and loses its answer, and does not deduplicate transaction IDs

@@ -186,10 +186,8 @@ func (in *inbox) handle(ctx context.Context, it *item) (done bool, err error) {
 	if strings.HasPrefix(it.key, invitePrefix) {
 		if in.h.cfg.AutoJoin {
 			_, err := in.h.cli.JoinRoomByID(ctx, it.roomID)
-			var httpErr mautrix.HTTPError
 			switch {
-			case errors.As(err, &httpErr) && httpErr.Response != nil && httpErr.Response.StatusCode < http.StatusInternalServerError &&
-				httpErr.Response.StatusCode != http.StatusTooManyRequests:
+			case refused(err):
 				log.Warn().Err(err).Msg("Could not join a room the bot was invited to")
 			case err != nil:
 				return false, fmt.Errorf("join: %w", err)
@@ -247,14 +245,14 @@ func (in *inbox) handle(ctx context.Context, it *item) (done bool, err error) {
 }
 
 // requestKey asks the device that sent a waiting event for its room key once the event has
-// waited Config.KeyRequestDelay, unless this Run already asked for that key. A failed request
-// is tried again after another delay.
+// waited Config.KeyRequestDelay, unless this Run already asked for that key. A request that
+// failed is made again with a backoff (up to 10 min); one the server refused is not.
 func (in *inbox) requestKey(ctx context.Context, it *item, now time.Time) {
 	if it.askAfter.IsZero() || now.Before(it.askAfter) {
 		return
 	}
 	it.askAfter = time.Time{}
-	if in.requested[it.roomKey.SessionID] {
+	if in.requested[it.roomKey.SessionID] || it.roomKey.SessionID == "" || it.evt.Sender == "" {
 		return
 	}
 	device := it.roomKey.DeviceID
@@ -265,13 +263,26 @@ func (in *inbox) requestKey(ctx context.Context, it *item, now time.Time) {
 		Stringer("sender", it.evt.Sender).Stringer("sender_device", device).Logger()
 	err := in.mach.OlmMachine().SendRoomKeyRequest(ctx, it.roomID, it.roomKey.SenderKey, it.roomKey.SessionID, "",
 		map[id.UserID][]id.DeviceID{it.evt.Sender: {device}})
-	if err != nil {
-		log.Warn().Err(err).Msg("Asking for the room key of a waiting event failed")
-		it.askAfter = now.Add(in.h.cfg.KeyRequestDelay)
+	if refused(err) {
+		log.Warn().Err(err).Msg("The server refused the request for the room key of a waiting event")
+		in.requested[it.roomKey.SessionID] = true // asking again would be refused again
+		return
+	} else if err != nil {
+		it.tries++
+		it.askAfter = now.Add(min(in.h.cfg.KeyRequestDelay<<min(it.tries, 6), 10*time.Minute))
+		log.Warn().Err(err).Int("tries", it.tries).Msg("Asking for the room key of a waiting event failed; retrying")
 		return
 	}
 	log.Info().Msg("Asked the sender's device for the room key of a waiting event")
 	in.requested[it.roomKey.SessionID] = true
+}
+
+// refused reports whether err is the server's refusal of a request (a 4xx other than 429),
+// which a retry would meet again.
+func refused(err error) bool {
+	var httpErr mautrix.HTTPError
+	return errors.As(err, &httpErr) && httpErr.Response != nil && httpErr.Response.StatusCode >= http.StatusBadRequest &&
+		httpErr.Response.StatusCode < http.StatusInternalServerError && httpErr.Response.StatusCode != http.StatusTooManyRequests
 }
 
 // undecryptable gives an event up.
