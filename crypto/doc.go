@@ -74,7 +74,9 @@
 //     and lose the key. A message from an acknowledged batch is recognised by mautrix's
 //     message hashes and skipped. A message that does not decrypt (bad ciphertext, unknown
 //     session) or carries an unusable key is logged and skipped, so one peer cannot block the
-//     queue. Each message is decrypted twice, once to learn which key it carries (mautrix
+//     queue; when mautrix finds the Olm session with its sender wedged, Run opens a new one
+//     (an m.dummy on it) under the lock every other use of the Olm account holds (New sets
+//     the OlmMachine's NeedsUnwedgeCallback unless the caller set one). Each message is decrypted twice, once to learn which key it carries (mautrix
 //     does not return it), then for real. Once the transaction that stored a room key has
 //     committed, [Machine.RoomKeyCommitted] is closed ([Machine.WaitForRoomKey] waits on it):
 //     mautrix's own session-received signal fires inside that transaction, and for the

@@ -100,7 +100,8 @@ type Machine struct {
 	marksStaged   atomic.Bool
 	outdatedDirty atomic.Bool
 
-	membersFresh map[id.RoomID]struct{} // rooms whose member list was fetched since the last limited timeline
+	membersFresh map[id.RoomID]struct{}     // rooms whose member list was fetched since the last limited timeline
+	unwedge      map[id.SenderKey]id.UserID // guarded by mu: devices whose Olm session is wedged, for Run
 
 	fb fallbackCache // guarded by mu
 	// fallbackDirty is set when the fallback key row may have changed since Run last read it;
@@ -165,6 +166,9 @@ func New(cli *mautrix.Client, olm *mcrypto.OlmMachine, cfg Config) (*Machine, er
 		keysUp:       make(chan struct{}),
 		keyNext:      make(chan struct{}),
 		countNews:    time.Now(),
+	}
+	if olm.NeedsUnwedgeCallback == nil {
+		olm.NeedsUnwedgeCallback = m.needsUnwedge
 	}
 	m.outdatedDirty.Store(true) // rows left by an earlier run are queried on the first pass
 	m.fallbackDirty.Store(true)
@@ -320,8 +324,9 @@ func (m *Machine) wake() {
 }
 
 // Run does the Machine's network work until ctx is done: it uploads the device keys on the
-// first run of a new device, tops up one-time keys when the committed counts are low, and
-// fetches the device lists of outdated users, retrying failures with exponential backoff. It
+// first run of a new device, tops up one-time keys when the committed counts are low, opens a
+// new Olm session with a device whose session is wedged, and fetches the device lists of
+// outdated users, retrying failures with exponential backoff. It
 // returns context.Cause(ctx) once its work has stopped, or slidingsync.ErrAlreadyRunning.
 func (m *Machine) Run(ctx context.Context) error {
 	if !m.running.CompareAndSwap(false, true) {
@@ -378,6 +383,7 @@ func (m *Machine) work(ctx context.Context) (again bool, next time.Time, err err
 	if err := m.shareKeys(ctx); err != nil {
 		return false, time.Time{}, fmt.Errorf("upload keys: %w", err)
 	}
+	m.unwedgeDevices(ctx)
 	// The fallback key row is read only when it may have changed or timed work is due, not
 	// after every commit.
 	if m.fallbackDirty.Swap(false) || (!m.fallbackDue.IsZero() && !time.Now().Before(m.fallbackDue)) {
@@ -520,4 +526,33 @@ func (m *Machine) donePending(seq uint64) {
 		m.otkPending = false
 	}
 	m.mu.Unlock()
+}
+
+// needsUnwedge is the OlmMachine's NeedsUnwedgeCallback: mautrix found the Olm session with a
+// device wedged (a message on it does not decrypt). Left to mautrix, a new session and an
+// m.dummy on it would be made on a goroutine of its own, without the account lock, so that
+// HandleToDevice could restore the new session's state over the m.dummy's ratchet step. Run
+// does it instead.
+func (m *Machine) needsUnwedge(_ context.Context, sender id.UserID, senderKey id.SenderKey) {
+	m.mu.Lock()
+	if m.unwedge == nil {
+		m.unwedge = make(map[id.SenderKey]id.UserID)
+	}
+	m.unwedge[senderKey] = sender
+	m.mu.Unlock()
+	m.wake()
+}
+
+// unwedgeDevices opens a new Olm session with each device found wedged, under the account
+// lock. mautrix logs a failure and does not try that device again for an hour.
+func (m *Machine) unwedgeDevices(ctx context.Context) {
+	m.mu.Lock()
+	due := m.unwedge
+	m.unwedge = nil
+	m.mu.Unlock()
+	for key, sender := range due {
+		m.acctMu.Lock()
+		m.olm.UnwedgeDevice(ctx, sender, key)
+		m.acctMu.Unlock()
+	}
 }

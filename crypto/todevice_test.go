@@ -259,3 +259,53 @@ func TestHandleToDeviceWithheldStoreFailure(t *testing.T) {
 	_, err := bot.store.GetGroupSession(ctx, room, "withheld")
 	assert.ErrorIs(t, err, mcrypto.ErrGroupSessionWithheld)
 }
+
+// A normal Olm message on a session the bot lost (a restore from an older backup) cannot be
+// decrypted, and mautrix asks to unwedge the session: a new session and an m.dummy on it. The
+// Machine does that in Run, under the account lock every other use of the Olm account holds,
+// not on a goroutine of mautrix's: nothing is sent while Run does not run. The sender
+// decrypts the m.dummy, and its next room key reaches the bot on the new session.
+func TestWedgedSessionIsUnwedgedByRun(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		bot := newEnv(t, Config{})
+		sender := newEnvAs(t, Config{}, "@sender:example.org", "SENDERDEV")
+		require.NoError(t, bot.m.shareKeys(ctx))
+		require.NoError(t, sender.m.shareKeys(ctx))
+		const room id.RoomID = "!room:example.org"
+
+		_, raw := shareRoomKey(t, sender, room)
+		bot.deliver(sender.cli.UserID, raw)
+		sender.deliver(bot.cli.UserID, sendOlm(t, bot, sender, event.ToDeviceDummy, &event.DummyEventContent{}))
+		_, err := bot.db.Exec(ctx, `DELETE FROM crypto_olm_session WHERE sender_key=$1`, sender.olm.GetAccount().IdentityKey())
+		require.NoError(t, err)
+
+		lost, raw := shareRoomKey(t, sender, room)
+		require.Equal(t, id.OlmMsgTypeMsg, bot.olmType(raw), "a message on the session the bot lost")
+		sends := func() int {
+			bot.hs.mu.Lock()
+			defer bot.hs.mu.Unlock()
+			return len(bot.hs.sent)
+		}
+		before := sends()
+		bot.deliver(sender.cli.UserID, raw)
+		synctest.Wait()
+		assert.False(t, bot.hasRoomKey(room, lost.ID()))
+		assert.Equal(t, before, sends(), "nothing is sent before Run")
+
+		done := make(chan error, 1)
+		go func() { done <- bot.m.Run(ctx) }()
+		synctest.Wait()
+		dummy := bot.hs.lastSent(t, sender.cli.UserID, sender.cli.DeviceID)
+		require.Equal(t, id.OlmMsgTypePreKey, sender.olmType(dummy), "a new session")
+		time.Sleep(time.Minute) // fake time: mautrix encrypts on the session last decrypted from
+		sender.deliver(bot.cli.UserID, dummy)
+
+		again, raw := shareRoomKey(t, sender, room)
+		bot.deliver(sender.cli.UserID, raw)
+		assert.True(t, bot.hasRoomKey(room, again.ID()), "the sender's next room key decrypts")
+		cancel()
+		require.ErrorIs(t, <-done, context.Canceled)
+	})
+}

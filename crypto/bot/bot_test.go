@@ -256,6 +256,38 @@ func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
 	assert.EqualValues(t, 2, gateway.attempts.Load(), "the request that met a 502 was made again")
 }
 
+// A wedged Olm session (the bot lost its copy, as after a restore from an older backup)
+// makes the next room key from alice undecryptable: the bot opens a new Olm session with her
+// device (mautrix's unwedging: a new session and an m.dummy on it), asks her device for the
+// key after Config.KeyRequestDelay, and her OlmMachine forwards it on the new session, so the
+// message is answered.
+func TestWedgedOlmSessionRecoversTheRoomKey(t *testing.T) {
+	ctx, logs := testCtx(t)
+	f := newFixture(t, minihs.Options{})
+	cfg := Config{KeyRequestDelay: time.Second}
+	r := f.start(ctx, f.client(), cfg, nil)
+	f.waitJoined(ctx, r)
+	_, err := f.alice.SendEncrypted(ctx, f.room, "before")
+	require.NoError(t, err)
+	require.Equal(t, []string{"echo: before"}, f.replies(ctx, 1, 30*time.Second))
+	require.ErrorIs(t, r.stop(), context.Canceled)
+
+	db := botTables(t, f.db)
+	res, err := db.Exec(ctx, `DELETE FROM crypto_olm_session WHERE sender_key=$1`, f.alice.Olm.OwnIdentity().IdentityKey)
+	require.NoError(t, err)
+	n, err := res.RowsAffected()
+	require.NoError(t, err)
+	require.Positive(t, n, "the bot had an Olm session with alice's device")
+
+	require.NoError(t, f.alice.Olm.CryptoStore.RemoveOutboundGroupSession(ctx, f.room))
+	_, err = f.alice.SendEncrypted(ctx, f.room, "after")
+	require.NoError(t, err)
+	r = f.start(ctx, f.client(), cfg, nil)
+	assert.Equal(t, []string{"echo: after"}, f.replies(ctx, 1, 30*time.Second))
+	assert.Contains(t, logs.String(), "unwedge olm session", "the session was wedged and mautrix unwedged it")
+	assert.Contains(t, logs.String(), "Asked the sender's device for the room key of a waiting event")
+}
+
 // A refused request for a room key (a 4xx) is not made again: the server would refuse it
 // again.
 func TestRefusedRoomKeyRequestIsNotRepeated(t *testing.T) {
