@@ -59,8 +59,8 @@ type Config struct {
 
 // Machine feeds what the sliding sync e2ee and to_device extensions deliver into mautrix's
 // OlmMachine. It is the [e2ee.Consumer] of the e2ee extension; [Machine.HandleToDevice] is
-// the [e2ee.Config.ToDevice] handler. Its network work (key queries, key uploads, unwedging) runs in
-// [Machine.Run].
+// the [e2ee.Config.ToDevice] handler. Its network work (key queries, key uploads, unwedging)
+// runs in [Machine.Run].
 // See the package documentation for its guarantees.
 type Machine struct {
 	cli   *mautrix.Client
