@@ -62,7 +62,8 @@ type Config struct {
 	// dispatched.
 	AutoJoin bool
 	// KeyWait is how long an encrypted event waits for its room key before it is given up
-	// (and passed to OnDecryptionError). Zero means 1 h.
+	// (and passed to OnDecryptionError), counted while Run runs: after a restart an event
+	// waits again from the start of the Run. Zero means 1 h.
 	KeyWait time.Duration
 	// KeyRequestDelay is how long an encrypted event waits for its room key before the bot
 	// asks the device that sent the event for it (m.room_key_request), once per room key and

@@ -256,6 +256,35 @@ func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
 	assert.EqualValues(t, 2, gateway.attempts.Load(), "the request that met a 502 was made again")
 }
 
+// An event that waited for its room key when the bot stopped gets Config.KeyWait again when
+// the bot restarts, however long it was stopped: the key may still be in the server's
+// to-device queue, which the bot reads only once it runs.
+func TestRestartAfterKeyWaitStillWaitsForTheKey(t *testing.T) {
+	ctx, logs := testCtx(t)
+	f := newFixture(t, minihs.Options{})
+	var gaveUp atomic.Int32
+	cfg := Config{KeyWait: 3 * time.Second, KeyRequestDelay: -1,
+		OnDecryptionError: func(context.Context, *event.Event, error) { gaveUp.Add(1) }}
+	r := f.start(ctx, f.client(), cfg, nil)
+	f.waitJoined(ctx, r)
+
+	release := f.srv.HoldToDevice()
+	_, err := f.alice.SendEncrypted(ctx, f.room, "while the key is held")
+	require.NoError(t, err)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	require.NoError(t, f.srv.WaitFor(wctx, func() bool {
+		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
+	}), "the bot saw the message without its key")
+	require.ErrorIs(t, r.stop(), context.Canceled)
+	time.Sleep(cfg.KeyWait + 500*time.Millisecond) // stopped for longer than KeyWait
+	release()
+
+	f.start(ctx, f.client(), cfg, nil)
+	assert.Equal(t, []string{"echo: while the key is held"}, f.replies(ctx, 1, 30*time.Second))
+	assert.Zero(t, gaveUp.Load(), "nothing was given up")
+}
+
 // A wedged Olm session (the bot lost its copy, as after a restore from an older backup)
 // makes the next room key from alice undecryptable: the bot opens a new Olm session with her
 // device (mautrix's unwedging: a new session and an m.dummy on it), asks her device for the

@@ -19,10 +19,14 @@ import (
 
 // item is one pending inbox row, as the dispatcher holds it.
 type item struct {
-	key      string
-	roomID   id.RoomID
-	raw      string
-	seq      int64
+	key    string
+	roomID id.RoomID
+	raw    string
+	seq    int64
+	// queuedAt is when the event was queued, or when this Run's dispatcher started if that is
+	// later: an event waits for its room key (Config.KeyWait, KeyRequestDelay) only while the
+	// bot runs, so a restart after a long stop does not give up what the to-device backlog
+	// may still deliver.
 	queuedAt time.Time
 
 	evt     *event.Event // decoded on first use
@@ -35,8 +39,9 @@ type item struct {
 	askAfter time.Time
 }
 
-// load reads the pending inbox rows after seq, in order.
-func (in *inbox) load(ctx context.Context, after int64) ([]*item, error) {
+// load reads the pending inbox rows after seq, in order. Their clock starts no earlier than
+// started.
+func (in *inbox) load(ctx context.Context, after int64, started time.Time) ([]*item, error) {
 	rows, err := in.db.Query(ctx, `SELECT event_key, room_id, event, seq, queued_at FROM ssbot_inbox
 		WHERE account=$1 AND done=false AND seq>$2 ORDER BY seq`, in.account, after)
 	if err != nil {
@@ -51,6 +56,9 @@ func (in *inbox) load(ctx context.Context, after int64) ([]*item, error) {
 			return nil, err
 		}
 		it.queuedAt = time.UnixMilli(queued)
+		if it.queuedAt.Before(started) {
+			it.queuedAt = started
+		}
 		items = append(items, it)
 	}
 	return items, rows.Err()
@@ -67,6 +75,7 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 	case <-in.mach.KeysUploaded():
 	}
 	in.h.readyOnce.Do(func() { close(in.h.ready) })
+	started := time.Now()
 	var queue []*item
 	after := int64(math.MinInt64)
 	load, keys := true, false
@@ -75,7 +84,7 @@ func (in *inbox) dispatchLoop(ctx context.Context) error {
 		// Taken before any decryption is tried: a key committed from now on closes it.
 		keyCommitted := in.mach.RoomKeyCommitted()
 		if load {
-			items, err := in.load(ctx, after)
+			items, err := in.load(ctx, after, started)
 			if err != nil {
 				return fmt.Errorf("bot: read the inbox: %w", err)
 			}

@@ -35,7 +35,8 @@
 // be decrypted yet (its room key has not arrived) waits without holding back the others; it
 // is tried again each time a room key is committed (crypto.Machine.RoomKeyCommitted: never
 // before the key can be read, so no retry timer is involved) and given up after
-// Config.KeyWait. When the key has not come after Config.KeyRequestDelay, the bot asks the
+// Config.KeyWait, counted from its commit or from the start of the Run, whichever is later
+// (the to-device backlog of a bot that was stopped may still hold the key). When the key has not come after Config.KeyRequestDelay, the bot asks the
 // device that sent the event for it (m.room_key_request, once per key and Run), so a key
 // whose to-device message was lost is forwarded by a sender that shared it with the bot.
 //
