@@ -326,8 +326,8 @@ func (m *Machine) wake() {
 // Run does the Machine's network work until ctx is done: it uploads the device keys on the
 // first run of a new device, tops up one-time keys when the committed counts are low, opens a
 // new Olm session with a device whose session is wedged, and fetches the device lists of
-// outdated users, retrying failures with exponential backoff. It
-// returns context.Cause(ctx) once its work has stopped, or slidingsync.ErrAlreadyRunning.
+// outdated users, retrying failures with exponential backoff. It returns context.Cause(ctx)
+// once its work has stopped, or slidingsync.ErrAlreadyRunning.
 func (m *Machine) Run(ctx context.Context) error {
 	if !m.running.CompareAndSwap(false, true) {
 		return slidingsync.ErrAlreadyRunning

@@ -190,6 +190,24 @@ func (f *fixture) botReplies() []*event.Event {
 	return out
 }
 
+// sendWithoutKeys holds the bot's to-device messages, makes alice send bodies, and waits until
+// the bot holds a message it cannot decrypt yet. release lets the room keys through.
+func (f *fixture) sendWithoutKeys(ctx context.Context, logs fmt.Stringer, bodies ...string) (release func()) {
+	f.t.Helper()
+	release = f.srv.HoldToDevice()
+	f.t.Cleanup(release)
+	for _, body := range bodies {
+		_, err := f.alice.SendEncrypted(ctx, f.room, body)
+		require.NoError(f.t, err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	require.NoError(f.t, f.srv.WaitFor(wctx, func() bool {
+		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
+	}), "the bot saw a message without its key")
+	return release
+}
+
 // An encrypted message that arrives before its room key waits for it, and is dispatched once
 // the key is committed: the dispatcher has no retry timer (only Config.KeyWait, an hour), so
 // a missed wake-up fails this test.
@@ -199,14 +217,7 @@ func TestEventWaitsForItsRoomKey(t *testing.T) {
 	r := f.start(ctx, f.client(), Config{}, nil)
 	f.waitJoined(ctx, r)
 
-	release := f.srv.HoldToDevice()
-	_, err := f.alice.SendEncrypted(ctx, f.room, "before its key")
-	require.NoError(t, err)
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	require.NoError(t, f.srv.WaitFor(wctx, func() bool {
-		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
-	}), "the bot saw the message without its key")
+	release := f.sendWithoutKeys(ctx, logs, "before its key")
 	release()
 	assert.Equal(t, []string{"echo: before its key"}, f.replies(ctx, 1, 30*time.Second))
 }
@@ -234,16 +245,7 @@ func TestLostRoomKeyIsRequestedFromTheSendersDevice(t *testing.T) {
 	r := f.start(ctx, cli, Config{KeyRequestDelay: 100 * time.Millisecond}, nil)
 	f.waitJoined(ctx, r)
 
-	release := f.srv.HoldToDevice()
-	for _, body := range []string{"first", "second"} {
-		_, err := f.alice.SendEncrypted(ctx, f.room, body)
-		require.NoError(t, err)
-	}
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	require.NoError(t, f.srv.WaitFor(wctx, func() bool {
-		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
-	}), "the bot saw a message without its key")
+	release := f.sendWithoutKeys(ctx, logs, "first", "second")
 	bot, dev, _ := f.srv.Bot()
 	require.Positive(t, f.srv.DropToDevice(bot, dev), "the room key was queued for the bot")
 	release()
@@ -268,14 +270,7 @@ func TestRestartAfterKeyWaitStillWaitsForTheKey(t *testing.T) {
 	r := f.start(ctx, f.client(), cfg, nil)
 	f.waitJoined(ctx, r)
 
-	release := f.srv.HoldToDevice()
-	_, err := f.alice.SendEncrypted(ctx, f.room, "while the key is held")
-	require.NoError(t, err)
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	require.NoError(t, f.srv.WaitFor(wctx, func() bool {
-		return strings.Contains(logs.String(), "Waiting for the room key of an encrypted event")
-	}), "the bot saw the message without its key")
+	release := f.sendWithoutKeys(ctx, logs, "while the key is held")
 	require.ErrorIs(t, r.stop(), context.Canceled)
 	time.Sleep(cfg.KeyWait + 500*time.Millisecond) // stopped for longer than KeyWait
 	release()

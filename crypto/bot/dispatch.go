@@ -31,7 +31,7 @@ type item struct {
 
 	evt     *event.Event // decoded on first use
 	waiting bool         // waits for its room key
-	tries   int          // failed attempts (an invite's join)
+	tries   int          // failed attempts (an invite's join, a room key request)
 	nextTry time.Time    // not before, after a failed attempt
 
 	// The room key a waiting event needs, and when to ask its sender for it (zero: asked).
